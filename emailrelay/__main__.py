@@ -1,0 +1,5 @@
+import sys
+
+from emailrelay.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""Wiring: builds the parts from the settings and runs them in one task group.
+
+::
+
+    emailrelay serve
+    └── task group (trio, with a trio-asyncio loop open for nats-py and aiosmtplib)
+        ├── NATS request subscriptions -> handlers (bounded by MAX_IN_FLIGHT)
+        ├── health server (/livez, /readyz)
+        └── signal watcher
+
+The SMTP pool is a resource of the send handler, closed after the last
+request is answered. Every way out is the same path: something sets
+``stopping`` (a signal, or a part that failed for good), the request loop
+drains and replies, the remaining parts are cancelled, NATS is drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import trio
+import trio_asyncio
+
+from emailrelay import api
+from emailrelay.addresses import parse_mailbox
+from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
+from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
+from emailrelay.config import Settings
+from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.health import serve_health
+from emailrelay.mail.pool import Connection, SmtpPool
+from emailrelay.server import Handler, serve_requests
+from emailrelay.store.kv import StoreError
+from emailrelay.store.tracking import TrackingStore
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+RECIPIENTS_MAX_VALUE = 64 * 1024
+GROUP_INDEX_MAX_VALUE = 1024 * 1024
+
+
+def run(settings: Settings) -> int:
+    """Run the service until a signal or a fatal failure; return the exit code."""
+    return trio.run(_run_with_asyncio_loop, settings)
+
+
+async def _run_with_asyncio_loop(settings: Settings) -> int:
+    async with trio_asyncio.open_loop():
+        try:
+            nats = await NatsConnection.connect(
+                settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
+            )
+        except NatsUnavailable as exc:
+            log.error("giving up: %s after %gs", exc, settings.nats_connect_timeout)
+            return EXIT_FAILURE
+        try:
+            return await serve(settings, nats)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await nats.drain()
+
+
+@dataclass
+class Lifecycle:
+    """How the parts agree to stop: anyone may ask, the first reason is kept."""
+
+    stopping: anyio.Event = field(default_factory=anyio.Event)
+    failure: str | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def fail(self, part: str) -> None:
+        if self.failure is None:
+            self.failure = part
+        self.stopping.set()
+
+    async def supervise(self, part: str, run_part: Callable[[], Awaitable[None]]) -> None:
+        """Run a part; if it fails, ask everything to stop (non-zero exit)."""
+        try:
+            await run_part()
+        except Exception:
+            log.exception("fatal failure; shutting down", extra={"part": part})
+            self.fail(part)
+
+
+async def serve(settings: Settings, nats: NatsConnection) -> int:
+    tracking = await open_tracking_store(nats, settings)
+    pool = build_smtp_pool(settings) if settings.email_enabled else None
+    routes: dict[str, Handler] = {
+        api.SEND_EMAIL_SUBJECT: SendEmailHandler(
+            rules=send_rules(settings),
+            sender=pool if pool is not None else _DisabledSender(),
+            tracking=tracking,
+        ),
+    }
+    lifecycle = Lifecycle()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, lifecycle, tg.cancel_scope)
+            tg.start_soon(
+                lifecycle.supervise,
+                "health server",
+                lambda: serve_health(
+                    settings.http_host,
+                    settings.port,
+                    lambda: nats.is_connected,
+                    lifecycle.stopping,
+                ),
+            )
+            await serve_requests(
+                nats,
+                routes,
+                settings.max_in_flight,
+                lifecycle.stopping,
+                settings.shutdown_grace_seconds,
+            )
+            tg.cancel_scope.cancel()
+    finally:
+        if pool is not None:
+            with anyio.CancelScope(shield=True):
+                await pool.aclose()
+    if lifecycle.failure is not None:
+        log.error("stopped after a fatal failure", extra={"part": lifecycle.failure})
+        return EXIT_FAILURE
+    log.info("stopped")
+    return EXIT_OK
+
+
+async def _watch_signals(lifecycle: Lifecycle, everything: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not lifecycle.stopping.is_set():
+                log.info("%s received; draining", signal.Signals(signum).name)
+                lifecycle.stop()
+            else:
+                log.warning("second signal; stopping now without waiting for in-flight requests")
+                everything.cancel()
+
+
+def send_rules(settings: Settings) -> SendRules:
+    default_from = parse_mailbox(settings.default_from)
+    assert default_from is not None, "validated in load_settings"
+    return SendRules(
+        email_enabled=settings.email_enabled,
+        default_from=default_from,
+        default_from_display_name=settings.default_from_display_name,
+        allowed_from_domains=settings.allowed_from_domains,
+        allowed_reply_to_domains=settings.allowed_reply_to_domains,
+        allowed_recipient_domains=settings.allowed_recipient_domains,
+        configuration_set=settings.ses_configuration_set,
+    )
+
+
+def build_smtp_pool(settings: Settings) -> SmtpPool:
+    endpoint = SmtpEndpoint(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        tls_mode=settings.smtp_tls_mode,
+        credentials=settings.smtp_credentials,
+        # System trust store; OpenSSL honours SSL_CERT_FILE / SSL_CERT_DIR.
+        tls_context=ssl.create_default_context(),
+        local_hostname=socket.gethostname(),
+        timeout=min(settings.send_timeout, 30.0),
+    )
+
+    async def connect() -> Connection:
+        return await SmtpConnection.open(endpoint)
+
+    return SmtpPool(
+        connect,
+        size=settings.smtp_pool_size,
+        max_messages=settings.smtp_connection_max_messages,
+        max_age=settings.smtp_connection_max_age,
+        send_timeout=settings.send_timeout,
+    )
+
+
+class _DisabledSender:
+    """Never called: with EMAIL_ENABLED=false the handler answers before sending."""
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        raise AssertionError("sending is disabled")
+
+
+async def open_tracking_store(nats: NatsConnection, settings: Settings) -> TrackingStore | None:
+    """Both buckets, created with the deployment's settings when missing
+    (unless KV_AUTO_CREATE=false). ``None`` turns tracking off."""
+    buckets = {
+        api.RECIPIENTS_BUCKET: RECIPIENTS_MAX_VALUE,
+        api.GROUP_INDEX_BUCKET: GROUP_INDEX_MAX_VALUE,
+    }
+    opened = {}
+    try:
+        for bucket, max_value_size in buckets.items():
+            kv = await nats.key_value(bucket)
+            if kv is None and settings.kv_auto_create:
+                kv = await nats.create_key_value(bucket, max_value_size, settings.kv_replicas)
+                log.info("created KV bucket", extra={"bucket": bucket})
+            if kv is None:
+                log.warning(
+                    "KV bucket missing and KV_AUTO_CREATE=false: tracking is off",
+                    extra={"bucket": bucket},
+                )
+                return None
+            opened[bucket] = kv
+    except StoreError as exc:
+        log.warning("JetStream not available: tracking is off", extra={"error": str(exc)})
+        return None
+    log.info("tracking on", extra={"buckets": sorted(opened)})
+    return TrackingStore(opened[api.RECIPIENTS_BUCKET], opened[api.GROUP_INDEX_BUCKET])

@@ -1,0 +1,227 @@
+"""nats-py, usable from trio: connection, request subscriptions, JetStream KV."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+import trio_asyncio
+from anyio.streams.memory import MemoryObjectSendStream
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as _NatsSubscription
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue as _NatsKeyValue
+
+from emailrelay.store.kv import Entry, RevisionConflict, StoreError
+
+log = logging.getLogger(__name__)
+
+aio = trio_asyncio.aio_as_trio
+
+
+class NatsUnavailable(Exception):
+    """No NATS server could be reached before the connect deadline."""
+
+
+@dataclass(eq=False)
+class IncomingRequest:
+    """One request/reply message, handed from nats-py's callback to trio."""
+
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+    reply: str
+    _connection: NatsConnection = field(repr=False)
+
+    async def respond(self, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+        if not self.reply:
+            return
+        await self._connection.publish(self.reply, data, headers)
+
+
+class RequestSubscription:
+    """A queue subscription whose messages arrive on a trio channel."""
+
+    def __init__(self, subscription: _NatsSubscription) -> None:
+        self._subscription = subscription
+
+    async def drain(self) -> None:
+        """Stop taking new messages; deliver the ones already buffered first."""
+        try:
+            await aio(self._subscription.drain)()
+        except nats.errors.Error as exc:
+            log.warning("draining a subscription failed", extra={"error": repr(exc)})
+
+
+class NatsConnection:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: Sequence[str],
+        creds: Path | None,
+        give_up_after: float,
+        name: str = "emailrelay",
+    ) -> NatsConnection:
+        """Connect, retrying for ``give_up_after`` seconds; once connected the
+        client reconnects after any loss, indefinitely."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats: %s", exc.__class__.__name__, extra={"error": str(exc)})
+
+        async def on_disconnected() -> None:
+            log.warning("nats: disconnected; reconnecting")
+
+        async def on_reconnected() -> None:
+            log.info("nats: reconnected")
+
+        options: dict[str, Any] = {
+            "servers": list(servers),
+            "name": name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,  # also retries the first connect
+            "reconnect_time_wait": 1,
+            "connect_timeout": 2,
+            "error_cb": on_error,
+            "disconnected_cb": on_disconnected,
+            "reconnected_cb": on_reconnected,
+        }
+        if creds is not None:
+            options["user_credentials"] = str(creds)
+        client: Client | None = None
+        with anyio.move_on_after(give_up_after):
+            client = await aio(nats.connect)(**options)
+        if client is None:
+            raise NatsUnavailable(f"no NATS server reachable at {', '.join(servers)}")
+        return cls(client)
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self._client.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self._client.max_payload)
+
+    async def publish(
+        self, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> None:
+        await aio(self._client.publish)(subject, data, headers=dict(headers) if headers else None)
+
+    async def subscribe_requests(
+        self, subject: str, queue: str, channel: MemoryObjectSendStream[IncomingRequest]
+    ) -> RequestSubscription:
+        """Subscribe in ``queue`` and hand every message to ``channel``.
+
+        nats-py runs one callback at a time per subscription, so the callback
+        only hands over: without waiting when the channel has room, else by
+        awaiting the trio side (backpressure: nats-py buffers meanwhile, and
+        its pending limits are lifted so a burst waits rather than drops).
+        """
+
+        async def hand_over(msg: Msg) -> None:
+            request = IncomingRequest(
+                subject=msg.subject,
+                data=msg.data,
+                headers=dict(msg.headers or {}),
+                reply=msg.reply,
+                _connection=self,
+            )
+            try:
+                channel.send_nowait(request)
+            except anyio.WouldBlock:
+                await trio_asyncio.trio_as_aio(channel.send)(request)
+
+        subscription = await aio(self._client.subscribe)(
+            subject,
+            queue=queue,
+            cb=hand_over,
+            pending_msgs_limit=0,  # 0 = unbounded in nats-py
+            pending_bytes_limit=0,
+        )
+        return RequestSubscription(subscription)
+
+    async def key_value(self, bucket: str) -> JetStreamKeyValue | None:
+        """The bucket, or ``None`` when it does not exist. Raises
+        :class:`StoreError` when JetStream itself is not available."""
+        try:
+            kv = await aio(self._client.jetstream().key_value)(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"JetStream unavailable: {exc!r}") from exc
+        return JetStreamKeyValue(kv)
+
+    async def create_key_value(
+        self, bucket: str, max_value_size: int, replicas: int
+    ) -> JetStreamKeyValue:
+        config = KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            storage=StorageType.FILE,
+            max_value_size=max_value_size,
+            replicas=replicas,
+        )
+        try:
+            kv = await aio(self._client.jetstream().create_key_value)(config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"creating bucket {bucket} failed: {exc!r}") from exc
+        return JetStreamKeyValue(kv)
+
+    async def drain(self) -> None:
+        """Flush what is pending and close; safe to call on a closed client."""
+        if self._client.is_closed:
+            return
+        try:
+            await aio(self._client.drain)()
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("nats: drain failed; closing", extra={"error": repr(exc)})
+            await aio(self._client.close)()
+
+
+_KV_TIMEOUT = 5.0
+
+
+class JetStreamKeyValue:
+    """:class:`emailrelay.store.kv.KeyValue` over a nats-py KV bucket."""
+
+    def __init__(self, kv: _NatsKeyValue) -> None:
+        self._kv = kv
+
+    async def get(self, key: str) -> Entry | None:
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                entry = await aio(self._kv.get)(key)
+        except nats.js.errors.KeyNotFoundError:  # also deleted and purged keys
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"get failed: {exc!r}") from exc
+        return Entry(value=entry.value or b"", revision=int(entry.revision or 0))
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                return int(await aio(self._kv.create)(key, value))
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RevisionConflict(key) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"create failed: {exc!r}") from exc
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                return int(await aio(self._kv.update)(key, value, last=last))
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RevisionConflict(key) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"update failed: {exc!r}") from exc

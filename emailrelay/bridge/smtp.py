@@ -1,0 +1,150 @@
+"""aiosmtplib, usable from trio: one SMTP connection and one transaction at a time.
+
+Every failure is classified on the asyncio side, where the phase is known:
+before the message is handed over anything may be retried (subject to the
+reply class); after it, a missing final reply is ambiguous and never retried.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+import trio_asyncio
+
+from emailrelay.config import SmtpTlsMode
+from emailrelay.mail.errors import (
+    AmbiguousFailure,
+    PermanentFailure,
+    SendFailure,
+    TransientFailure,
+)
+
+aio = trio_asyncio.aio_as_trio
+
+IMPLICIT_TLS_PORTS = (465, 2465)
+
+
+@dataclass(frozen=True)
+class SmtpEndpoint:
+    host: str
+    port: int
+    tls_mode: SmtpTlsMode
+    credentials: tuple[str, str] | None
+    tls_context: ssl.SSLContext
+    local_hostname: str
+    timeout: float
+
+    @property
+    def implicit_tls(self) -> bool:
+        if self.tls_mode is SmtpTlsMode.AUTO:
+            return self.port in IMPLICIT_TLS_PORTS
+        return self.tls_mode is SmtpTlsMode.IMPLICIT
+
+
+def _reply_failure(exc: aiosmtplib.SMTPResponseException) -> SendFailure:
+    reason = f"{exc.code} {exc.message}"
+    if 400 <= exc.code < 500:
+        return TransientFailure(reason, exc.code)
+    return PermanentFailure(reason, exc.code)
+
+
+class SmtpConnection:
+    """One open, greeted (and where configured, encrypted and logged-in) connection."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP) -> None:
+        self._smtp = smtp
+
+    @classmethod
+    async def open(cls, endpoint: SmtpEndpoint) -> SmtpConnection:
+        smtp = await aio(_open)(endpoint)
+        return cls(smtp)
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self._smtp.is_connected)
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        await aio(_send)(self._smtp, sender, recipient, message)
+
+    async def close(self) -> None:
+        await aio(_close)(self._smtp)
+
+    def abort(self) -> None:
+        """Drop the connection without a goodbye (its state is unknown)."""
+        self._smtp.close()
+
+
+async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(
+        hostname=endpoint.host,
+        port=endpoint.port,
+        use_tls=endpoint.implicit_tls,
+        start_tls=False,  # decided below, per SMTP_TLS_MODE
+        tls_context=endpoint.tls_context,
+        local_hostname=endpoint.local_hostname,  # no DNS look-up of our own name
+        timeout=endpoint.timeout,
+    )
+    try:
+        await smtp.connect()
+        await smtp.ehlo()
+        encrypted = endpoint.implicit_tls
+        wants_starttls = endpoint.tls_mode in (SmtpTlsMode.AUTO, SmtpTlsMode.STARTTLS)
+        if not encrypted and wants_starttls:
+            if smtp.supports_extension("starttls"):
+                await smtp.starttls()
+                encrypted = True
+            elif endpoint.tls_mode is SmtpTlsMode.STARTTLS:
+                raise PermanentFailure("SMTP_TLS_MODE=starttls but the server does not offer it")
+        if endpoint.credentials is not None:
+            if not encrypted and endpoint.tls_mode is not SmtpTlsMode.NONE:
+                raise PermanentFailure(
+                    "refusing to send SMTP credentials without TLS: the server offers no "
+                    "STARTTLS (set SMTP_TLS_MODE=none only for a trusted local relay)"
+                )
+            await smtp.login(*endpoint.credentials)
+    except SendFailure:
+        smtp.close()
+        raise
+    except aiosmtplib.SMTPResponseException as exc:
+        smtp.close()
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            raise PermanentFailure(f"SMTP authentication failed: {exc.code}", exc.code) from exc
+        raise _reply_failure(exc) from exc
+    except ssl.SSLError as exc:
+        smtp.close()
+        raise PermanentFailure(f"TLS failed: {exc.reason or exc}") from exc
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        smtp.close()
+        raise TransientFailure(f"connecting failed: {exc.__class__.__name__}: {exc}") from exc
+    return smtp
+
+
+async def _send(smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes) -> None:
+    try:
+        await smtp.mail(sender)
+        await smtp.rcpt(recipient)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _reply_failure(exc) from exc
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        # A pooled connection the server closed while idle ends up here.
+        raise TransientFailure(f"connection lost before DATA: {exc.__class__.__name__}") from exc
+    try:
+        await smtp.data(message)
+    except aiosmtplib.SMTPResponseException as exc:
+        # An explicit reply (to DATA or after the content) means "not accepted".
+        raise _reply_failure(exc) from exc
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise AmbiguousFailure(
+            f"no final reply after the message was handed over: {exc.__class__.__name__}"
+        ) from exc
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    if not smtp.is_connected:
+        return
+    try:
+        await smtp.quit(timeout=2)
+    except (aiosmtplib.SMTPException, OSError):
+        smtp.close()

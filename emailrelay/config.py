@@ -1,0 +1,225 @@
+"""Settings from the environment, validated once at start.
+
+The contract variables keep the replaced relay's names and defaults. Rules:
+
+* an empty value means unset (the default applies), except the two override
+  allowlists ``SMTP_ALLOWED_FROM_DOMAINS`` and ``SMTP_ALLOWED_REPLY_TO_DOMAINS``,
+  where "set but empty" means "allow none";
+* lists are comma-separated, trimmed and lower-cased;
+* booleans are ``true``/``t``/``1`` or ``false``/``f``/``0`` in any case;
+  anything else is a start-up error (the original read it as false);
+* durations are seconds (``30``, ``2.5``) or carry a unit (``500ms``, ``30s``, ``5m``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from emailrelay.addresses import parse_mailbox
+
+
+class ConfigError(Exception):
+    """A variable that cannot be used; the message names it and says why."""
+
+
+class SmtpTlsMode(enum.StrEnum):
+    AUTO = "auto"
+    """Implicit TLS on ports 465/2465, otherwise STARTTLS when the server offers it."""
+    IMPLICIT = "implicit"
+    STARTTLS = "starttls"
+    """STARTTLS is required; a server that does not offer it is a failed send."""
+    NONE = "none"
+    """Plain text, credentials included: only for a trusted local relay."""
+
+
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+_TRUE = {"true", "t", "1"}
+_FALSE = {"false", "f", "0"}
+
+
+def _parse_bool(value: Any) -> Any:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError("must be one of true, t, 1, false, f, 0")
+    return value
+
+
+def _parse_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(item.strip().lower() for item in value.split(",") if item.strip())
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("must be seconds or a duration such as 500ms, 30s, 5m")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+_NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
+
+
+def _parse_nats_urls(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    urls = tuple(url.strip() for url in value.split(",") if url.strip())
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+            raise ValueError("must be nats://, tls://, ws:// or wss:// URLs, comma-separated")
+        try:
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError as exc:
+            raise ValueError(f"has an invalid port: {exc}") from None
+    if not urls:
+        raise ValueError("is empty")
+    return urls
+
+
+Bool = Annotated[bool, BeforeValidator(_parse_bool)]
+DomainList = Annotated[tuple[str, ...], BeforeValidator(_parse_list)]
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+NatsUrls = Annotated[tuple[str, ...], BeforeValidator(_parse_nats_urls)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class Settings(BaseModel):
+    """Every knob of the service. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    # NATS
+    nats_urls: NatsUrls = Field(default=("nats://localhost:4222",), alias="NATS_URL")
+    nats_creds: Path | None = Field(default=None, alias="NATS_CREDS")
+    nats_connect_timeout: Seconds = Field(default=30.0, alias="NATS_CONNECT_TIMEOUT")
+
+    # HTTP (health and metrics)
+    port: Port = Field(default=8080, alias="PORT")
+    http_host: str = Field(default="0.0.0.0", alias="HTTP_HOST")
+
+    # Sending
+    email_enabled: Bool = Field(default=False, alias="EMAIL_ENABLED")
+    smtp_host: str = Field(default="localhost", alias="SMTP_HOST")
+    smtp_port: Port = Field(default=587, alias="SMTP_PORT")
+    smtp_username: str | None = Field(default=None, alias="SMTP_USERNAME")
+    smtp_password: str | None = Field(default=None, alias="SMTP_PASSWORD", repr=False)
+    smtp_tls_mode: SmtpTlsMode = Field(default=SmtpTlsMode.AUTO, alias="SMTP_TLS_MODE")
+    smtp_pool_size: Annotated[int, Field(ge=1, le=1024)] = Field(default=16, alias="SMTP_POOL_SIZE")
+    smtp_connection_max_messages: Annotated[int, Field(ge=1)] = Field(
+        default=100, alias="SMTP_CONNECTION_MAX_MESSAGES"
+    )
+    smtp_connection_max_age: Seconds = Field(default=300.0, alias="SMTP_CONNECTION_MAX_AGE")
+    default_from: str = Field(default="noreply@lfx.linuxfoundation.org", alias="DEFAULT_SMTP_FROM")
+    default_from_display_name: str = Field(
+        default="LFX Self Serve", alias="DEFAULT_SMTP_FROM_DISPLAY_NAME"
+    )
+    allowed_from_domains: DomainList = Field(
+        default=("lfx.linuxfoundation.org",), alias="SMTP_ALLOWED_FROM_DOMAINS"
+    )
+    allowed_reply_to_domains: DomainList = Field(
+        default=("linuxfoundation.org",), alias="SMTP_ALLOWED_REPLY_TO_DOMAINS"
+    )
+    allowed_recipient_domains: DomainList = Field(
+        default=(), alias="SMTP_ALLOWED_RECIPIENT_DOMAINS"
+    )
+    ses_configuration_set: str | None = Field(default=None, alias="SES_CONFIGURATION_SET")
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=256, alias="MAX_IN_FLIGHT"
+    )
+    send_timeout: Seconds = Field(default=30.0, alias="SEND_TIMEOUT")
+    shutdown_grace_seconds: Seconds = Field(default=25.0, alias="SHUTDOWN_GRACE_SECONDS")
+
+    # Engagement events
+    ses_eventing_enabled: Bool = Field(default=False, alias="SES_EVENTING_ENABLED")
+    ses_engagement_sqs_queue_url: str | None = Field(
+        default=None, alias="SES_ENGAGEMENT_SQS_QUEUE_URL"
+    )
+    ses_event_max_receives: Annotated[int, Field(ge=1)] = Field(
+        default=5, alias="SES_EVENT_MAX_RECEIVES"
+    )
+
+    # Tracking store
+    kv_replicas: Annotated[int, Field(ge=1, le=5)] = Field(default=1, alias="KV_REPLICAS")
+    kv_auto_create: Bool = Field(default=True, alias="KV_AUTO_CREATE")
+
+    # Logging
+    log_level: str = Field(default="info", alias="LOG_LEVEL")
+    log_format: LogFormat = Field(default=LogFormat.JSON, alias="LOG_FORMAT")
+    log_add_source: Bool = Field(default=False, alias="LOG_ADD_SOURCE")
+
+    @property
+    def smtp_credentials(self) -> tuple[str, str] | None:
+        if self.smtp_username and self.smtp_password:
+            return (self.smtp_username, self.smtp_password)
+        return None
+
+
+# Set-but-empty is meaningful for these two: "no override domain is allowed".
+_EMPTY_IS_A_VALUE = {"SMTP_ALLOWED_FROM_DOMAINS", "SMTP_ALLOWED_REPLY_TO_DOMAINS"}
+
+
+def _env_names() -> dict[str, str]:
+    return {field.alias: name for name, field in Settings.model_fields.items() if field.alias}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the environment; raise :class:`ConfigError` naming
+    the first variable that cannot be used."""
+    env = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    for alias in _env_names():
+        raw = env.get(alias)
+        if raw is None or (raw.strip() == "" and alias not in _EMPTY_IS_A_VALUE):
+            continue
+        values[alias] = raw
+    if "DEFAULT_SMTP_FROM" not in values and env.get("SMTP_FROM", "").strip():
+        values["DEFAULT_SMTP_FROM"] = env["SMTP_FROM"]
+
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        variable = str(error["loc"][0]) if error["loc"] else "configuration"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{variable}: {message}") from None
+
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.log_level.lower() not in ("debug", "info", "warn", "warning", "error"):
+        raise ConfigError("LOG_LEVEL: must be one of debug, info, warn, error")
+    if settings.nats_creds is not None and not settings.nats_creds.is_file():
+        raise ConfigError(f"NATS_CREDS: no such file: {settings.nats_creds}")
+    if parse_mailbox(settings.default_from) is None:
+        raise ConfigError("DEFAULT_SMTP_FROM: not a valid email address")
+    if bool(settings.smtp_username) != bool(settings.smtp_password):
+        raise ConfigError("SMTP_USERNAME and SMTP_PASSWORD: set both or neither")
+    if settings.ses_eventing_enabled and not settings.ses_engagement_sqs_queue_url:
+        raise ConfigError(
+            "SES_ENGAGEMENT_SQS_QUEUE_URL: SES_EVENTING_ENABLED is true but the queue URL is empty"
+        )

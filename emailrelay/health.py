@@ -1,0 +1,81 @@
+"""The HTTP side: ``/livez``, ``/readyz`` (and ``/metrics`` later), served by hypercorn on trio."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
+from typing import Any, cast
+
+import anyio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def health_app(is_ready: Callable[[], bool]) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """A minimal ASGI app: liveness is "the process answers", readiness is
+    "NATS is connected" (a relay cut off from NATS cannot take requests)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method not in ("GET", "HEAD"):
+            status, body = 405, b"method not allowed\n"
+        elif path == "/livez":
+            status, body = 200, b"ok\n"
+        elif path == "/readyz":
+            status, body = (200, b"ok\n") if is_ready() else (503, b"nats not connected\n")
+        else:
+            status, body = 404, b"not found\n"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def serve_health(
+    host: str,
+    port: int,
+    is_ready: Callable[[], bool],
+    stopping: anyio.Event,
+    on_bound: Callable[[list[str]], None] = lambda binds: None,
+) -> None:
+    """Serve until ``stopping`` is set; ``on_bound`` gets the bound URLs (port 0 = any)."""
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 1.0
+    async with anyio.create_task_group() as tg:
+        binds: list[str] = await tg.start(
+            partial(
+                serve,
+                cast("ASGIFramework", health_app(is_ready)),
+                config,
+                shutdown_trigger=stopping.wait,
+            )
+        )
+        log.info("http listening", extra={"binds": binds})
+        on_bound(binds)

@@ -1,0 +1,31 @@
+"""How a send failed, which decides whether it may be tried again."""
+
+from __future__ import annotations
+
+
+class SendFailure(Exception):
+    """The provider did not accept the message."""
+
+    retryable = False
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class TransientFailure(SendFailure):
+    """Nothing was accepted and trying again may work: a 4xx reply, a refused
+    or dropped connection before the message was handed over."""
+
+    retryable = True
+
+
+class PermanentFailure(SendFailure):
+    """A 5xx reply, failed authentication, or a TLS/credentials policy that
+    forbids sending: trying again would fail the same way."""
+
+
+class AmbiguousFailure(SendFailure):
+    """The whole message was handed over but no final reply came (connection
+    dropped, timeout): it may have been delivered, so it is never retried."""

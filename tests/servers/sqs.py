@@ -1,0 +1,88 @@
+"""A real SQS API: moto's server (``moto[server]``) on 127.0.0.1, in a thread of the tests.
+
+Queues are created, filled and inspected with boto3 from the test side only;
+the code under test talks to :attr:`SqsServer.endpoint_url` over HTTP like it
+would to AWS. moto keeps one backend per account and region, picked from the
+request's SigV4 credential scope, so clients must sign for :attr:`region`.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+
+import boto3  # type: ignore[import-untyped]
+from moto.server import ThreadedMotoServer
+
+from tests.waiting import LOOPBACK, wait_for_port, wait_for_port_closed
+
+# Dummy keys: moto accepts any, and explicit keys keep boto3 off the credential chain.
+ACCESS_KEY_ID = "AKIDEXAMPLETESTONLY"
+SECRET_ACCESS_KEY = "test-secret-not-real"
+
+
+class SqsServer:
+    """moto's server on a free loopback port, serving SQS (and every other mocked service)."""
+
+    def __init__(self, region: str = "us-east-1") -> None:
+        self.region = region
+        # Port 0: the OS picks a free port when the server binds, with no race.
+        self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
+        self._port: int | None = None
+        self._boto: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("SqsServer is not started")
+        return f"http://{LOOPBACK}:{self._port}"
+
+    def start(self) -> None:
+        self._server.start()
+        _, self._port = self._server.get_host_and_port()
+        wait_for_port(LOOPBACK, self._port)
+        self._boto = boto3.client(
+            "sqs",
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=ACCESS_KEY_ID,
+            aws_secret_access_key=SECRET_ACCESS_KEY,
+        )
+
+    def stop(self) -> None:
+        if self._port is None:
+            return
+        if self._boto is not None:
+            self._boto.close()
+        self._server.stop()
+        wait_for_port_closed(LOOPBACK, self._port)
+        self._port = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def create_queue(self, name: str, visibility_timeout: int = 1) -> str:
+        """A new standard queue; its URL. moto's default visibility timeout is 30 s."""
+        reply = self._boto.create_queue(
+            QueueName=name, Attributes={"VisibilityTimeout": str(visibility_timeout)}
+        )
+        return str(reply["QueueUrl"])
+
+    def send(self, queue_url: str, body: str) -> str:
+        """Send one message; its MessageId."""
+        return str(self._boto.send_message(QueueUrl=queue_url, MessageBody=body)["MessageId"])
+
+    def queue_depth(self, queue_url: str) -> int:
+        """Messages still in the queue: visible plus in flight (received, not deleted)."""
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        reply = self._boto.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)
+        return sum(int(reply["Attributes"][name]) for name in names)

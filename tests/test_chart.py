@@ -1,0 +1,595 @@
+"""The Helm chart, rendered and linted offline by the real Helm engine.
+
+``helm-python-sdk`` binds Helm's Go SDK (no ``helm`` binary): ``Chart.load``,
+``Chart.render`` and ``lint`` are the same code paths as ``helm template`` and
+``helm lint``. Assertions are made on the parsed objects, not on text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+try:
+    import helm_python
+except ImportError as exc:  # a declared test dependency: never skip
+    raise ImportError(
+        "helm-python-sdk is a test dependency of emailrelay (pip install -e '.[test]'); "
+        "the chart tests cannot run without it"
+    ) from exc
+
+CHART_DIR = Path(__file__).resolve().parent.parent / "charts" / "emailrelay"
+RELEASE = "mail"
+NAMESPACE = "lfx"
+FULLNAME = "mail-emailrelay"
+
+# Every contract variable the chart renders by default, with its default.
+CONTRACT_DEFAULTS = {
+    "NATS_URL": "nats://localhost:4222",
+    "PORT": "8080",
+    "HTTP_HOST": "0.0.0.0",
+    "EMAIL_ENABLED": "false",
+    "SMTP_HOST": "localhost",
+    "SMTP_PORT": "587",
+    "SMTP_TLS_MODE": "auto",
+    "SMTP_POOL_SIZE": "16",
+    "SMTP_CONNECTION_MAX_MESSAGES": "100",
+    "SMTP_CONNECTION_MAX_AGE": "300s",
+    "DEFAULT_SMTP_FROM": "noreply@lfx.linuxfoundation.org",
+    "DEFAULT_SMTP_FROM_DISPLAY_NAME": "LFX Self Serve",
+    "SMTP_ALLOWED_FROM_DOMAINS": "lfx.linuxfoundation.org",
+    "SMTP_ALLOWED_REPLY_TO_DOMAINS": "linuxfoundation.org",
+    "SMTP_ALLOWED_RECIPIENT_DOMAINS": "",
+    "SES_EVENTING_ENABLED": "false",
+    "SES_EVENT_MAX_RECEIVES": "5",
+    "MAX_IN_FLIGHT": "256",
+    "SEND_TIMEOUT": "30s",
+    "SHUTDOWN_GRACE_SECONDS": "25",
+    "KV_REPLICAS": "1",
+    "KV_AUTO_CREATE": "true",
+    "LOG_LEVEL": "info",
+    "LOG_FORMAT": "json",
+    "LOG_ADD_SOURCE": "false",
+}
+
+# Values that switch on every optional object.
+EVERYTHING: dict[str, Any] = {
+    "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
+    "kv": {"enabled": True, "replicas": 3},
+    "secret": {"create": False},
+    "externalSecret": {
+        "enabled": True,
+        "secretStoreRef": {"name": "aws-secrets-manager", "kind": "ClusterSecretStore"},
+        "data": [
+            {
+                "secretKey": "smtp-username",
+                "remoteRef": {"key": "lfx/emailrelay/smtp", "property": "username"},
+            },
+            {
+                "secretKey": "smtp-password",
+                "remoteRef": {"key": "lfx/emailrelay/smtp", "property": "password"},
+            },
+        ],
+    },
+    "natsCreds": {"enabled": True, "secretName": "emailrelay-nats"},
+    "serviceAccount": {"roleArn": "arn:aws:iam::123456789012:role/emailrelay"},
+    "config": {
+        "email": {"enabled": True},
+        "ses": {
+            "eventingEnabled": True,
+            "engagementSqsQueueUrl": "https://sqs.us-west-2.amazonaws.com/123456789012/ses",
+            "configurationSet": "lfx",
+        },
+        "aws": {"region": "us-west-2"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm_python.Chart]:
+    with helm_python.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+def render(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """All Kubernetes objects the chart renders (NOTES.txt excluded)."""
+    manifests = chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE)
+    objects: list[dict[str, Any]] = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[str]:
+    return sorted(obj["kind"] for obj in objects)
+
+
+def only(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def env_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The container's env entries by name (names must be unique)."""
+    entries = container(objects)["env"]
+    names = [entry["name"] for entry in entries]
+    assert len(names) == len(set(names)), f"duplicate env vars: {names}"
+    return {entry["name"]: entry for entry in entries}
+
+
+def plain_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {name: e["value"] for name, e in env_of(objects).items() if "value" in e}
+
+
+def lint_problems(report: dict[str, Any]) -> list[Any]:
+    """Errors and warnings of a lint report (info findings such as 'icon is recommended' pass)."""
+    return report["errors"] + [m for m in report["messages"] if m["severity"] >= 2]
+
+
+# --- lint -------------------------------------------------------------------
+
+
+def test_lint_passes_with_defaults() -> None:
+    report = helm_python.lint(CHART_DIR, strict=True)
+    assert report["total_charts_linted"] == 1
+    assert lint_problems(report) == []
+
+
+def test_lint_passes_with_everything_enabled() -> None:
+    report = helm_python.lint(CHART_DIR, EVERYTHING, strict=True)
+    assert lint_problems(report) == []
+
+
+# --- defaults ---------------------------------------------------------------
+
+
+def test_defaults_render_deployment_service_serviceaccount_pdb_and_secret(
+    chart: helm_python.Chart,
+) -> None:
+    assert kinds(render(chart)) == [
+        "Deployment",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
+
+
+def test_defaults_render_no_hpa_keyvalue_or_externalsecret(chart: helm_python.Chart) -> None:
+    rendered = set(kinds(render(chart)))
+    assert rendered.isdisjoint({"HorizontalPodAutoscaler", "KeyValue", "ExternalSecret"})
+
+
+def test_objects_are_named_after_the_release_in_its_namespace(chart: helm_python.Chart) -> None:
+    for obj in render(chart):
+        assert obj["metadata"]["name"] == FULLNAME
+        assert obj["metadata"]["namespace"] == NAMESPACE
+
+
+def test_image_tag_defaults_to_app_version_and_default_command_is_serve(
+    chart: helm_python.Chart,
+) -> None:
+    c = container(render(chart))
+    assert c["image"] == f"emailrelay:{chart.metadata['appVersion']}"
+    assert c["args"] == ["serve"]
+    assert "command" not in c
+
+
+def test_chart_metadata_is_v2_with_app_version_0_1_0(chart: helm_python.Chart) -> None:
+    assert chart.metadata["apiVersion"] == "v2"
+    assert chart.metadata["appVersion"] == "0.1.0"
+
+
+# --- probes, ports, shutdown ---------------------------------------------------
+
+
+def test_probes_hit_livez_and_readyz_on_the_http_port(chart: helm_python.Chart) -> None:
+    c = container(render(chart))
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+
+
+def test_config_port_moves_container_port_and_port_env(chart: helm_python.Chart) -> None:
+    objects = render(chart, {"config": {"http": {"port": 9090}}})
+    assert container(objects)["ports"][0]["containerPort"] == 9090
+    assert plain_env(objects)["PORT"] == "9090"
+    assert only(objects, "Service")["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_service_exposes_port_8080_named_http(chart: helm_python.Chart) -> None:
+    service = only(render(chart), "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == {
+        "app.kubernetes.io/name": "emailrelay",
+        "app.kubernetes.io/instance": RELEASE,
+    }
+
+
+def test_termination_grace_exceeds_shutdown_grace_by_default(chart: helm_python.Chart) -> None:
+    objects = render(chart)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    grace = int(plain_env(objects)["SHUTDOWN_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > grace
+    assert pod["terminationGracePeriodSeconds"] == grace + 10
+
+
+def test_termination_grace_follows_a_changed_shutdown_grace(chart: helm_python.Chart) -> None:
+    objects = render(chart, {"config": {"shutdownGraceSeconds": 60}})
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert plain_env(objects)["SHUTDOWN_GRACE_SECONDS"] == "60"
+    assert pod["terminationGracePeriodSeconds"] == 70
+
+
+def test_termination_grace_not_above_shutdown_grace_is_rejected(
+    chart: helm_python.Chart,
+) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="must exceed"):
+        render(chart, {"terminationGracePeriodSeconds": 25})
+
+
+# --- security -----------------------------------------------------------------
+
+
+def test_pod_runs_as_non_root_with_a_read_only_root_filesystem(chart: helm_python.Chart) -> None:
+    objects = render(chart)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    sc = container(objects)["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+
+
+def test_container_drops_all_capabilities_without_privilege_escalation(
+    chart: helm_python.Chart,
+) -> None:
+    objects = render(chart)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    sc = container(objects)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_tmp_is_a_writable_empty_dir(chart: helm_python.Chart) -> None:
+    objects = render(chart)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container(objects)["volumeMounts"]
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert "emptyDir" in tmp
+
+
+def test_service_account_token_is_not_mounted(chart: helm_python.Chart) -> None:
+    objects = render(chart)
+    assert only(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == FULLNAME
+
+
+def test_resources_have_requests_and_a_memory_limit(chart: helm_python.Chart) -> None:
+    resources = container(render(chart))["resources"]
+    assert set(resources["requests"]) == {"cpu", "memory"}
+    assert "memory" in resources["limits"]
+
+
+# --- scheduling -------------------------------------------------------------------
+
+
+def test_pods_spread_over_zones_and_nodes(chart: helm_python.Chart) -> None:
+    pod = only(render(chart), "Deployment")["spec"]["template"]["spec"]
+    constraints = pod["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in constraints] == [
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    ]
+    for c in constraints:
+        assert c["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+def test_pdb_allows_one_disruption_of_the_release_pods(chart: helm_python.Chart) -> None:
+    objects = render(chart)
+    pdb = only(objects, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == only(objects, "Deployment")["spec"]["selector"]
+
+
+def test_pods_carry_prometheus_scrape_annotations(chart: helm_python.Chart) -> None:
+    annotations = only(render(chart), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8080"
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# --- environment -----------------------------------------------------------------
+
+
+def test_env_holds_contract_variables_with_their_defaults(chart: helm_python.Chart) -> None:
+    env = plain_env(render(chart))
+    assert {name: env.get(name) for name in CONTRACT_DEFAULTS} == CONTRACT_DEFAULTS
+
+
+def test_env_omits_unset_optional_variables_by_default(chart: helm_python.Chart) -> None:
+    env = env_of(render(chart))
+    for name in (
+        "SES_CONFIGURATION_SET",
+        "SES_ENGAGEMENT_SQS_QUEUE_URL",
+        "AWS_REGION",
+        "NATS_CREDS",
+    ):
+        assert name not in env
+
+
+def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> None:
+    config = {
+        "nats": {"url": "nats://nats:4222", "kvReplicas": 3, "kvAutoCreate": False},
+        "http": {"port": 8081, "host": "127.0.0.1"},
+        "email": {"enabled": True},
+        "smtp": {
+            "host": "email-smtp.us-west-2.amazonaws.com",
+            "port": 465,
+            "tlsMode": "implicit",
+            "poolSize": 4,
+            "connectionMaxMessages": 50,
+            "connectionMaxAge": "60s",
+            "defaultFrom": "robot@lfx.linuxfoundation.org",
+            "defaultFromDisplayName": "LFX Robot",
+            "allowedFromDomains": "lfx.linuxfoundation.org,example.org",
+            "allowedReplyToDomains": "example.org",
+            "allowedRecipientDomains": "example.com",
+        },
+        "ses": {
+            "configurationSet": "lfx-set",
+            "eventingEnabled": True,
+            "engagementSqsQueueUrl": "https://sqs.us-west-2.amazonaws.com/1/q",
+            "eventMaxReceives": 7,
+        },
+        "limits": {"maxInFlight": 64, "sendTimeout": "10s"},
+        "shutdownGraceSeconds": 40,
+        "log": {"level": "debug", "format": "text", "addSource": True},
+        "aws": {"region": "us-west-2", "endpointUrlSqs": "http://localhost:5000"},
+    }
+    env = plain_env(render(chart, {"config": config}))
+    assert env == {
+        "NATS_URL": "nats://nats:4222",
+        "KV_REPLICAS": "3",
+        "KV_AUTO_CREATE": "false",
+        "PORT": "8081",
+        "HTTP_HOST": "127.0.0.1",
+        "EMAIL_ENABLED": "true",
+        "SMTP_HOST": "email-smtp.us-west-2.amazonaws.com",
+        "SMTP_PORT": "465",
+        "SMTP_TLS_MODE": "implicit",
+        "SMTP_POOL_SIZE": "4",
+        "SMTP_CONNECTION_MAX_MESSAGES": "50",
+        "SMTP_CONNECTION_MAX_AGE": "60s",
+        "DEFAULT_SMTP_FROM": "robot@lfx.linuxfoundation.org",
+        "DEFAULT_SMTP_FROM_DISPLAY_NAME": "LFX Robot",
+        "SMTP_ALLOWED_FROM_DOMAINS": "lfx.linuxfoundation.org,example.org",
+        "SMTP_ALLOWED_REPLY_TO_DOMAINS": "example.org",
+        "SMTP_ALLOWED_RECIPIENT_DOMAINS": "example.com",
+        "SES_CONFIGURATION_SET": "lfx-set",
+        "SES_EVENTING_ENABLED": "true",
+        "SES_ENGAGEMENT_SQS_QUEUE_URL": "https://sqs.us-west-2.amazonaws.com/1/q",
+        "SES_EVENT_MAX_RECEIVES": "7",
+        "MAX_IN_FLIGHT": "64",
+        "SEND_TIMEOUT": "10s",
+        "SHUTDOWN_GRACE_SECONDS": "40",
+        "LOG_LEVEL": "debug",
+        "LOG_FORMAT": "text",
+        "LOG_ADD_SOURCE": "true",
+        "AWS_REGION": "us-west-2",
+        "AWS_ENDPOINT_URL_SQS": "http://localhost:5000",
+    }
+
+
+def test_large_integers_render_without_an_exponent(chart: helm_python.Chart) -> None:
+    env = plain_env(render(chart, {"config": {"limits": {"maxInFlight": 2_000_000}}}))
+    assert env["MAX_IN_FLIGHT"] == "2000000"
+
+
+@pytest.mark.parametrize("key", ["allowedFromDomains", "allowedReplyToDomains"])
+def test_empty_allowlist_renders_as_an_empty_env_var(chart: helm_python.Chart, key: str) -> None:
+    env = env_of(render(chart, {"config": {"smtp": {key: ""}}}))
+    name = {
+        "allowedFromDomains": "SMTP_ALLOWED_FROM_DOMAINS",
+        "allowedReplyToDomains": "SMTP_ALLOWED_REPLY_TO_DOMAINS",
+    }[key]
+    assert env[name] == {"name": name, "value": ""}
+
+
+@pytest.mark.parametrize("key", ["allowedFromDomains", "allowedReplyToDomains"])
+def test_null_allowlist_omits_the_env_var(chart: helm_python.Chart, key: str) -> None:
+    env = env_of(render(chart, {"config": {"smtp": {key: None}}}))
+    name = {
+        "allowedFromDomains": "SMTP_ALLOWED_FROM_DOMAINS",
+        "allowedReplyToDomains": "SMTP_ALLOWED_REPLY_TO_DOMAINS",
+    }[key]
+    assert name not in env
+    assert "SMTP_HOST" in env  # only that one variable went away
+
+
+def test_extra_env_replaces_the_config_variable_of_the_same_name(
+    chart: helm_python.Chart,
+) -> None:
+    extra = [
+        {"name": "LOG_LEVEL", "value": "debug"},
+        {"name": "SMTP_FROM", "value": "legacy@lfx.linuxfoundation.org"},
+    ]
+    env = env_of(render(chart, {"extraEnv": extra}))
+    assert env["LOG_LEVEL"] == {"name": "LOG_LEVEL", "value": "debug"}
+    assert env["SMTP_FROM"]["value"] == "legacy@lfx.linuxfoundation.org"
+
+
+def test_invalid_tls_mode_is_rejected(chart: helm_python.Chart) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="tlsMode"):
+        render(chart, {"config": {"smtp": {"tlsMode": "ssl"}}})
+
+
+# --- secrets ----------------------------------------------------------------------
+
+
+def test_smtp_credentials_are_secret_references(chart: helm_python.Chart) -> None:
+    env = env_of(render(chart))
+    for name, key in (("SMTP_USERNAME", "smtp-username"), ("SMTP_PASSWORD", "smtp-password")):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"] == {"secretKeyRef": {"name": FULLNAME, "key": key}}
+
+
+def test_chart_created_secret_holds_the_credentials_from_values(
+    chart: helm_python.Chart,
+) -> None:
+    values = {"secret": {"stringData": {"smtp-username": "AKIA", "smtp-password": "s3cret"}}}
+    objects = render(chart, values)
+    secret = only(objects, "Secret")
+    assert secret["stringData"] == {"smtp-username": "AKIA", "smtp-password": "s3cret"}
+    annotations = only(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/secret" in annotations
+
+
+def test_existing_secret_is_referenced_and_not_created(chart: helm_python.Chart) -> None:
+    objects = render(chart, {"secret": {"existingSecret": "smtp-creds"}})
+    assert "Secret" not in kinds(objects)
+    env = env_of(objects)
+    assert env["SMTP_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "smtp-creds"
+
+
+def test_existing_secret_and_external_secret_together_are_rejected(
+    chart: helm_python.Chart,
+) -> None:
+    values = {
+        "secret": {"existingSecret": "smtp-creds"},
+        "externalSecret": EVERYTHING["externalSecret"],
+    }
+    with pytest.raises(helm_python.HelmRenderError, match="mutually exclusive"):
+        render(chart, values)
+
+
+def test_ses_settings_listed_in_the_secret_replace_plain_values(
+    chart: helm_python.Chart,
+) -> None:
+    values = {
+        "config": {"ses": {"configurationSet": "plain"}},
+        "secret": {"env": {"SES_CONFIGURATION_SET": "ses-configuration-set"}},
+    }
+    env = env_of(render(chart, values))
+    assert env["SES_CONFIGURATION_SET"]["valueFrom"]["secretKeyRef"] == {
+        "name": FULLNAME,
+        "key": "ses-configuration-set",
+    }
+    assert "SMTP_USERNAME" in env  # the default mappings stay
+
+
+def test_optional_secret_references_are_marked_optional(chart: helm_python.Chart) -> None:
+    env = env_of(render(chart, {"secret": {"optional": True}}))
+    assert env["SMTP_USERNAME"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+# --- everything enabled -------------------------------------------------------------
+
+
+def test_everything_enabled_renders_every_object(chart: helm_python.Chart) -> None:
+    assert kinds(render(chart, EVERYTHING)) == [
+        "Deployment",
+        "ExternalSecret",
+        "HorizontalPodAutoscaler",
+        "KeyValue",
+        "KeyValue",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+
+
+def test_hpa_scales_the_deployment_which_drops_fixed_replicas(chart: helm_python.Chart) -> None:
+    objects = render(chart, EVERYTHING)
+    hpa = only(objects, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": FULLNAME,
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in only(objects, "Deployment")["spec"]
+
+
+def test_kv_buckets_render_as_nack_keyvalues(chart: helm_python.Chart) -> None:
+    buckets = {
+        obj["spec"]["bucket"]: obj for obj in render(chart, EVERYTHING) if obj["kind"] == "KeyValue"
+    }
+    assert set(buckets) == {"email-recipients", "email-group-index"}
+    for obj in buckets.values():
+        assert obj["apiVersion"] == "jetstream.nats.io/v1beta2"
+        assert obj["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert {b: (o["spec"]["history"], o["spec"]["storage"]) for b, o in buckets.items()} == {
+        "email-recipients": (1, "file"),
+        "email-group-index": (1, "file"),
+    }
+    assert buckets["email-recipients"]["spec"]["maxValueSize"] == 64 * 1024
+    assert buckets["email-group-index"]["spec"]["maxValueSize"] == 1024 * 1024
+    assert {o["spec"]["replicas"] for o in buckets.values()} == {3}
+
+
+def test_kv_bucket_replicas_default_to_kv_replicas_config(chart: helm_python.Chart) -> None:
+    values = {"kv": {"enabled": True}, "config": {"nats": {"kvReplicas": 5}}}
+    buckets = [obj for obj in render(chart, values) if obj["kind"] == "KeyValue"]
+    assert [b["spec"]["replicas"] for b in buckets] == [5, 5]
+
+
+def test_external_secret_feeds_the_secret_the_pod_reads(chart: helm_python.Chart) -> None:
+    objects = render(chart, EVERYTHING)
+    es = only(objects, "ExternalSecret")
+    assert es["apiVersion"] == "external-secrets.io/v1beta1"
+    assert es["spec"]["secretStoreRef"] == {
+        "name": "aws-secrets-manager",
+        "kind": "ClusterSecretStore",
+    }
+    assert es["spec"]["target"]["name"] == FULLNAME
+    assert [d["secretKey"] for d in es["spec"]["data"]] == ["smtp-username", "smtp-password"]
+    assert "Secret" not in kinds(objects)
+    env = env_of(objects)
+    assert env["SMTP_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == FULLNAME
+
+
+def test_nats_creds_secret_is_mounted_and_named_by_nats_creds(chart: helm_python.Chart) -> None:
+    objects = render(chart, EVERYTHING)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "nats-creds")
+    assert volume["secret"]["secretName"] == "emailrelay-nats"
+    mount = next(m for m in container(objects)["volumeMounts"] if m["name"] == "nats-creds")
+    assert mount["readOnly"] is True
+    assert plain_env(objects)["NATS_CREDS"] == f"{mount['mountPath']}/nats.creds"
+
+
+def test_nats_creds_without_a_secret_name_is_rejected(chart: helm_python.Chart) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=r"natsCreds\.secretName"):
+        render(chart, {"natsCreds": {"enabled": True}})
+
+
+def test_irsa_role_arn_annotates_the_service_account(chart: helm_python.Chart) -> None:
+    sa = only(render(chart, EVERYTHING), "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/emailrelay"
+    }

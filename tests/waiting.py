@@ -1,0 +1,68 @@
+"""Waiting on conditions with deadlines, and picking free loopback ports.
+
+Tests never sleep for a fixed time: they poll a predicate until it holds or a
+deadline passes, and then fail with a message that says what did not happen.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition not met",
+) -> None:
+    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout``.
+
+    The predicate is always tried once more at the deadline, so a slow poll
+    never turns a success into a failure.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} (waited {timeout:.1f}s)")
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def port_is_open(host: str, port: int) -> bool:
+    """True when something accepts TCP connections on host:port right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until host:port accepts TCP connections."""
+    wait_until(
+        lambda: port_is_open(host, port),
+        timeout=timeout,
+        message=f"nothing listening on {host}:{port}",
+    )
+
+
+def wait_for_port_closed(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until host:port refuses TCP connections."""
+    wait_until(
+        lambda: not port_is_open(host, port),
+        timeout=timeout,
+        message=f"{host}:{port} still accepts connections",
+    )
