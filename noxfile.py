@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -14,7 +16,24 @@ PYTHON = "3.11"
 def tests(session: nox.Session) -> None:
     """The test suite, against real nats-server, SMTP and SQS servers it starts itself."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-m", "not scale", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def scale(session: nox.Session) -> None:
+    """The heavy end-to-end cases: several relay processes, groups of 50,000 emails."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "scale", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: each prints its figures next to a baseline measured in the same run."""
+    session.install("-e", ".[test]")
+    scripts = sorted(Path("benchmarks").glob("bench_*.py"))
+    for script in scripts:
+        if not session.posargs or any(arg in script.name for arg in session.posargs):
+            session.run("python", str(script))
 
 
 @nox.session(python=PYTHON)

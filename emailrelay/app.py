@@ -35,6 +35,7 @@ from emailrelay.config import Settings
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.health import serve_health
 from emailrelay.mail.pool import Connection, SmtpPool
+from emailrelay.metrics import TRACKING_WRITE_FAILURES
 from emailrelay.server import Handler, serve_requests
 from emailrelay.store.kv import StoreError
 from emailrelay.store.tracking import TrackingStore
@@ -101,6 +102,7 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
             rules=send_rules(settings),
             sender=pool if pool is not None else _DisabledSender(),
             tracking=tracking,
+            on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         ),
     }
     lifecycle = Lifecycle()

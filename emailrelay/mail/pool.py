@@ -18,7 +18,8 @@ from typing import Protocol
 
 import anyio
 
-from emailrelay.mail.errors import SendFailure, TransientFailure
+from emailrelay.mail.errors import AmbiguousFailure, SendFailure, TransientFailure
+from emailrelay.metrics import SMTP_CONNECTIONS, SMTP_REPLIES, SMTP_SEND_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,21 @@ class SmtpPool:
     async def _send_once(self, sender: str, recipient: str, message: bytes) -> None:
         async with self._slots:
             pooled = await self._checkout()
+            started = time.monotonic()
             try:
                 await pooled.connection.send(sender, recipient, message)
-            except SendFailure:
+            except SendFailure as exc:
+                SMTP_REPLIES.labels(_failure_class(exc)).inc()
                 await self._discard(pooled)
                 raise
             except BaseException:
                 # Cancelled mid-transaction (deadline, shutdown): the
                 # connection's state is unknown, so it must not be reused.
                 pooled.connection.abort()
-                self.open_connections -= 1
+                self._count_closed()
                 raise
+            SMTP_SEND_SECONDS.observe(time.monotonic() - started)
+            SMTP_REPLIES.labels("ok").inc()
             pooled.messages += 1
             if self._worn_out(pooled):
                 await self._discard(pooled)
@@ -105,16 +110,25 @@ class SmtpPool:
             if not self._worn_out(pooled):
                 return pooled
             await self._discard(pooled)
-        connection = await self._connect()
+        try:
+            connection = await self._connect()
+        except SendFailure as exc:
+            SMTP_REPLIES.labels(_failure_class(exc)).inc()
+            raise
         self.open_connections += 1
+        SMTP_CONNECTIONS.inc()
         return _Pooled(connection, opened_at=time.monotonic())
 
     def _worn_out(self, pooled: _Pooled) -> bool:
         too_old = time.monotonic() - pooled.opened_at >= self._max_age
         return too_old or pooled.messages >= self._max_messages
 
-    async def _discard(self, pooled: _Pooled) -> None:
+    def _count_closed(self) -> None:
         self.open_connections -= 1
+        SMTP_CONNECTIONS.dec()
+
+    async def _discard(self, pooled: _Pooled) -> None:
+        self._count_closed()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await pooled.connection.close()
 
@@ -122,3 +136,11 @@ class SmtpPool:
         idle, self._idle = self._idle, []
         for pooled in idle:
             await self._discard(pooled)
+
+
+def _failure_class(failure: SendFailure) -> str:
+    if isinstance(failure, TransientFailure):
+        return "transient"
+    if isinstance(failure, AmbiguousFailure):
+        return "ambiguous"
+    return "permanent"

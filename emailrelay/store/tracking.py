@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+from pydantic import ValidationError
 
-from emailrelay.api import TrackingRecord
-from emailrelay.store.keys import group_key
+from emailrelay.api import GROUP_INDEX_BUCKET, RECIPIENTS_BUCKET, TrackingRecord
+from emailrelay.metrics import KV_CONFLICTS
+from emailrelay.store.keys import group_key, is_valid_key
 from emailrelay.store.kv import KeyValue, RevisionConflict, StoreError
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,41 @@ class TrackingStore:
             await self._records.create(record.email_id, record.to_json())
         except RevisionConflict:
             log.debug("record already stored", extra={"email_id": record.email_id})
+
+    async def get_record(self, email_id: str) -> TrackingRecord | None:
+        """The record, ``None`` when there is none (or the id cannot be a key).
+        Raises :class:`CorruptValue` when it does not decode, :class:`StoreError`
+        when the store fails."""
+        if not is_valid_key(email_id):
+            return None
+        entry = await self._records.get(email_id)
+        return None if entry is None else _decode_record(entry.value)
+
+    async def update_record(
+        self, email_id: str, change: Callable[[TrackingRecord], bool]
+    ) -> TrackingRecord | None:
+        """Apply ``change`` to the stored record, revision-checked, retried on
+        conflict until it lands. ``change`` mutates the record it is given and
+        returns whether anything changed (nothing to write otherwise); it may be
+        called several times, each time on a fresh read. Returns the record as
+        stored, or ``None`` when there is no such record."""
+        if not is_valid_key(email_id):
+            return None
+        attempt = 0
+        while True:
+            entry = await self._records.get(email_id)
+            if entry is None:
+                return None
+            record = _decode_record(entry.value)
+            if not change(record):
+                return record
+            try:
+                await self._records.update(email_id, record.to_json(), last=entry.revision)
+                return record
+            except RevisionConflict:
+                KV_CONFLICTS.labels(RECIPIENTS_BUCKET).inc()
+                attempt += 1
+                await self._backoff(attempt)
 
     async def append_to_group(self, group_id: str, email_id: str) -> None:
         """Add ``email_id`` to the group's index (a JSON array), exactly once.
@@ -107,6 +145,7 @@ class TrackingStore:
                 await self._groups.update(key, json.dumps(ids).encode(), last=entry.revision)
                 return
             except RevisionConflict:
+                KV_CONFLICTS.labels(GROUP_INDEX_BUCKET).inc()
                 attempt += 1
                 await self._backoff(attempt)
 
@@ -129,6 +168,13 @@ class _GroupWrites:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     next_batch: _Batch | None = None
     users: int = 0
+
+
+def _decode_record(value: bytes) -> TrackingRecord:
+    try:
+        return TrackingRecord.model_validate_json(value)
+    except ValidationError as exc:
+        raise CorruptValue("tracking record does not decode") from exc
 
 
 def _decode_ids(value: bytes) -> list[str]:

@@ -1,0 +1,58 @@
+"""Prometheus metrics, served on ``/metrics``.
+
+Defined in one place so names and labels stay consistent; every module that
+counts something imports the metric from here. Label values are small fixed
+sets (subjects, outcomes, event types): never an id or an address.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "emailrelay_requests",
+    "NATS requests answered, by subject and outcome (ok or the contract error string).",
+    ["subject", "outcome"],
+)
+REQUEST_SECONDS = Histogram(
+    "emailrelay_request_seconds",
+    "Time from receiving a NATS request to replying.",
+    ["subject"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+REQUESTS_IN_FLIGHT = Gauge("emailrelay_requests_in_flight", "Requests being handled now.")
+
+SMTP_SEND_SECONDS = Histogram(
+    "emailrelay_smtp_send_seconds",
+    "One SMTP transaction (MAIL, RCPT, DATA) on a pooled connection.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SMTP_REPLIES = Counter(
+    "emailrelay_smtp_replies",
+    "Outcomes of SMTP transactions by class: ok, transient (4xx or connection), "
+    "permanent (5xx), ambiguous (no final reply after hand-over).",
+    ["result"],
+)
+SMTP_CONNECTIONS = Gauge("emailrelay_smtp_connections", "Open SMTP connections in the pool.")
+
+TRACKING_WRITE_FAILURES = Counter(
+    "emailrelay_tracking_write_failures",
+    "Sends whose tracking record or group-index entry could not be stored in time.",
+)
+KV_CONFLICTS = Counter(
+    "emailrelay_kv_conflicts",
+    "Revision conflicts on KV read-modify-write, retried.",
+    ["bucket"],
+)
+
+SQS_EVENTS = Counter(
+    "emailrelay_sqs_events",
+    "SES engagement events by type and outcome (applied, duplicate, skipped, retry, deleted).",
+    ["type", "outcome"],
+)
+SQS_RECEIVE_ERRORS = Counter("emailrelay_sqs_receive_errors", "Failed SQS ReceiveMessage calls.")
+SQS_EVENT_LAG_SECONDS = Histogram(
+    "emailrelay_sqs_event_lag_seconds",
+    "Time from the SES event's timestamp to its processing.",
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
+)
