@@ -29,7 +29,8 @@ def strip_line_breaks(value: str) -> str:
 def parse_mailbox(value: str) -> Mailbox | None:
     """Exactly one mailbox with a non-empty local part and domain, else ``None``.
 
-    Lists, groups and anything the stdlib parser flags as a defect are refused.
+    Lists, groups, non-ASCII addresses (display names may be anything) and
+    anything the stdlib parser flags as a defect are refused.
     No DNS: ``localhost``, ``example.com`` and ``.test`` domains are fine.
     """
     try:
@@ -44,6 +45,10 @@ def parse_mailbox(value: str) -> Mailbox | None:
         return None
     parsed = header.addresses[0]
     if not parsed.username or not parsed.domain:
+        return None
+    if not (parsed.username + parsed.domain).isascii():
+        # RFC 5322 addresses are ASCII; a non-ASCII domain (an unencoded IDN)
+        # would otherwise fail inside the SMTP client as an internal error.
         return None
     return Mailbox(parsed.display_name, parsed.username, parsed.domain)
 

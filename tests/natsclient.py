@@ -57,7 +57,9 @@ class SyncNats:
         name: str = "emailrelay-tests",
     ) -> None:
         self.url = url
-        self._loop = asyncio.new_event_loop()
+        # Explicitly a selector loop: once trio_asyncio is imported,
+        # asyncio.new_event_loop() returns its loop, which cannot run in a thread.
+        self._loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="sync-nats-loop", daemon=True
         )

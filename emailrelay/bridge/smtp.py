@@ -7,12 +7,15 @@ reply class); after it, a missing final reply is ambiguous and never retried.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import ssl
 from dataclasses import dataclass
 
 import aiosmtplib
 import trio_asyncio
 
+from emailrelay.addresses import redact
 from emailrelay.config import SmtpTlsMode
 from emailrelay.mail.errors import (
     AmbiguousFailure,
@@ -43,8 +46,17 @@ class SmtpEndpoint:
         return self.tls_mode is SmtpTlsMode.IMPLICIT
 
 
+_ADDRESS_IN_TEXT = re.compile(r"[^\s<>()\[\]:;,\"']+@[^\s<>()\[\]:;,\"']+")
+
+
+def _without_addresses(text: str) -> str:
+    """Servers (SES among them) name the refused address in their reply text,
+    and failure reasons end up in logs, which never hold a full address."""
+    return _ADDRESS_IN_TEXT.sub(lambda match: redact(match.group(0)), text)
+
+
 def _reply_failure(exc: aiosmtplib.SMTPResponseException) -> SendFailure:
-    reason = f"{exc.code} {exc.message}"
+    reason = f"{exc.code} {_without_addresses(exc.message)}"
     if 400 <= exc.code < 500:
         return TransientFailure(reason, exc.code)
     return PermanentFailure(reason, exc.code)
@@ -81,11 +93,24 @@ async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
         hostname=endpoint.host,
         port=endpoint.port,
         use_tls=endpoint.implicit_tls,
-        start_tls=False,  # decided below, per SMTP_TLS_MODE
+        start_tls=False,  # decided in _greet, per SMTP_TLS_MODE
         tls_context=endpoint.tls_context,
         local_hostname=endpoint.local_hostname,  # no DNS look-up of our own name
         timeout=endpoint.timeout,
     )
+    try:
+        await _greet(smtp, endpoint)
+    except Exception:
+        await _close(smtp)
+        raise
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+async def _greet(smtp: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
+    """Connect, EHLO, encrypt and log in as the endpoint asks; failures classified."""
     try:
         await smtp.connect()
         await smtp.ehlo()
@@ -104,21 +129,14 @@ async def _open(endpoint: SmtpEndpoint) -> aiosmtplib.SMTP:
                     "STARTTLS (set SMTP_TLS_MODE=none only for a trusted local relay)"
                 )
             await smtp.login(*endpoint.credentials)
-    except SendFailure:
-        smtp.close()
-        raise
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        raise PermanentFailure(f"SMTP authentication failed: {exc.code}", exc.code) from exc
     except aiosmtplib.SMTPResponseException as exc:
-        smtp.close()
-        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-            raise PermanentFailure(f"SMTP authentication failed: {exc.code}", exc.code) from exc
         raise _reply_failure(exc) from exc
     except ssl.SSLError as exc:
-        smtp.close()
         raise PermanentFailure(f"TLS failed: {exc.reason or exc}") from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
-        smtp.close()
         raise TransientFailure(f"connecting failed: {exc.__class__.__name__}: {exc}") from exc
-    return smtp
 
 
 async def _send(smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes) -> None:
@@ -142,9 +160,14 @@ async def _send(smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: byt
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:
-    if not smtp.is_connected:
-        return
+    """QUIT if still connected, then close. The transport releases its socket on
+    the next loop iteration, so give it that before returning: a caller that
+    closes the loop right after must not leave the socket to the garbage collector."""
     try:
-        await smtp.quit(timeout=2)
+        if smtp.is_connected:
+            await smtp.quit(timeout=2)
     except (aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
         smtp.close()
+    await asyncio.sleep(0)

@@ -25,7 +25,6 @@ from emailrelay.addresses import (
 from emailrelay.handlers.replies import error_reply, parse_request, reply
 from emailrelay.mail.errors import SendFailure
 from emailrelay.mail.message import OutgoingEmail, build_message
-from emailrelay.store.kv import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +163,13 @@ class SendEmailHandler:
                     await self._tracking.create_record(record)
                     await self._tracking.append_to_group(record.group_id, record.email_id)
                     return
-                except StoreError as exc:
+                except Exception as exc:
+                    # Not only StoreError: once the email is out, no failure of
+                    # the store (even an unexpected one) may turn into an error
+                    # reply, which would invite a duplicate send.
                     log.warning(
                         "tracking write failed; retrying",
-                        extra={"email_id": record.email_id, "error": str(exc)},
+                        extra={"email_id": record.email_id, "error": repr(exc)},
                     )
                 await anyio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 2.0)

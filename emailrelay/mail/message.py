@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import EmailPolicy
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime, formataddr, make_msgid
 from typing import Any
 
 from emailrelay.addresses import Mailbox, strip_line_breaks
@@ -28,17 +29,33 @@ SMTP_MAX_LINE = 998
 """RFC 5321: a line is at most 998 characters plus CRLF."""
 
 
+_RAW_HEADERS = frozenset({TRACKING_HEADER.lower(), "from"})
+"""Headers whose value this module writes itself, stored and written as given."""
+
+
 class _RelayPolicy(EmailPolicy):
-    """``email.policy.SMTP`` that writes the tracking header raw, on one line."""
+    """``email.policy.SMTP`` that stores and writes a few headers exactly as
+    this module formatted them (see :data:`_RAW_HEADERS`): the tracking header
+    raw on one line, and ``From`` (see :func:`format_from`).
+
+    The stdlib would re-parse them first, which decodes anything that looks
+    like an RFC 2047 encoded word (a group id ``=?utf-8?q?x?=`` became ``x``),
+    and then re-fold them."""
+
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        if name.lower() in _RAW_HEADERS and isinstance(value, str):
+            return (name, value)
+        stored: tuple[str, Any] = super().header_store_parse(name, value)
+        return stored
 
     def fold(self, name: str, value: Any) -> str:
-        if name.lower() == TRACKING_HEADER.lower():
+        if name.lower() in _RAW_HEADERS:
             return f"{name}: {value}{self.linesep}"
         folded: str = super().fold(name, value)
         return folded
 
     def fold_binary(self, name: str, value: Any) -> bytes:
-        if name.lower() == TRACKING_HEADER.lower():
+        if name.lower() in _RAW_HEADERS:
             return f"{name}: {value}{self.linesep}".encode("ascii")
         return super().fold_binary(name, value)
 
@@ -96,10 +113,33 @@ def _address(mailbox: Mailbox, display_name: str = "") -> Address:
     )
 
 
+def format_from(mailbox: Mailbox, display_name: str) -> str:
+    """The ``From`` value, display name included, formatted here on purpose.
+
+    The stdlib's folder drops the quotes around a display name it has to fold,
+    so a long caller-chosen name such as ``... <ceo@evil.example>, x`` became
+    extra addresses in ``From``. Here a short printable ASCII name is a quoted
+    string on one line; any other name is RFC 2047-encoded (encoded words
+    carry no specials) and folded between encoded words."""
+    addr_spec = _address(mailbox).addr_spec
+    name = strip_line_breaks(display_name)
+    if not name:
+        return addr_spec
+    quoted = formataddr((name, addr_spec))
+    if name.isascii() and name.isprintable() and len(f"From: {quoted}") <= 78:
+        return quoted
+    # Header.encode folds between encoded words with CRLF + space itself.
+    encoded = Header(name, "utf-8", header_name="From").encode(linesep="\r\n")
+    one_line = f"{encoded} <{addr_spec}>"
+    if "\n" not in encoded and len(f"From: {one_line}") <= 78:
+        return one_line
+    return f"{encoded}\r\n <{addr_spec}>"
+
+
 def build_message(email: OutgoingEmail, now: datetime | None = None) -> bytes:
     """The message as it goes on the wire (CRLF line ends, not dot-stuffed)."""
     message = EmailMessage(policy=POLICY)
-    message["From"] = _address(email.sender, email.sender_display_name)
+    message["From"] = format_from(email.sender, email.sender_display_name)
     message["To"] = _address(email.recipient)
     if email.reply_to is not None:
         message["Reply-To"] = _address(email.reply_to)

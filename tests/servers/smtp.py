@@ -401,6 +401,9 @@ class SmtpServer:
             self._server_ssl_context()  # make the certificate now, not on first connect
         controller = _Controller(
             self,
+            # An explicit selector loop: asyncio.new_event_loop() would hand out
+            # trio-asyncio's thread-bound loop once trio_asyncio is imported.
+            loop=asyncio.SelectorEventLoop(),
             hostname=LOOPBACK,
             port=self.port,
             server_hostname="localhost",  # else aiosmtpd asks socket.getfqdn() (DNS)

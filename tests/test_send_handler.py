@@ -1,0 +1,458 @@
+"""``send_email`` rules, fast: SendEmailHandler over a fake Sender and a fake TrackingWriter.
+
+The same behaviours are proven end to end in test_send_e2e.py.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+import pytest
+
+from emailrelay import api
+from emailrelay.addresses import parse_mailbox
+from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
+from emailrelay.store.kv import StoreError
+
+DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
+assert DEFAULT_FROM is not None
+
+RULES = SendRules(
+    email_enabled=True,
+    default_from=DEFAULT_FROM,
+    default_from_display_name="LFX Self Serve",
+    allowed_from_domains=("lfx.linuxfoundation.org",),
+    allowed_reply_to_domains=("linuxfoundation.org",),
+    allowed_recipient_domains=(),
+)
+
+VALID = {"to": "jane@example.com", "subject": "Hi", "html": "<p>hi</p>", "text": "hi"}
+
+
+@dataclass
+class Sent:
+    sender: str
+    recipient: str
+    message: bytes
+
+    @property
+    def parsed(self) -> Any:
+        return email.message_from_bytes(self.message, policy=email.policy.default)
+
+
+@dataclass
+class FakeSender:
+    sent: list[Sent] = field(default_factory=list)
+    failure: Exception | None = None
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.sent.append(Sent(sender, recipient, message))
+
+
+@dataclass
+class FakeTracking:
+    """Slow on purpose (a checkpoint per write), so a reply sent before the writes shows."""
+
+    records: list[api.TrackingRecord] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    failures_left: int = 0
+    failure: Exception = field(default_factory=lambda: StoreError("store down"))
+
+    async def create_record(self, record: api.TrackingRecord) -> None:
+        await anyio.sleep(0.001)
+        if self.failures_left:
+            self.failures_left -= 1
+            raise self.failure
+        self.records.append(record)
+
+    async def append_to_group(self, group_id: str, email_id: str) -> None:
+        await anyio.sleep(0.001)
+        ids = self.groups.setdefault(group_id, [])
+        if email_id not in ids:
+            ids.append(email_id)
+
+
+@dataclass
+class Relay:
+    handler: SendEmailHandler
+    sender: FakeSender
+    tracking: FakeTracking
+    tracking_failures: list[None]
+
+    async def send(self, request: Any) -> dict[str, Any]:
+        data = request if isinstance(request, bytes) else json.dumps(request).encode()
+        reply: dict[str, Any] = json.loads(await self.handler(data))
+        return reply
+
+
+def make_relay(
+    rules: SendRules = RULES, *, tracking_deadline: float = 10.0, tracking: bool = True
+) -> Relay:
+    sender, store, failures = FakeSender(), FakeTracking(), []
+    handler = SendEmailHandler(
+        rules,
+        sender,
+        store if tracking else None,
+        tracking_deadline=tracking_deadline,
+        on_tracking_failure=lambda: failures.append(None),
+    )
+    return Relay(handler, sender, store, failures)
+
+
+@pytest.fixture
+def relay() -> Relay:
+    return make_relay()
+
+
+def request(**changes: Any) -> dict[str, Any]:
+    body = dict(VALID)
+    for name, value in changes.items():
+        key = "from" if name == "from_" else name
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return body
+
+
+def error(message: str) -> dict[str, str]:
+    return {"error": message}
+
+
+SKIPPED = {"email_id": "", "group_id": ""}
+
+# 1. payload shape
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'"a string"', b"42", b"", b"\xff\xfe"],
+    ids=["not-json", "array", "string", "number", "empty", "not-utf8"],
+)
+async def test_body_that_is_not_a_json_object_is_invalid(relay: Relay, body: bytes) -> None:
+    assert await relay.send(body) == error(api.ERR_INVALID_PAYLOAD)
+
+
+async def test_null_body_is_invalid_or_missing_fields(relay: Relay) -> None:
+    assert await relay.send(b"null") in (
+        error(api.ERR_INVALID_PAYLOAD),
+        error(api.ERR_SEND_FIELDS_REQUIRED),
+    )
+
+
+@pytest.mark.parametrize(
+    "field_name", ["to", "subject", "html", "text", "from", "from_display_name", "reply_to"]
+)
+@pytest.mark.parametrize("value", [5, True, ["a@b.example"], {"a": 1}], ids=str)
+async def test_field_of_the_wrong_type_is_invalid(
+    relay: Relay, field_name: str, value: object
+) -> None:
+    assert await relay.send({**VALID, field_name: value}) == error(api.ERR_INVALID_PAYLOAD)
+
+
+async def test_group_id_of_the_wrong_type_is_invalid(relay: Relay) -> None:
+    assert await relay.send({**VALID, "group_id": 7}) == error(api.ERR_INVALID_PAYLOAD)
+
+
+async def test_wrong_type_is_checked_before_missing_fields(relay: Relay) -> None:
+    assert await relay.send({"subject": 1}) == error(api.ERR_INVALID_PAYLOAD)
+
+
+async def test_unknown_fields_are_ignored(relay: Relay) -> None:
+    reply = await relay.send({**VALID, "cc": ["x@example.com"], "priority": 1})
+    assert reply["email_id"]
+    assert len(relay.sender.sent) == 1
+
+
+# 2. required fields
+
+
+@pytest.mark.parametrize("field_name", ["to", "subject", "html", "text"])
+async def test_missing_required_field(relay: Relay, field_name: str) -> None:
+    assert await relay.send(request(**{field_name: None})) == error(api.ERR_SEND_FIELDS_REQUIRED)
+
+
+@pytest.mark.parametrize("field_name", ["to", "subject", "html", "text"])
+async def test_empty_required_field(relay: Relay, field_name: str) -> None:
+    assert await relay.send(request(**{field_name: ""})) == error(api.ERR_SEND_FIELDS_REQUIRED)
+
+
+async def test_empty_object_is_missing_fields(relay: Relay) -> None:
+    assert await relay.send({}) == error(api.ERR_SEND_FIELDS_REQUIRED)
+
+
+async def test_missing_fields_are_checked_before_the_address(relay: Relay) -> None:
+    assert await relay.send(request(to="nonsense", text="")) == error(api.ERR_SEND_FIELDS_REQUIRED)
+
+
+# 3. recipient allowlist
+
+RECIPIENT_RULES = replace(RULES, allowed_recipient_domains=("example.com",))
+
+
+async def test_recipient_in_allowlisted_domain_is_sent() -> None:
+    relay = make_relay(RECIPIENT_RULES)
+    assert (await relay.send(request(to="jane@example.com")))["email_id"]
+    assert len(relay.sender.sent) == 1
+
+
+async def test_recipient_in_allowlisted_subdomain_is_sent() -> None:
+    relay = make_relay(RECIPIENT_RULES)
+    assert (await relay.send(request(to="jane@eu.example.com")))["email_id"]
+
+
+async def test_recipient_outside_allowlist_is_skipped_with_empty_ids() -> None:
+    relay = make_relay(RECIPIENT_RULES)
+    assert await relay.send(request(to="jane@other.org")) == SKIPPED
+    assert relay.sender.sent == []
+    assert relay.tracking.records == []
+    assert relay.tracking.groups == {}
+
+
+async def test_recipient_allowlist_needs_a_label_boundary() -> None:
+    relay = make_relay(RECIPIENT_RULES)
+    assert await relay.send(request(to="jane@notexample.com")) == SKIPPED
+
+
+async def test_unparseable_recipient_with_allowlist_is_skipped() -> None:
+    relay = make_relay(RECIPIENT_RULES)
+    assert await relay.send(request(to="not an address")) == SKIPPED
+
+
+async def test_recipient_allowlist_is_checked_before_from() -> None:
+    relay = make_relay(RECIPIENT_RULES)
+    reply = await relay.send(request(to="jane@other.org", from_="x@evil.example"))
+    assert reply == SKIPPED
+
+
+# 4. to
+
+
+@pytest.mark.parametrize("to", ["plainword", "a@b.example, c@d.example", "a@", "@b.example"])
+async def test_unparseable_to(relay: Relay, to: str) -> None:
+    assert await relay.send(request(to=to)) == error(api.ERR_INVALID_TO)
+
+
+async def test_non_ascii_domain_in_to_is_invalid_to(relay: Relay) -> None:
+    assert await relay.send(request(to="user@bücher.example")) == error(api.ERR_INVALID_TO)
+
+
+async def test_to_with_display_name_sends_to_the_bare_address(relay: Relay) -> None:
+    await relay.send(request(to="Jane Doe <jane@example.com>"))
+    assert relay.sender.sent[0].recipient == "jane@example.com"
+
+
+async def test_to_with_injected_header_is_invalid(relay: Relay) -> None:
+    reply = await relay.send(request(to="jane@example.com\r\nBcc: evil@attacker.example"))
+    assert reply == error(api.ERR_INVALID_TO)
+    assert relay.sender.sent == []
+
+
+async def test_to_is_checked_before_from(relay: Relay) -> None:
+    assert await relay.send(request(to="nope", from_="nope")) == error(api.ERR_INVALID_TO)
+
+
+# 5. from
+
+
+async def test_unparseable_from(relay: Relay) -> None:
+    assert await relay.send(request(from_="not an address")) == error(api.ERR_INVALID_FROM)
+
+
+async def test_from_outside_allowlist(relay: Relay) -> None:
+    reply = await relay.send(request(from_="x@linuxfoundation.org"))
+    assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
+
+
+async def test_from_subdomain_is_not_allowed(relay: Relay) -> None:
+    reply = await relay.send(request(from_="x@mail.lfx.linuxfoundation.org"))
+    assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
+
+
+async def test_from_domain_matches_in_any_case(relay: Relay) -> None:
+    await relay.send(request(from_="Team@LFX.LinuxFoundation.org"))
+    assert relay.sender.sent[0].sender == "Team@LFX.LinuxFoundation.org"
+
+
+async def test_from_with_empty_allowlist_is_not_allowed() -> None:
+    relay = make_relay(replace(RULES, allowed_from_domains=()))
+    reply = await relay.send(request(from_="x@lfx.linuxfoundation.org"))
+    assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
+
+
+async def test_empty_allowlist_still_allows_the_default_from() -> None:
+    relay = make_relay(replace(RULES, allowed_from_domains=()))
+    assert (await relay.send(request()))["email_id"]
+
+
+async def test_from_is_the_envelope_sender(relay: Relay) -> None:
+    await relay.send(request(from_="events@lfx.linuxfoundation.org"))
+    assert relay.sender.sent[0].sender == "events@lfx.linuxfoundation.org"
+
+
+async def test_absent_from_uses_the_default(relay: Relay) -> None:
+    await relay.send(request())
+    sent = relay.sender.sent[0]
+    assert sent.sender == "noreply@lfx.linuxfoundation.org"
+    assert sent.parsed["From"] == "LFX Self Serve <noreply@lfx.linuxfoundation.org>"
+
+
+async def test_empty_from_means_absent(relay: Relay) -> None:
+    await relay.send(request(from_="", from_display_name="", reply_to="", group_id=""))
+    sent = relay.sender.sent[0]
+    assert sent.sender == "noreply@lfx.linuxfoundation.org"
+    assert sent.parsed["From"] == "LFX Self Serve <noreply@lfx.linuxfoundation.org>"
+    assert sent.parsed["Reply-To"] is None
+
+
+async def test_null_optional_fields_mean_absent(relay: Relay) -> None:
+    reply = await relay.send({**VALID, "from": None, "reply_to": None, "group_id": None})
+    assert reply["email_id"]
+    assert relay.sender.sent[0].sender == "noreply@lfx.linuxfoundation.org"
+
+
+async def test_display_name_overrides_the_default(relay: Relay) -> None:
+    await relay.send(request(from_display_name="Events Team"))
+    assert relay.sender.sent[0].parsed["From"].addresses[0].display_name == "Events Team"
+
+
+async def test_from_is_checked_before_reply_to(relay: Relay) -> None:
+    reply = await relay.send(request(from_="x@evil.example", reply_to="nope"))
+    assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
+
+
+# 6. reply_to
+
+
+async def test_unparseable_reply_to(relay: Relay) -> None:
+    assert await relay.send(request(reply_to="a@b, c@d")) == error(api.ERR_INVALID_REPLY_TO)
+
+
+async def test_reply_to_in_the_allowed_domain(relay: Relay) -> None:
+    await relay.send(request(reply_to="help@linuxfoundation.org"))
+    assert relay.sender.sent[0].parsed["Reply-To"] == "help@linuxfoundation.org"
+
+
+async def test_reply_to_subdomain_is_allowed(relay: Relay) -> None:
+    assert (await relay.send(request(reply_to="help@lists.linuxfoundation.org")))["email_id"]
+
+
+async def test_reply_to_without_label_boundary_is_not_allowed(relay: Relay) -> None:
+    reply = await relay.send(request(reply_to="x@evillinuxfoundation.org"))
+    assert reply == error(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
+
+
+async def test_reply_to_with_empty_allowlist_is_not_allowed() -> None:
+    relay = make_relay(replace(RULES, allowed_reply_to_domains=()))
+    reply = await relay.send(request(reply_to="help@linuxfoundation.org"))
+    assert reply == error(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
+
+
+async def test_reply_to_is_checked_before_email_enabled() -> None:
+    relay = make_relay(replace(RULES, email_enabled=False))
+    assert await relay.send(request(reply_to="nope")) == error(api.ERR_INVALID_REPLY_TO)
+
+
+# 7. EMAIL_ENABLED
+
+
+async def test_disabled_sending_answers_empty_ids() -> None:
+    relay = make_relay(replace(RULES, email_enabled=False))
+    assert await relay.send(request()) == SKIPPED
+    assert relay.sender.sent == []
+    assert relay.tracking.records == []
+
+
+# 8. delivery
+
+
+async def test_provider_refusal_is_delivery_failed() -> None:
+    relay = make_relay()
+    relay.sender.failure = PermanentFailure("550 no")
+    assert await relay.send(request()) == error(api.ERR_DELIVERY_FAILED)
+    assert relay.tracking.records == []
+    assert relay.tracking.groups == {}
+
+
+async def test_ambiguous_failure_is_delivery_failed() -> None:
+    relay = make_relay()
+    relay.sender.failure = AmbiguousFailure("dropped")
+    assert await relay.send(request()) == error(api.ERR_DELIVERY_FAILED)
+
+
+# success
+
+
+async def test_success_reply_carries_a_uuid4_email_id(relay: Relay) -> None:
+    reply = await relay.send(request())
+    assert uuid.UUID(reply["email_id"]).version == 4
+
+
+async def test_generated_group_id_is_a_uuid(relay: Relay) -> None:
+    reply = await relay.send(request())
+    assert uuid.UUID(reply["group_id"]).version == 4
+    assert reply["group_id"] != reply["email_id"]
+
+
+async def test_given_group_id_is_kept(relay: Relay) -> None:
+    assert (await relay.send(request(group_id="batch-7")))["group_id"] == "batch-7"
+
+
+async def test_envelope_recipient_is_the_recipient_only(relay: Relay) -> None:
+    await relay.send(request(reply_to="help@linuxfoundation.org"))
+    assert relay.sender.sent[0].recipient == "jane@example.com"
+
+
+async def test_tracking_record_and_index_are_written_before_the_reply(relay: Relay) -> None:
+    reply = await relay.send(request(group_id="batch-1"))
+    (record,) = relay.tracking.records
+    assert (record.email_id, record.group_id) == (reply["email_id"], "batch-1")
+    assert (record.to, record.subject) == ("jane@example.com", "Hi")
+    assert relay.tracking.groups == {"batch-1": [reply["email_id"]]}
+
+
+async def test_sending_works_without_tracking() -> None:
+    relay = make_relay(tracking=False)
+    assert (await relay.send(request()))["email_id"]
+    assert len(relay.sender.sent) == 1
+
+
+async def test_transient_store_failure_is_retried() -> None:
+    relay = make_relay()
+    relay.tracking.failures_left = 2
+    reply = await relay.send(request())
+    assert [r.email_id for r in relay.tracking.records] == [reply["email_id"]]
+    assert relay.tracking_failures == []
+
+
+async def test_store_failing_for_good_still_answers_success() -> None:
+    relay = make_relay(tracking_deadline=0.2)
+    relay.tracking.failures_left = 10**9
+    reply = await relay.send(request())
+    assert uuid.UUID(reply["email_id"])
+    assert len(relay.sender.sent) == 1
+
+
+async def test_store_failing_for_good_is_counted() -> None:
+    relay = make_relay(tracking_deadline=0.2)
+    relay.tracking.failures_left = 10**9
+    await relay.send(request())
+    assert relay.tracking_failures == [None]
+
+
+async def test_unexpected_store_exception_still_answers_success() -> None:
+    relay = make_relay(tracking_deadline=0.2)
+    relay.tracking.failures_left = 10**9
+    relay.tracking.failure = RuntimeError("bug in the store adapter")
+    reply = await relay.send(request())
+    assert "error" not in reply
+    assert relay.tracking_failures == [None]

@@ -1,0 +1,374 @@
+"""SmtpPool over bridge.smtp.SmtpConnection, against the real aiosmtpd servers of the suite.
+
+Trio tests: the ``asyncio_loop`` fixture opens the trio-asyncio loop that
+aiosmtplib runs on, as ``emailrelay serve`` does.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+import trio_asyncio
+
+from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
+from emailrelay.config import SmtpTlsMode
+from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure, SendFailure
+from emailrelay.mail.pool import Connection, SmtpPool
+from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
+from tests.servers.smtp import Command, SmtpServer
+from tests.waiting import wait_until
+
+SENDER = "noreply@lfx.linuxfoundation.org"
+RECIPIENT = "jane@example.com"
+MESSAGE = (
+    b"From: noreply@lfx.linuxfoundation.org\r\nTo: jane@example.com\r\nSubject: t\r\n\r\nbody\r\n"
+)
+CREDENTIALS = (TLS_SMTP_USERNAME, TLS_SMTP_PASSWORD)
+
+
+@pytest.fixture
+async def asyncio_loop() -> AsyncIterator[None]:
+    """The trio-asyncio loop aiosmtplib needs, open for the test."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@pytest.fixture(scope="module")
+def clear_auth_smtp_server() -> Iterator[SmtpServer]:
+    """No TLS, AUTH offered even in clear (``auth_require_tls=False``): a trap for credentials."""
+    with SmtpServer(
+        auth_username=TLS_SMTP_USERNAME,
+        auth_password=TLS_SMTP_PASSWORD,
+        auth_require_tls=False,
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def clear_auth_smtp(clear_auth_smtp_server: SmtpServer) -> SmtpServer:
+    clear_auth_smtp_server.reset()
+    return clear_auth_smtp_server
+
+
+@pytest.fixture
+def restartable_smtp() -> Iterator[SmtpServer]:
+    """A plain SMTP server of this test's own, free to be stopped and started."""
+    with SmtpServer() as server:
+        yield server
+
+
+def restart_outside_trio(server: SmtpServer) -> None:
+    """Stop and start ``server`` from a worker thread (its loop cannot be made inside trio)."""
+    server.stop()
+    server.start()
+
+
+def endpoint(
+    server: SmtpServer,
+    *,
+    tls_mode: SmtpTlsMode = SmtpTlsMode.NONE,
+    credentials: tuple[str, str] | None = None,
+    tls_context: ssl.SSLContext | None = None,
+) -> SmtpEndpoint:
+    return SmtpEndpoint(
+        host=server.host,
+        port=server.port,
+        tls_mode=tls_mode,
+        credentials=credentials,
+        tls_context=tls_context or ssl.create_default_context(),
+        local_hostname="relay.test",
+        timeout=5.0,
+    )
+
+
+def make_pool(
+    target: SmtpEndpoint,
+    *,
+    size: int = 4,
+    max_messages: int = 1000,
+    max_age: float = 300.0,
+    send_timeout: float = 10.0,
+) -> SmtpPool:
+    async def connect() -> Connection:
+        return await SmtpConnection.open(target)
+
+    return SmtpPool(
+        connect,
+        size=size,
+        max_messages=max_messages,
+        max_age=max_age,
+        send_timeout=send_timeout,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+    )
+
+
+async def send(pool: SmtpPool) -> None:
+    await pool.send(SENDER, RECIPIENT, MESSAGE)
+
+
+# delivery and reuse
+
+
+async def test_message_arrives_with_its_envelope(asyncio_loop: None, smtp: SmtpServer) -> None:
+    pool = make_pool(endpoint(smtp))
+    await send(pool)
+    await pool.aclose()
+    (message,) = smtp.messages
+    assert (message.mail_from, message.rcpt_tos) == (SENDER, [RECIPIENT])
+    assert message.raw == MESSAGE
+
+
+async def test_sequential_sends_reuse_one_connection(asyncio_loop: None, smtp: SmtpServer) -> None:
+    pool = make_pool(endpoint(smtp))
+    for _ in range(20):
+        await send(pool)
+    await pool.aclose()
+    assert len(smtp.messages) == 20
+    assert smtp.connections == 1
+
+
+async def test_concurrent_sends_open_at_most_pool_size_connections(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(smtp), size=4)
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(send, pool)
+    await pool.aclose()
+    assert len(smtp.messages) == 40
+    assert 1 <= smtp.connections <= 4
+
+
+async def test_connection_is_recycled_after_max_messages(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(smtp), max_messages=3)
+    for _ in range(7):
+        await send(pool)
+    await pool.aclose()
+    assert smtp.connections == 3
+
+
+async def test_connection_is_recycled_after_max_age(asyncio_loop: None, smtp: SmtpServer) -> None:
+    pool = make_pool(endpoint(smtp), max_age=0.000_001)
+    for _ in range(3):
+        await send(pool)
+    await pool.aclose()
+    assert smtp.connections == 3
+
+
+async def test_aclose_closes_idle_connections(asyncio_loop: None, smtp: SmtpServer) -> None:
+    pool = make_pool(endpoint(smtp))
+    await send(pool)
+    await pool.aclose()
+    wait_until(lambda: smtp.open_connections == 0, timeout=5, message="connection still open")
+    assert pool.open_connections == 0
+
+
+async def test_connection_closed_by_the_server_is_replaced(
+    asyncio_loop: None, restartable_smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(restartable_smtp))
+    await send(pool)
+    await anyio.to_thread.run_sync(restart_outside_trio, restartable_smtp)
+    await send(pool)
+    await pool.aclose()
+    assert len(restartable_smtp.messages) == 2
+
+
+# reply classes
+
+
+async def test_4xx_on_data_is_retried_and_delivered_once(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.fail_next_data(451)
+    pool = make_pool(endpoint(smtp))
+    await send(pool)
+    await pool.aclose()
+    assert len(smtp.messages) == 1
+    assert len(smtp.rejected) == 1
+
+
+@pytest.mark.parametrize(("command", "code"), [("MAIL", 421), ("RCPT", 450), ("MAIL", 454)])
+async def test_4xx_before_data_is_retried(
+    asyncio_loop: None, smtp: SmtpServer, command: Command, code: int
+) -> None:
+    smtp.fail_next(command, code, count=2)
+    pool = make_pool(endpoint(smtp))
+    await send(pool)
+    await pool.aclose()
+    assert len(smtp.messages) == 1
+
+
+async def test_5xx_on_data_fails_at_once(asyncio_loop: None, smtp: SmtpServer) -> None:
+    smtp.fail_next_data(550)
+    pool = make_pool(endpoint(smtp))
+    with pytest.raises(PermanentFailure) as caught:
+        await send(pool)
+    await pool.aclose()
+    assert caught.value.code == 550
+    assert smtp.messages == []
+    assert len(smtp.rejected) == 1
+
+
+async def test_5xx_on_rcpt_fails_at_once(asyncio_loop: None, smtp: SmtpServer) -> None:
+    smtp.fail_next_rcpt(550)
+    pool = make_pool(endpoint(smtp))
+    with pytest.raises(PermanentFailure):
+        await send(pool)
+    await pool.aclose()
+    assert smtp.messages == []
+
+
+async def test_refusal_reason_does_not_carry_the_recipient_address(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    # SES names the refused address in its reply text; reasons end up in logs.
+    smtp.fail_next("RCPT", 554, text=f"Address not verified: {RECIPIENT}")
+    pool = make_pool(endpoint(smtp))
+    with pytest.raises(PermanentFailure) as caught:
+        await send(pool)
+    await pool.aclose()
+    assert RECIPIENT not in caught.value.reason
+
+
+async def test_a_failed_connection_is_not_reused(asyncio_loop: None, smtp: SmtpServer) -> None:
+    smtp.fail_next_data(550)
+    pool = make_pool(endpoint(smtp))
+    with pytest.raises(PermanentFailure):
+        await send(pool)
+    await send(pool)
+    await pool.aclose()
+    assert smtp.connections == 2
+    assert len(smtp.messages) == 1
+
+
+async def test_persistent_4xx_gives_up_at_send_timeout(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.fail_all("DATA", 451)
+    pool = make_pool(endpoint(smtp), send_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(SendFailure):
+        await send(pool)
+    await pool.aclose()
+    assert time.monotonic() - started < 3
+    assert smtp.messages == []
+
+
+async def test_drop_after_data_is_ambiguous_and_never_retried(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.drop_connection_after_data = True
+    pool = make_pool(endpoint(smtp))
+    with pytest.raises(AmbiguousFailure):
+        await send(pool)
+    await pool.aclose()
+    assert len(smtp.messages) == 1
+
+
+# TLS and credentials
+
+
+async def test_starttls_and_auth_in_auto_mode(asyncio_loop: None, tls_smtp: SmtpServer) -> None:
+    target = endpoint(
+        tls_smtp,
+        tls_mode=SmtpTlsMode.AUTO,
+        credentials=CREDENTIALS,
+        tls_context=tls_smtp.client_ssl_context(),
+    )
+    pool = make_pool(target)
+    await send(pool)
+    await pool.aclose()
+    (message,) = tls_smtp.messages
+    assert message.over_tls
+    assert message.auth_login == TLS_SMTP_USERNAME
+
+
+async def test_starttls_and_auth_in_starttls_mode(asyncio_loop: None, tls_smtp: SmtpServer) -> None:
+    target = endpoint(
+        tls_smtp,
+        tls_mode=SmtpTlsMode.STARTTLS,
+        credentials=CREDENTIALS,
+        tls_context=tls_smtp.client_ssl_context(),
+    )
+    pool = make_pool(target)
+    await send(pool)
+    await pool.aclose()
+    assert [m.over_tls for m in tls_smtp.messages] == [True]
+    assert [a.over_tls for a in tls_smtp.auth_attempts] == [True]
+
+
+async def test_untrusted_certificate_fails_at_once(
+    asyncio_loop: None, tls_smtp: SmtpServer
+) -> None:
+    # The system trust store does not know the test CA.
+    target = endpoint(tls_smtp, tls_mode=SmtpTlsMode.STARTTLS, credentials=CREDENTIALS)
+    pool = make_pool(target, send_timeout=10)
+    started = time.monotonic()
+    with pytest.raises(PermanentFailure, match="TLS"):
+        await send(pool)
+    await pool.aclose()
+    assert time.monotonic() - started < 3
+    assert tls_smtp.messages == []
+    assert tls_smtp.auth_attempts == []
+
+
+async def test_wrong_password_fails_at_once(asyncio_loop: None, tls_smtp: SmtpServer) -> None:
+    target = endpoint(
+        tls_smtp,
+        tls_mode=SmtpTlsMode.STARTTLS,
+        credentials=(TLS_SMTP_USERNAME, "wrong"),
+        tls_context=tls_smtp.client_ssl_context(),
+    )
+    pool = make_pool(target)
+    with pytest.raises(PermanentFailure, match="authentication"):
+        await send(pool)
+    await pool.aclose()
+    assert tls_smtp.messages == []
+
+
+async def test_credentials_are_never_sent_without_tls(
+    asyncio_loop: None, clear_auth_smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(clear_auth_smtp, tls_mode=SmtpTlsMode.AUTO, credentials=CREDENTIALS))
+    with pytest.raises(PermanentFailure, match="without TLS"):
+        await send(pool)
+    await pool.aclose()
+    assert clear_auth_smtp.auth_attempts == []
+    assert clear_auth_smtp.messages == []
+
+
+async def test_tls_mode_none_allows_credentials_in_clear(
+    asyncio_loop: None, clear_auth_smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(clear_auth_smtp, tls_mode=SmtpTlsMode.NONE, credentials=CREDENTIALS))
+    await send(pool)
+    await pool.aclose()
+    assert [(a.over_tls, a.succeeded) for a in clear_auth_smtp.auth_attempts] == [(False, True)]
+    assert len(clear_auth_smtp.messages) == 1
+
+
+async def test_starttls_mode_refuses_a_server_without_starttls(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(smtp, tls_mode=SmtpTlsMode.STARTTLS))
+    with pytest.raises(PermanentFailure, match="does not offer"):
+        await send(pool)
+    await pool.aclose()
+    assert smtp.messages == []
+
+
+async def test_auto_mode_without_credentials_sends_in_clear_when_no_starttls(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(smtp, tls_mode=SmtpTlsMode.AUTO))
+    await send(pool)
+    await pool.aclose()
+    assert [m.over_tls for m in smtp.messages] == [False]
