@@ -51,6 +51,7 @@ ERR_STATUS_ONE_ID_ONLY = "only one of email_id or group_id may be set"
 ERR_GROUP_ID_REQUIRED = "group_id is required"
 ERR_NOT_FOUND = "not found"
 ERR_INTERNAL = "internal error"
+ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset"
 
 
 # --- Models ------------------------------------------------------------------
@@ -96,10 +97,21 @@ class SendEmailReply(BaseModel):
 
 
 class GetEmailStatusRequest(_Request):
-    """``lfx.email-service.get_email_status``: exactly one of the two ids."""
+    """``lfx.email-service.get_email_status``: exactly one of the two ids.
+
+    ``limit`` (1 to :data:`MAX_STATUS_PAGE`) and ``offset`` (>= 0) page a group
+    reply (an addition): the records at index positions ``offset`` to
+    ``offset + limit``. ``0`` means absent for both; ``offset`` without
+    ``limit`` pages with ``limit`` = :data:`MAX_STATUS_PAGE`.
+    """
 
     email_id: StrictStr = ""
     group_id: StrictStr = ""
+    limit: StrictInt = 0
+    offset: StrictInt = 0
+
+
+MAX_STATUS_PAGE = 1000
 
 
 class GetEngagementAnalyticsRequest(_Request):
@@ -128,6 +140,16 @@ class OpenEvent(BaseModel):
     opened_at: Timestamp
 
 
+class ClickEvent(BaseModel):
+    """One click on a tracked link (an addition; see docs/engagement.md)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event_id: str
+    link: str
+    clicked_at: Timestamp
+
+
 class TrackingRecord(BaseModel):
     """One sent email in ``email-recipients``.
 
@@ -151,6 +173,19 @@ class TrackingRecord(BaseModel):
     last_opened_at: Timestamp | None = None
     failed: bool = False
     failed_at: Timestamp | None = None
+    # Additions beyond the original relay (docs/engagement.md), omitted while unset.
+    clicked: bool = False
+    click_count: int = 0
+    last_clicked_at: Timestamp | None = None
+    clicked_links: list[ClickEvent] = Field(default_factory=list)
+    bounce_type: str | None = None
+    bounce_sub_type: str | None = None
+    complaint_feedback_type: str | None = None
+    reject_reason: str | None = None
+    delayed: bool = False
+    last_delayed_at: Timestamp | None = None
+    delay_type: str | None = None
+    ses_message_id: str | None = None
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude=self._unset_optional_fields()).encode()
@@ -163,4 +198,13 @@ class TrackingRecord(BaseModel):
         omitted = {name for name, value in self if value is None}
         if not self.opened_at_list:
             omitted.add("opened_at_list")
+        # The added flags and counters are absent, not false/0, until an event sets them.
+        if not self.clicked:
+            omitted.add("clicked")
+        if not self.click_count:
+            omitted.add("click_count")
+        if not self.clicked_links:
+            omitted.add("clicked_links")
+        if not self.delayed:
+            omitted.add("delayed")
         return omitted

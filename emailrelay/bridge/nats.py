@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,9 +63,17 @@ class RequestSubscription:
             log.warning("draining a subscription failed", extra={"error": repr(exc)})
 
 
+@dataclass
+class _Closing:
+    """Set before a deliberate close, so the disconnect that follows is not a warning."""
+
+    requested: bool = False
+
+
 class NatsConnection:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, closing: _Closing | None = None) -> None:
         self._client = client
+        self._closing = closing or _Closing()
 
     @classmethod
     async def connect(
@@ -79,8 +89,13 @@ class NatsConnection:
         async def on_error(exc: Exception) -> None:
             log.warning("nats: %s", exc.__class__.__name__, extra={"error": str(exc)})
 
+        closing = _Closing()
+
         async def on_disconnected() -> None:
-            log.warning("nats: disconnected; reconnecting")
+            if closing.requested:
+                log.info("nats: disconnected")
+            else:
+                log.warning("nats: disconnected; reconnecting")
 
         async def on_reconnected() -> None:
             log.info("nats: reconnected")
@@ -103,7 +118,7 @@ class NatsConnection:
             client = await aio(nats.connect)(**options)
         if client is None:
             raise NatsUnavailable(f"no NATS server reachable at {', '.join(servers)}")
-        return cls(client)
+        return cls(client, closing)
 
     @property
     def is_connected(self) -> bool:
@@ -121,7 +136,8 @@ class NatsConnection:
     async def subscribe_requests(
         self, subject: str, queue: str, channel: MemoryObjectSendStream[IncomingRequest]
     ) -> RequestSubscription:
-        """Subscribe in ``queue`` and hand every message to ``channel``.
+        """Subscribe in ``queue`` and hand every message to ``channel``
+        (``queue=""``: a plain subscription, as for ``$SRV`` discovery).
 
         nats-py runs one callback at a time per subscription, so the callback
         only hands over: without waiting when the channel has room, else by
@@ -160,7 +176,7 @@ class NatsConnection:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"JetStream unavailable: {exc!r}") from exc
-        return JetStreamKeyValue(kv)
+        return JetStreamKeyValue(kv, self._client)
 
     async def create_key_value(
         self, bucket: str, max_value_size: int, replicas: int
@@ -171,17 +187,19 @@ class NatsConnection:
             storage=StorageType.FILE,
             max_value_size=max_value_size,
             replicas=replicas,
+            direct=True,  # as the Go client creates buckets; lets get_many read in batches
         )
         try:
             kv = await aio(self._client.jetstream().create_key_value)(config)
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"creating bucket {bucket} failed: {exc!r}") from exc
-        return JetStreamKeyValue(kv)
+        return JetStreamKeyValue(kv, self._client)
 
     async def drain(self) -> None:
         """Flush what is pending and close; safe to call on a closed client."""
         if self._client.is_closed:
             return
+        self._closing.requested = True
         try:
             await aio(self._client.drain)()
         except (nats.errors.Error, TimeoutError) as exc:
@@ -192,17 +210,64 @@ class NatsConnection:
 _KV_TIMEOUT = 5.0
 
 
+_GET_MANY_CONCURRENCY = 32  # single gets in flight when batch gets are not available
+
+
 class JetStreamKeyValue:
     """:class:`emailrelay.store.kv.KeyValue` over a nats-py KV bucket."""
 
-    def __init__(self, kv: _NatsKeyValue) -> None:
+    def __init__(self, kv: _NatsKeyValue, client: Client | None = None) -> None:
         self._kv = kv
+        self._client = client
+
+    async def get_many(self, keys: Sequence[str]) -> Mapping[str, Entry]:
+        """One JetStream batch direct get (``multi_last``, nats-server 2.11+,
+        bucket with direct gets allowed); else single gets, concurrently."""
+        if not keys:
+            return {}
+        if self._batch_get_available():
+            assert self._client is not None
+            # nats-py's KeyValue keeps its stream and subject prefix private.
+            stream: str = self._kv._stream
+            prefix: str = self._kv._pre
+            try:
+                with anyio.fail_after(_KV_TIMEOUT):
+                    found = await aio(_direct_get_last)(
+                        self._client, stream, [prefix + key for key in keys]
+                    )
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise StoreError(f"batch get failed: {exc!r}") from exc
+            return {subject[len(prefix) :]: entry for subject, entry in found.items()}
+        entries: dict[str, Entry] = {}
+        limiter = anyio.CapacityLimiter(_GET_MANY_CONCURRENCY)
+
+        async def get_one(key: str) -> None:
+            async with limiter:
+                entry = await self.get(key)
+            if entry is not None:
+                entries[key] = entry
+
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(get_one, key)
+        return entries
+
+    def _batch_get_available(self) -> bool:
+        if self._client is None or not getattr(self._kv, "_direct", False):
+            return False
+        try:
+            version = self._client.connected_server_version
+            return (version.major, version.minor) >= (2, 11)
+        except Exception:  # not connected right now: single gets report that properly
+            return False
 
     async def get(self, key: str) -> Entry | None:
         try:
             with anyio.fail_after(_KV_TIMEOUT):
                 entry = await aio(self._kv.get)(key)
-        except nats.js.errors.KeyNotFoundError:  # also deleted and purged keys
+        except nats.js.errors.KeyNotFoundError as exc:  # also deleted and purged keys
+            if _stream_is_missing(exc):
+                raise StoreError("get failed: the bucket's stream is gone") from exc
             return None
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"get failed: {exc!r}") from exc
@@ -225,3 +290,54 @@ class JetStreamKeyValue:
             raise RevisionConflict(key) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"update failed: {exc!r}") from exc
+
+
+_STREAM_NOT_FOUND = 10059  # JetStream API error code
+
+
+def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:
+    """nats-py reports "stream not found" from a (non-direct) get as a missing
+    key; it keeps the API error as the context. A missing bucket is a store
+    failure, never "not found"."""
+    cause = exc.__context__
+    return isinstance(cause, nats.js.errors.APIError) and cause.err_code == _STREAM_NOT_FOUND
+
+
+class _BatchGetFailed(nats.errors.Error):
+    pass
+
+
+async def _direct_get_last(client: Client, stream: str, subjects: list[str]) -> dict[str, Entry]:
+    """The last message of each subject, from one ``$JS.API.DIRECT.GET`` batch
+    request (ADR-31 ``multi_last``). Runs on the asyncio side: the replies
+    arrive as separate messages, ended by a status 204 (or 404: none found)."""
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    found: dict[str, Entry] = {}
+
+    async def on_reply(msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status:
+            if not done.done():
+                done.set_result(status)
+            return
+        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return
+        subject = headers.get("Nats-Subject", "")
+        found[subject] = Entry(value=msg.data, revision=int(headers.get("Nats-Sequence", "0")))
+
+    inbox = client.new_inbox()
+    subscription = await client.subscribe(
+        inbox, cb=on_reply, pending_msgs_limit=0, pending_bytes_limit=0
+    )
+    try:
+        request = {"multi_last": subjects, "batch": len(subjects)}
+        await client.publish(
+            f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+        )
+        status = await done
+    finally:
+        await subscription.unsubscribe()
+    if status not in ("204", "404"):
+        raise _BatchGetFailed(f"batch get answered status {status}")
+    return found

@@ -1,13 +1,15 @@
 """The small key-value interface the tracking store is written against.
 
 The JetStream adapter (:mod:`emailrelay.bridge.nats`) implements it over
-nats-py; tests implement it in memory. Three outcomes are kept apart on
-purpose: a missing key (``None``), a lost race (:class:`RevisionConflict`,
-retry) and a failing store (:class:`StoreError`, never read as "missing").
+nats-py; tests implement it in memory (``tests/fakes.py``). Three outcomes are
+kept apart on purpose: a missing key (``None``), a lost race
+(:class:`RevisionConflict`, retry) and a failing store (:class:`StoreError`,
+never read as "missing").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +33,12 @@ class KeyValue(Protocol):
         """The latest value, or ``None`` when the key does not exist (or was deleted)."""
         ...
 
+    async def get_many(self, keys: Sequence[str]) -> Mapping[str, Entry]:
+        """The latest value of each key that exists; missing (or deleted) keys
+        are absent from the result. At most :data:`MAX_BATCH_KEYS` keys; one
+        :class:`StoreError` when the batch cannot be read."""
+        ...
+
     async def create(self, key: str, value: bytes) -> int:
         """Store a new key; :class:`RevisionConflict` if it exists already."""
         ...
@@ -39,3 +47,7 @@ class KeyValue(Protocol):
         """Replace the value if the key is still at revision ``last``,
         else :class:`RevisionConflict`."""
         ...
+
+
+MAX_BATCH_KEYS = 1000
+"""JetStream answers a batch get of at most 1,000 subjects (413 beyond)."""

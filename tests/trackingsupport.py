@@ -1,0 +1,83 @@
+"""Helpers shared by the status and analytics end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from emailrelay import api
+from tests.natsclient import SyncNats
+from tests.servers.nats import NatsServer
+from tests.servers.relay import EnvOverrides, RelayProcess
+from tests.servers.smtp import SmtpServer
+
+
+@contextlib.contextmanager
+def running_relay(
+    nats_server: NatsServer, smtp_server: SmtpServer, env: EnvOverrides | None = None
+) -> Iterator[RelayProcess]:
+    """One relay process against these servers, ready, stopped afterwards."""
+    overrides: dict[str, str | None] = {
+        "NATS_URL": nats_server.url,
+        "SMTP_HOST": smtp_server.host,
+        "SMTP_PORT": str(smtp_server.port),
+        "EMAIL_ENABLED": "true",
+        "SMTP_TLS_MODE": "none",
+    }
+    overrides.update(env or {})
+    with RelayProcess(overrides) as relay:
+        relay.wait_ready()
+        yield relay
+
+
+def send(client: SyncNats, group_id: str = "", **fields: str) -> dict[str, str]:
+    """Send one email through the relay; the success reply."""
+    payload = {
+        "to": "someone@example.org",
+        "subject": "hello",
+        "html": "<p>hi</p>",
+        "text": "hi",
+        "group_id": group_id,
+        **fields,
+    }
+    reply: dict[str, str] = client.request_json(api.SEND_EMAIL_SUBJECT, payload)
+    assert reply.get("email_id"), reply
+    return reply
+
+
+def status(client: SyncNats, **request: Any) -> Any:
+    return client.request_json(api.GET_EMAIL_STATUS_SUBJECT, request)
+
+
+def analytics(client: SyncNats, **request: Any) -> Any:
+    return client.request_json(api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, request)
+
+
+def unique_group(prefix: str = "group") -> str:
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+def stored_record(client: SyncNats, email_id: str) -> dict[str, Any]:
+    value = client.kv_get(api.RECIPIENTS_BUCKET, email_id)
+    assert value is not None, email_id
+    record: dict[str, Any] = json.loads(value)
+    return record
+
+
+def put_record(client: SyncNats, email_id: str, group_id: str, **fields: Any) -> None:
+    record = {
+        "group_id": group_id,
+        "email_id": email_id,
+        "to": "someone@example.org",
+        "subject": "hello",
+        "sent_at": "2024-05-01T10:00:00Z",
+        "delivered": False,
+        "opened": False,
+        "open_count": 0,
+        "failed": False,
+        **fields,
+    }
+    client.kv_put(api.RECIPIENTS_BUCKET, email_id, record)
