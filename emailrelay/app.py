@@ -5,7 +5,9 @@
     emailrelay serve
     └── task group (trio, with a trio-asyncio loop open for nats-py and aiosmtplib)
         ├── NATS request subscriptions -> handlers (bounded by MAX_IN_FLIGHT)
-        ├── health server (/livez, /readyz)
+        ├── NATS service discovery ($SRV.PING/INFO/STATS, every instance answers)
+        ├── health server (/livez, /readyz, /metrics)
+        ├── SQS poller for SES events (when SES_EVENTING_ENABLED=true)
         └── signal watcher
 
 The SMTP pool is a resource of the send handler, closed after the last
@@ -27,16 +29,21 @@ import anyio
 import trio
 import trio_asyncio
 
-from emailrelay import api
+from emailrelay import api, tracing
 from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.config import Settings
+from emailrelay.discovery import ServiceStats, serve_discovery
+from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
+from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.health import serve_health
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.metrics import TRACKING_WRITE_FAILURES
 from emailrelay.server import Handler, serve_requests
+from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store.kv import StoreError
 from emailrelay.store.tracking import TrackingStore
 
@@ -51,7 +58,11 @@ GROUP_INDEX_MAX_VALUE = 1024 * 1024
 
 def run(settings: Settings) -> int:
     """Run the service until a signal or a fatal failure; return the exit code."""
-    return trio.run(_run_with_asyncio_loop, settings)
+    tracing.configure_from_environment()
+    try:
+        return trio.run(_run_with_asyncio_loop, settings)
+    finally:
+        tracing.shutdown()
 
 
 async def _run_with_asyncio_loop(settings: Settings) -> int:
@@ -96,15 +107,33 @@ class Lifecycle:
 
 async def serve(settings: Settings, nats: NatsConnection) -> int:
     tracking = await open_tracking_store(nats, settings)
+    sqs: SqsClient | None = None
+    if settings.ses_eventing_enabled:
+        if tracking is None:
+            log.error(
+                "SES_EVENTING_ENABLED is true but the KV store is not available "
+                "(events need JetStream and both buckets); exiting"
+            )
+            return EXIT_FAILURE
+        try:
+            sqs = await SqsClient.from_environment(settings.ses_engagement_sqs_queue_url or "")
+        except SqsError as exc:
+            log.error("SES_EVENTING_ENABLED is true but SQS cannot be used: %s; exiting", exc)
+            return EXIT_FAILURE
     pool = build_smtp_pool(settings) if settings.email_enabled else None
     routes: dict[str, Handler] = {
         api.SEND_EMAIL_SUBJECT: SendEmailHandler(
             rules=send_rules(settings),
-            sender=pool if pool is not None else _DisabledSender(),
-            tracking=tracking,
+            sender=tracing.traced_sender(pool if pool is not None else _DisabledSender()),
+            tracking=tracing.traced_tracking(tracking),
             on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         ),
     }
+    if tracking is not None:
+        routes[api.GET_EMAIL_STATUS_SUBJECT] = GetEmailStatusHandler(
+            tracking, lambda: nats.max_payload
+        )
+        routes[api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT] = GetEngagementAnalyticsHandler(tracking)
     lifecycle = Lifecycle()
     try:
         async with anyio.create_task_group() as tg:
@@ -119,18 +148,34 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
                     lifecycle.stopping,
                 ),
             )
+            if sqs is not None and tracking is not None:
+                poller = PollerSettings(max_receives=settings.ses_event_max_receives)
+                tg.start_soon(
+                    lifecycle.supervise,
+                    "sqs poller",
+                    lambda: poll_engagement_events(sqs, tracking, poller),
+                )
+            service = ServiceStats(routes)
+            tg.start_soon(
+                lifecycle.supervise,
+                "service discovery",
+                lambda: serve_discovery(nats, service, lifecycle.stopping),
+            )
             await serve_requests(
                 nats,
                 routes,
                 settings.max_in_flight,
                 lifecycle.stopping,
                 settings.shutdown_grace_seconds,
+                stats=service,
             )
             tg.cancel_scope.cancel()
     finally:
-        if pool is not None:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if pool is not None:
                 await pool.aclose()
+            if sqs is not None:
+                await sqs.aclose()
     if lifecycle.failure is not None:
         log.error("stopped after a fatal failure", extra={"part": lifecycle.failure})
         return EXIT_FAILURE
@@ -206,8 +251,15 @@ async def open_tracking_store(nats: NatsConnection, settings: Settings) -> Track
         for bucket, max_value_size in buckets.items():
             kv = await nats.key_value(bucket)
             if kv is None and settings.kv_auto_create:
-                kv = await nats.create_key_value(bucket, max_value_size, settings.kv_replicas)
-                log.info("created KV bucket", extra={"bucket": bucket})
+                try:
+                    kv = await nats.create_key_value(bucket, max_value_size, settings.kv_replicas)
+                    log.info("created KV bucket", extra={"bucket": bucket})
+                except StoreError:
+                    # Another replica starting at the same time may have won the race
+                    # (with settings of its own); use its bucket if it is there now.
+                    kv = await nats.key_value(bucket)
+                    if kv is None:
+                        raise
             if kv is None:
                 log.warning(
                     "KV bucket missing and KV_AUTO_CREATE=false: tracking is off",

@@ -1,4 +1,5 @@
-"""The HTTP side: ``/livez``, ``/readyz`` (and ``/metrics`` later), served by hypercorn on trio."""
+"""The HTTP side, served by hypercorn on trio: ``/livez``, ``/readyz`` and
+``/metrics`` (Prometheus text format, from prometheus_client's ASGI app)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import anyio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
+from prometheus_client import make_asgi_app
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 def health_app(is_ready: Callable[[], bool]) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """A minimal ASGI app: liveness is "the process answers", readiness is
-    "NATS is connected" (a relay cut off from NATS cannot take requests)."""
+    "NATS is connected" (a relay cut off from NATS cannot take requests);
+    ``/metrics`` is every metric of :mod:`emailrelay.metrics`."""
+    metrics_app = make_asgi_app()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -35,6 +39,9 @@ def health_app(is_ready: Callable[[], bool]) -> Callable[[Scope, Receive, Send],
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            await metrics_app(scope, receive, send)
+            return
         if method not in ("GET", "HEAD"):
             status, body = 405, b"method not allowed\n"
         elif path == "/livez":

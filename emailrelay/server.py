@@ -12,21 +12,32 @@ finish and reply within the grace period.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from emailrelay import api
+from emailrelay import api, tracing
 from emailrelay.bridge.nats import IncomingRequest, NatsConnection
+from emailrelay.discovery import error_headers
 from emailrelay.handlers.replies import error_reply
+from emailrelay.metrics import REQUEST_SECONDS, REQUESTS, REQUESTS_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+class RequestStats(Protocol):
+    """Per-subject counters (the ``$SRV.STATS`` answer, see emailrelay.discovery)."""
+
+    def record(self, subject: str, elapsed_ns: int, error: str | None) -> None: ...
 
 
 async def serve_requests(
@@ -35,6 +46,7 @@ async def serve_requests(
     max_in_flight: int,
     stopping: anyio.Event,
     grace: float,
+    stats: RequestStats | None = None,
 ) -> None:
     send_stream, receive_stream = anyio.create_memory_object_stream[IncomingRequest](max_in_flight)
     subscriptions = [
@@ -44,7 +56,7 @@ async def serve_requests(
 
     handlers_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_dispatch, receive_stream, routes, max_in_flight, handlers_scope)
+        tg.start_soon(_dispatch, receive_stream, routes, max_in_flight, handlers_scope, stats)
         await stopping.wait()
         started = time.monotonic()
         handlers_scope.deadline = anyio.current_time() + grace
@@ -66,28 +78,70 @@ async def _dispatch(
     routes: Mapping[str, Handler],
     max_in_flight: int,
     scope: anyio.CancelScope,
+    stats: RequestStats | None,
 ) -> None:
     limiter = anyio.CapacityLimiter(max_in_flight if max_in_flight else math.inf)
     with scope:
         async with anyio.create_task_group() as handlers, requests:
             async for request in requests:
                 await limiter.acquire_on_behalf_of(request)
-                handlers.start_soon(_handle, request, routes[request.subject], limiter)
+                handlers.start_soon(_handle, request, routes[request.subject], limiter, stats)
 
 
 async def _handle(
-    request: IncomingRequest, handler: Handler, limiter: anyio.CapacityLimiter
+    request: IncomingRequest,
+    handler: Handler,
+    limiter: anyio.CapacityLimiter,
+    stats: RequestStats | None,
 ) -> None:
+    started = time.perf_counter_ns()
+    REQUESTS_IN_FLIGHT.inc()
     try:
-        try:
-            reply = await handler(request.data)
-        except Exception:
-            # Never let internal exception text reach a caller.
-            log.exception("handler failed", extra={"subject": request.subject})
-            reply = error_reply(api.ERR_INTERNAL)
-        try:
-            await request.respond(reply)
-        except Exception as exc:
-            log.warning("reply not sent", extra={"subject": request.subject, "error": repr(exc)})
+        with tracing.server_span(request.subject, request.headers) as span:
+            try:
+                reply = await handler(request.data)
+            except Exception:
+                # Never let internal exception text reach a caller.
+                log.exception("handler failed", extra={"subject": request.subject})
+                reply = error_reply(api.ERR_INTERNAL)
+            error = contract_error(reply)
+            if error is not None:
+                tracing.set_error(span, error)
+            try:
+                await request.respond(reply, None if error is None else error_headers(error))
+            except Exception as exc:
+                log.warning(
+                    "reply not sent", extra={"subject": request.subject, "error": repr(exc)}
+                )
+        elapsed_ns = time.perf_counter_ns() - started
+        REQUESTS.labels(request.subject, _outcome(error)).inc()
+        REQUEST_SECONDS.labels(request.subject).observe(elapsed_ns / 1e9)
+        if stats is not None:
+            stats.record(request.subject, elapsed_ns, error)
     finally:
+        REQUESTS_IN_FLIGHT.dec()
         limiter.release_on_behalf_of(request)
+
+
+_ERROR_REPLY = re.compile(rb'\{\s*"error"\s*:')
+_CONTRACT_ERRORS = frozenset(
+    value for name, value in vars(api).items() if name.startswith("ERR_") and isinstance(value, str)
+)
+
+
+def contract_error(reply: bytes) -> str | None:
+    """The error string of an error reply (``{"error": ...}``), else ``None``."""
+    if not _ERROR_REPLY.match(reply):
+        return None
+    try:
+        error = json.loads(reply).get("error")
+    except ValueError:
+        return None
+    return error if isinstance(error, str) else None
+
+
+def _outcome(error: str | None) -> str:
+    """A metric label: ``ok`` or a contract error string (a small fixed set)."""
+    if error is None:
+        return "ok"
+    return error if error in _CONTRACT_ERRORS else "other error"

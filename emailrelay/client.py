@@ -1,0 +1,393 @@
+"""A Python client for emailrelay, for asyncio and trio callers alike.
+
+::
+
+    from emailrelay.client import EmailRelayClient
+
+    async with EmailRelayClient.connect(servers="nats://127.0.0.1:4222") as relay:
+        sent = await relay.send(to="a@example.com", subject="Hi", html="<p>Hi</p>", text="Hi")
+        record = await relay.status(sent.email_id)
+
+Every method returns the :mod:`emailrelay.api` model of the reply. An error
+reply raises the :class:`EmailRelayError` subclass for its exact contract
+string (an unknown string raises :class:`EmailRelayError` itself); no relay
+answering (no responders, a timeout, NATS unreachable) raises
+:class:`RelayUnavailable`.
+
+nats-py is asyncio-only. Under trio the client opens a trio-asyncio loop for
+the length of its ``async with`` block (or reuses one already open) and
+crosses into it in one place, :class:`_AsyncioCalls`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, ParamSpec, Self, TypeVar
+
+import anyio
+import nats.errors
+import sniffio
+from nats.aio.client import Client
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from emailrelay import api
+
+DEFAULT_SERVERS = "nats://localhost:4222"
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+# --- Errors ------------------------------------------------------------------
+
+
+class EmailRelayError(Exception):
+    """The relay answered with ``{"error": ...}``; ``error`` is that string."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class InvalidRequest(EmailRelayError):
+    """The request was refused as it stands (``invalid request payload`` and every
+    other validation error below); sending it again unchanged will not help."""
+
+
+class MissingFields(InvalidRequest):
+    """``to, subject, html, and text are required``."""
+
+
+class InvalidToAddress(InvalidRequest):
+    """``invalid to address``."""
+
+
+class InvalidFromAddress(InvalidRequest):
+    """``invalid from address``."""
+
+
+class FromDomainNotAllowed(InvalidRequest):
+    """``from address domain not allowed`` (see ``SMTP_ALLOWED_FROM_DOMAINS``)."""
+
+
+class InvalidReplyToAddress(InvalidRequest):
+    """``invalid reply_to address``."""
+
+
+class ReplyToDomainNotAllowed(InvalidRequest):
+    """``reply_to address domain not allowed`` (see ``SMTP_ALLOWED_REPLY_TO_DOMAINS``)."""
+
+
+class IdRequired(InvalidRequest):
+    """``email_id or group_id is required`` (status)."""
+
+
+class GroupIdRequired(IdRequired):
+    """``group_id is required`` (analytics)."""
+
+
+class OnlyOneId(InvalidRequest):
+    """``only one of email_id or group_id may be set``."""
+
+
+class GroupTooLarge(InvalidRequest):
+    """The group's records do not fit in one reply: page with ``limit`` and ``offset``."""
+
+
+class DeliveryFailed(EmailRelayError):
+    """``email delivery failed``: the SMTP provider did not accept the message."""
+
+
+class NotFound(EmailRelayError):
+    """``not found``: no such email or group."""
+
+
+class InternalError(EmailRelayError):
+    """``internal error``: the relay's store failed; worth retrying later."""
+
+
+class UnexpectedReply(EmailRelayError):
+    """The reply is neither an error nor the model the contract promises."""
+
+
+class RelayUnavailable(Exception):
+    """No relay answered: no responders on the subject, no reply before the
+    timeout, or NATS itself unreachable. Not an :class:`EmailRelayError`: the
+    relay never said anything (after a timeout the request may still have been
+    carried out)."""
+
+
+ERRORS: dict[str, type[EmailRelayError]] = {
+    api.ERR_INVALID_PAYLOAD: InvalidRequest,
+    api.ERR_SEND_FIELDS_REQUIRED: MissingFields,
+    api.ERR_INVALID_TO: InvalidToAddress,
+    api.ERR_INVALID_FROM: InvalidFromAddress,
+    api.ERR_FROM_DOMAIN_NOT_ALLOWED: FromDomainNotAllowed,
+    api.ERR_INVALID_REPLY_TO: InvalidReplyToAddress,
+    api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED: ReplyToDomainNotAllowed,
+    api.ERR_DELIVERY_FAILED: DeliveryFailed,
+    api.ERR_STATUS_ID_REQUIRED: IdRequired,
+    api.ERR_STATUS_ONE_ID_ONLY: OnlyOneId,
+    api.ERR_GROUP_ID_REQUIRED: GroupIdRequired,
+    api.ERR_NOT_FOUND: NotFound,
+    api.ERR_INTERNAL: InternalError,
+    api.ERR_GROUP_TOO_LARGE: GroupTooLarge,
+}
+"""Contract error string -> the exception raised for it."""
+
+
+def error_for(message: str) -> EmailRelayError:
+    """The exception for an error reply's string."""
+    return ERRORS.get(message, EmailRelayError)(message)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_RECORDS = TypeAdapter(list[api.TrackingRecord])
+
+
+def decode_reply(reply: bytes) -> Any:
+    """The reply as JSON; raises the typed error for an error reply."""
+    try:
+        body = json.loads(reply)
+    except ValueError:
+        raise UnexpectedReply(f"reply is not JSON: {reply[:200]!r}") from None
+    if isinstance(body, dict) and "error" in body:
+        raise error_for(str(body["error"]))
+    return body
+
+
+def _as_model(reply: bytes, model: type[ModelT]) -> ModelT:
+    body = decode_reply(reply)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise UnexpectedReply(f"reply is not a {model.__name__}: {exc}") from None
+
+
+# --- The asyncio crossing ------------------------------------------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _AsyncioCalls:
+    """Runs nats-py coroutines from the caller's event loop.
+
+    Under asyncio they are awaited directly. Under trio they go through
+    ``trio_asyncio.aio_as_trio`` on a trio-asyncio loop: the one already open
+    (the relay's own, say), else one opened here for the client's lifetime.
+    """
+
+    def __init__(self) -> None:
+        self._on_trio = False
+        self._loop_context: Any = None
+
+    async def open(self) -> None:
+        self._on_trio = sniffio.current_async_library() == "trio"
+        if not self._on_trio:
+            return
+        import trio_asyncio
+
+        if trio_asyncio.current_loop.get() is None:
+            self._loop_context = trio_asyncio.open_loop()
+            await self._loop_context.__aenter__()
+
+    async def close(self) -> None:
+        if self._loop_context is not None:
+            context, self._loop_context = self._loop_context, None
+            # Closed as a clean exit even when the caller's block failed: the
+            # caller's exception then propagates as itself, not wrapped in the
+            # loop's nursery's ExceptionGroup.
+            await context.__aexit__(None, None, None)
+
+    async def __call__(
+        self, function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        if self._on_trio:
+            import trio_asyncio
+
+            result: T = await trio_asyncio.aio_as_trio(function)(*args, **kwargs)
+            return result
+        return await function(*args, **kwargs)
+
+
+# --- The client ----------------------------------------------------------------
+
+
+async def _quiet(*args: object) -> None:
+    """nats-py's default callbacks log tracebacks; a client reports through exceptions."""
+
+
+class EmailRelayClient:
+    """A connection to the relays behind one NATS deployment.
+
+    Use it as an async context manager: ``async with EmailRelayClient.connect(...)``.
+    Once connected it reconnects after a lost connection, indefinitely; a
+    request made while disconnected raises :class:`RelayUnavailable` after
+    ``timeout``.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] = DEFAULT_SERVERS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        name: str = "emailrelay-client",
+    ) -> None:
+        if isinstance(servers, str):
+            servers = [s.strip() for s in servers.split(",") if s.strip()]
+        self.servers = list(servers)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.name = name
+        self._nc: Client | None = None
+        self._calls = _AsyncioCalls()
+
+    @classmethod
+    def connect(
+        cls,
+        servers: str | Sequence[str] = DEFAULT_SERVERS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        name: str = "emailrelay-client",
+    ) -> Self:
+        """A client for ``servers`` (a URL, comma-separated URLs or a list); it
+        connects when its ``async with`` block is entered, and raises
+        :class:`RelayUnavailable` there if no server answers within
+        ``connect_timeout`` seconds. ``timeout`` bounds every request."""
+        return cls(servers, timeout=timeout, connect_timeout=connect_timeout, name=name)
+
+    async def __aenter__(self) -> Self:
+        await self._calls.open()
+        try:
+            self._nc = await self._open_connection()
+        except BaseException:
+            await self._calls.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._nc is not None:
+                nc, self._nc = self._nc, None
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self._calls(nc.close)
+        finally:
+            await self._calls.close()
+
+    async def _open_connection(self) -> Client:
+        nc = Client()
+        connected = False
+        with anyio.move_on_after(self.connect_timeout):
+            await self._calls(
+                nc.connect,
+                servers=self.servers,
+                name=self.name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,  # forever; the deadline above bounds the first connect
+                reconnect_time_wait=1,
+                connect_timeout=max(1, int(min(self.connect_timeout, 2))),
+                error_cb=_quiet,
+                disconnected_cb=_quiet,
+                reconnected_cb=_quiet,
+                closed_cb=_quiet,
+            )
+            connected = True
+        if not connected:
+            with anyio.CancelScope(shield=True):
+                await self._calls(nc.close)
+            raise RelayUnavailable(
+                f"cannot reach NATS at {', '.join(self.servers)} "
+                f"(nothing answered within {self.connect_timeout:g}s)"
+            )
+        return nc
+
+    # --- requests ---------------------------------------------------------
+
+    async def request(self, subject: str, payload: dict[str, Any]) -> bytes:
+        """Send ``payload`` as JSON to ``subject``; the reply body unchanged."""
+        if self._nc is None:
+            raise RuntimeError("use the client inside `async with EmailRelayClient.connect(...)`")
+        try:
+            msg = await self._calls(
+                self._nc.request, subject, json.dumps(payload).encode(), timeout=self.timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise RelayUnavailable(
+                f"no relay is serving {subject} on {', '.join(self.servers)}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise RelayUnavailable(
+                f"no reply on {subject} within {self.timeout:g}s "
+                "(the relay may be busy, or NATS unreachable)"
+            ) from None
+        except nats.errors.Error as exc:
+            raise RelayUnavailable(f"NATS request on {subject} failed: {exc}") from None
+        data: bytes = msg.data
+        return data
+
+    async def send(
+        self,
+        *,
+        to: str,
+        subject: str,
+        html: str,
+        text: str,
+        from_: str = "",
+        from_display_name: str = "",
+        reply_to: str = "",
+        group_id: str = "",
+    ) -> api.SendEmailReply:
+        """Send one email. Optional fields left empty take the relay's defaults
+        (a new ``group_id`` among them). Both ids in the reply are empty when
+        the relay skipped the send on purpose (sending disabled, or a recipient
+        outside its allowlist)."""
+        fields = {
+            "to": to,
+            "subject": subject,
+            "html": html,
+            "text": text,
+            "from": from_,
+            "from_display_name": from_display_name,
+            "reply_to": reply_to,
+            "group_id": group_id,
+        }
+        payload: dict[str, Any] = {name: value for name, value in fields.items() if value}
+        return _as_model(await self.request(api.SEND_EMAIL_SUBJECT, payload), api.SendEmailReply)
+
+    async def status(self, email_id: str) -> api.TrackingRecord:
+        """The tracking record of one email (:class:`NotFound` if there is none)."""
+        reply = await self.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": email_id})
+        return _as_model(reply, api.TrackingRecord)
+
+    async def group_status(
+        self, group_id: str, limit: int | None = None, offset: int | None = None
+    ) -> list[api.TrackingRecord]:
+        """The records of a group, in the order they were sent. A big group
+        raises :class:`GroupTooLarge` unless paged with ``limit`` (1-1,000) and
+        ``offset``."""
+        payload: dict[str, Any] = {"group_id": group_id}
+        if limit is not None:
+            payload["limit"] = limit
+        if offset is not None:
+            payload["offset"] = offset
+        body = decode_reply(await self.request(api.GET_EMAIL_STATUS_SUBJECT, payload))
+        try:
+            return _RECORDS.validate_python(body)
+        except ValidationError as exc:
+            raise UnexpectedReply(f"reply is not a list of records: {exc}") from None
+
+    async def analytics(self, group_id: str) -> api.EngagementAnalyticsReply:
+        """Delivery and open counts for a group."""
+        reply = await self.request(
+            api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": group_id}
+        )
+        return _as_model(reply, api.EngagementAnalyticsReply)

@@ -1,0 +1,289 @@
+"""The ``emailrelay send | status | analytics`` commands, run as real subprocesses.
+
+Exit codes: 0 success, 1 error reply (its string on stderr), 2 usage error,
+3 no relay answered (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+import trio
+import trio_asyncio
+
+from emailrelay import api
+from tests.servers.nats import NatsServer
+from tests.servers.relay import REPO_ROOT, RelayProcess
+from tests.servers.smtp import SmtpServer
+from tests.waiting import LOOPBACK, free_port
+
+SEND_FLAGS = ["--to", "someone@example.com", "--subject", "CLI test", "--text", "hi"]
+SEND_FLAGS_HTML = [*SEND_FLAGS, "--html", "<p>hi</p>"]
+
+
+@pytest.fixture(scope="module")
+def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
+    process = RelayProcess(
+        {
+            "NATS_URL": nats_server.url,
+            "SMTP_HOST": smtp_server.host,
+            "SMTP_PORT": str(smtp_server.port),
+            "EMAIL_ENABLED": "true",
+            "SMTP_TLS_MODE": "none",
+        }
+    )
+    with process:
+        process.wait_ready()
+        yield process
+
+
+@pytest.fixture(scope="module")
+def empty_nats() -> Iterator[NatsServer]:
+    """A NATS server no relay is connected to."""
+    with NatsServer(jetstream=False) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def silent_subscriber(url: str, subject: str) -> AsyncIterator[None]:
+    """A plain nats-py subscriber on ``subject`` that never answers (under trio)."""
+    async with trio_asyncio.open_loop():
+        nc = await trio_asyncio.aio_as_trio(nats.connect)(url)
+        try:
+            await trio_asyncio.aio_as_trio(nc.subscribe)(subject)
+            await trio_asyncio.aio_as_trio(nc.flush)()
+            yield
+        finally:
+            await trio_asyncio.aio_as_trio(nc.close)()
+
+
+def cli_env(nats_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    if nats_url is not None:
+        env["NATS_URL"] = nats_url
+    return env
+
+
+def emailrelay(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "emailrelay", *args],
+        env=cli_env() if env is None else env,
+        cwd=REPO_ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def send(server: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return emailrelay("send", "--server", server, *flags)
+
+
+# --- exit 0 --------------------------------------------------------------------
+
+
+def test_send_prints_the_ids_and_exits_0(
+    relay: RelayProcess, nats_server: NatsServer, smtp: SmtpServer
+) -> None:
+    done = send(nats_server.url, *SEND_FLAGS_HTML, "--group-id", "cli-send")
+    assert done.returncode == 0, done.stderr
+    [message] = smtp.wait_for_messages(1)
+    tracking = next(
+        line for line in message.header_lines() if line.startswith(b"X-LFX-TRACKING-ID:")
+    )
+    email_id = tracking.decode().rsplit("/", 1)[1]
+    assert f"email_id={email_id}" in done.stdout
+    assert "group_id=cli-send" in done.stdout
+
+
+def test_send_passes_every_field_through(
+    relay: RelayProcess, nats_server: NatsServer, smtp: SmtpServer
+) -> None:
+    done = send(
+        nats_server.url,
+        *SEND_FLAGS_HTML,
+        "--from",
+        "team@lfx.linuxfoundation.org",
+        "--from-display-name",
+        "The Team",
+        "--reply-to",
+        "help@linuxfoundation.org",
+    )
+    assert done.returncode == 0, done.stderr
+    [message] = smtp.wait_for_messages(1)
+    parsed = message.parsed
+    assert parsed["From"] == "The Team <team@lfx.linuxfoundation.org>"
+    assert parsed["Reply-To"] == "help@linuxfoundation.org"
+    assert parsed["To"] == "someone@example.com"
+    assert parsed["Subject"] == "CLI test"
+
+
+def test_send_reads_the_bodies_from_files(
+    relay: RelayProcess, nats_server: NatsServer, smtp: SmtpServer, tmp_path: Path
+) -> None:
+    (tmp_path / "body.html").write_text("<h1>From a file</h1>", encoding="utf-8")
+    (tmp_path / "body.txt").write_text("Plain from a file ✓", encoding="utf-8")
+    done = send(
+        nats_server.url,
+        "--to",
+        "someone@example.com",
+        "--subject",
+        "Files",
+        "--html-file",
+        str(tmp_path / "body.html"),
+        "--text-file",
+        str(tmp_path / "body.txt"),
+    )
+    assert done.returncode == 0, done.stderr
+    [message] = smtp.wait_for_messages(1)
+    parsed = message.parsed
+    assert parsed.get_body(("plain",)).get_content().strip() == "Plain from a file ✓"
+    assert parsed.get_body(("html",)).get_content().strip() == "<h1>From a file</h1>"
+
+
+def test_send_json_prints_the_reply_unchanged(relay: RelayProcess, nats_server: NatsServer) -> None:
+    done = send(nats_server.url, *SEND_FLAGS_HTML, "--group-id", "cli-json", "--json")
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert set(reply) == {"email_id", "group_id"}
+    assert reply["group_id"] == "cli-json"
+
+
+def test_nats_url_comes_from_the_environment(relay: RelayProcess, nats_server: NatsServer) -> None:
+    done = emailrelay("send", *SEND_FLAGS_HTML, "--json", env=cli_env(nats_server.url))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["email_id"]
+
+
+def test_status_by_email_id_shows_the_record(relay: RelayProcess, nats_server: NatsServer) -> None:
+    sent = json.loads(send(nats_server.url, *SEND_FLAGS_HTML, "--json").stdout)
+    done = emailrelay("status", "--server", nats_server.url, "--email-id", sent["email_id"])
+    assert done.returncode == 0, done.stderr
+    assert sent["email_id"] in done.stdout
+    assert "someone@example.com" in done.stdout
+    assert "delivered  no" in done.stdout
+
+
+def test_status_by_group_json_pages_the_group(relay: RelayProcess, nats_server: NatsServer) -> None:
+    group = f"cli-{uuid.uuid4()}"
+    ids = [
+        json.loads(send(nats_server.url, *SEND_FLAGS_HTML, "--group-id", group, "--json").stdout)[
+            "email_id"
+        ]
+        for _ in range(3)
+    ]
+    done = emailrelay(
+        "status", "-s", nats_server.url, "--group-id", group, "--limit", "2", "--offset", "1"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 email(s)" in done.stdout
+    done = emailrelay("status", "-s", nats_server.url, "--group-id", group, "--json")
+    assert [record["email_id"] for record in json.loads(done.stdout)] == ids
+
+
+def test_analytics_shows_the_counts(relay: RelayProcess, nats_server: NatsServer) -> None:
+    group = f"cli-{uuid.uuid4()}"
+    send(nats_server.url, *SEND_FLAGS_HTML, "--group-id", group)
+    done = emailrelay("analytics", "-s", nats_server.url, "--group-id", group)
+    assert done.returncode == 0, done.stderr
+    assert "total_sent     1" in done.stdout
+    done = emailrelay("analytics", "-s", nats_server.url, "--group-id", group, "--json")
+    assert json.loads(done.stdout) == {
+        "group_id": group,
+        "total_sent": 1,
+        "delivered": 0,
+        "opened": 0,
+        "unique_opened": 0,
+        "failed": 0,
+    }
+
+
+# --- exit 1 --------------------------------------------------------------------
+
+
+def test_error_reply_exits_1_with_the_error_on_stderr(
+    relay: RelayProcess, nats_server: NatsServer
+) -> None:
+    done = send(nats_server.url, *SEND_FLAGS_HTML, "--from", "someone@evil.example")
+    assert done.returncode == 1
+    assert done.stderr.strip() == api.ERR_FROM_DOMAIN_NOT_ALLOWED
+    assert done.stdout == ""
+
+
+def test_error_reply_with_json_prints_it_and_exits_1(
+    relay: RelayProcess, nats_server: NatsServer
+) -> None:
+    done = emailrelay("status", "-s", nats_server.url, "--email-id", str(uuid.uuid4()), "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"error": api.ERR_NOT_FOUND}
+    assert done.stderr.strip() == api.ERR_NOT_FOUND
+
+
+# --- exit 2 --------------------------------------------------------------------
+
+
+def test_missing_required_flag_exits_2() -> None:
+    done = emailrelay("send", "--to", "someone@example.com", "--text", "hi", "--html", "x")
+    assert done.returncode == 2
+    assert "--subject" in done.stderr
+
+
+def test_status_without_an_id_exits_2() -> None:
+    assert emailrelay("status").returncode == 2
+
+
+def test_paging_an_email_id_exits_2() -> None:
+    done = emailrelay("status", "--email-id", "x", "--limit", "5")
+    assert done.returncode == 2
+    assert "--group-id" in done.stderr
+
+
+def test_unreadable_body_file_exits_2(tmp_path: Path) -> None:
+    done = emailrelay("send", *SEND_FLAGS, "--html-file", str(tmp_path / "missing.html"))
+    assert done.returncode == 2
+    assert "cannot read" in done.stderr
+
+
+# --- exit 3 --------------------------------------------------------------------
+
+
+def assert_one_line_without_traceback(stderr: str) -> None:
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr
+
+
+def test_no_responders_exits_3(empty_nats: NatsServer) -> None:
+    done = send(empty_nats.url, *SEND_FLAGS_HTML)
+    assert done.returncode == 3
+    assert "no relay is serving lfx.email-service.send_email" in done.stderr
+    assert_one_line_without_traceback(done.stderr)
+
+
+def test_unreachable_nats_exits_3() -> None:
+    done = send(f"nats://{LOOPBACK}:{free_port()}", *SEND_FLAGS_HTML, "--timeout", "1")
+    assert done.returncode == 3
+    assert "cannot reach NATS" in done.stderr
+    assert_one_line_without_traceback(done.stderr)
+
+
+async def test_no_reply_before_the_timeout_exits_3(empty_nats: NatsServer) -> None:
+    async with silent_subscriber(empty_nats.url, api.SEND_EMAIL_SUBJECT):
+        done = await trio.to_thread.run_sync(
+            lambda: send(empty_nats.url, *SEND_FLAGS_HTML, "--timeout", "0.5")
+        )
+    assert done.returncode == 3
+    assert "no reply on lfx.email-service.send_email within 0.5s" in done.stderr
+    assert_one_line_without_traceback(done.stderr)

@@ -1,0 +1,232 @@
+"""``emailrelay dev``: the whole stack as one subprocess, and its SMTP capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from emailrelay.dev.capture import CapturedMessage, CaptureServer
+from emailrelay.dev.natsserver import nats_server_binary
+from tests.servers.relay import REPO_ROOT
+from tests.waiting import LOOPBACK, free_port, wait_until
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for child processes")
+
+
+def children_of(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (zombies included until reaped)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces; the ppid follows it.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class DevStack:
+    """``python -m emailrelay dev`` on free ports, in its own session (process group)."""
+
+    def __init__(self, state_dir: Path, log_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.stdout_path = log_dir / "dev.stdout"
+        self.stderr_path = log_dir / "dev.stderr"
+        self.nats_port = free_port()
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "emailrelay",
+                    "dev",
+                    "--nats-port",
+                    str(self.nats_port),
+                    "--smtp-port",
+                    "0",
+                    "--port",
+                    "0",
+                    "--state-dir",
+                    str(state_dir),
+                ],
+                cwd=REPO_ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        wait_until(self._ready, timeout=30, message=f"emailrelay dev not ready\n{self.logs()}")
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.nats_port}"
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def logs(self) -> str:
+        stderr = self.stderr_path.read_text(errors="replace")
+        return f"--- stdout ---\n{self.stdout()}\n--- stderr ---\n{stderr}"
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"emailrelay dev exited early\n{self.logs()}")
+        return "Ready. Send a first email:" in self.stdout()
+
+    def interrupt(self, timeout: float = 30.0) -> int:
+        """Ctrl-C as a terminal sends it: SIGINT to the whole process group."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def dev_stack(tmp_path: Path) -> Iterator[DevStack]:
+    stack = DevStack(tmp_path / "state", tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.kill()
+
+
+def emailrelay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "emailrelay", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def send_first_email(stack: DevStack) -> str:
+    done = emailrelay(
+        "send",
+        "--server",
+        stack.nats_url,
+        "--to",
+        "newcomer@example.com",
+        "--subject",
+        "Hello from dev",
+        "--text",
+        "It works.",
+        "--html",
+        "<p>It works.</p>",
+        "--json",
+    )
+    assert done.returncode == 0, f"{done.stderr}\n{stack.logs()}"
+    email_id: str = json.loads(done.stdout)["email_id"]
+    return email_id
+
+
+def test_dev_stack_sends_captures_tracks_and_stops_cleanly_on_ctrl_c(
+    dev_stack: DevStack,
+) -> None:
+    out = dev_stack.stdout()
+    assert f"NATS             {dev_stack.nats_url}" in out
+    assert re.search(r"SMTP capture     smtp://127\.0\.0\.1:\d+", out)
+    assert re.search(r"relay health     http://127\.0\.0\.1:\d+/livez", out)
+    assert "email-recipients, email-group-index" in out
+
+    email_id = send_first_email(dev_stack)
+
+    capture = dev_stack.state_dir / "capture"
+    wait_until(lambda: list(capture.glob(f"*{email_id}.eml")), message="no .eml captured")
+    [eml] = capture.glob(f"*{email_id}.eml")
+    assert b"Subject: Hello from dev" in eml.read_bytes()
+    wait_until(lambda: f"/{email_id}" in dev_stack.stdout(), message="no summary line")
+    summary = next(line for line in dev_stack.stdout().splitlines() if f"/{email_id}" in line)
+    assert "To: newcomer@example.com" in summary
+    assert "Subject: Hello from dev" in summary
+
+    status = emailrelay("status", "--server", dev_stack.nats_url, "--email-id", email_id)
+    assert status.returncode == 0, status.stderr
+    assert email_id in status.stdout
+    assert "newcomer@example.com" in status.stdout
+
+    children = children_of(dev_stack.process.pid)
+    nats_servers = [
+        pid for pid in children if "nats-server" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+    assert nats_servers, "the embedded nats-server is not a child of emailrelay dev"
+
+    assert dev_stack.interrupt() == 0, dev_stack.logs()
+    assert not [pid for pid in children if is_running(pid)], "child processes left behind"
+    assert "emailrelay dev: stopped" in dev_stack.stdout()
+
+
+def test_dev_stack_keeps_tracking_data_across_restarts(tmp_path: Path) -> None:
+    first = DevStack(tmp_path / "state", tmp_path)
+    try:
+        email_id = send_first_email(first)
+        assert first.interrupt() == 0, first.logs()
+    finally:
+        first.kill()
+
+    second = DevStack(tmp_path / "state", tmp_path)
+    try:
+        status = emailrelay("status", "--server", second.nats_url, "--email-id", email_id)
+        assert status.returncode == 0, f"{status.stderr}\n{second.logs()}"
+        assert email_id in status.stdout
+        assert second.interrupt() == 0, second.logs()
+    finally:
+        second.kill()
+
+
+def test_nats_server_binary_comes_from_the_wheel() -> None:
+    binary = nats_server_binary()
+    assert binary.name == "nats-server"
+    assert os.access(binary, os.X_OK)
+
+
+def test_capture_server_keeps_each_message_as_an_eml_file(tmp_path: Path) -> None:
+    captured: list[CapturedMessage] = []
+    message = EmailMessage()
+    message["From"] = "Sender <sender@example.com>"
+    message["To"] = "rcpt@example.com"
+    message["Subject"] = "Captured"
+    message["X-LFX-TRACKING-ID"] = "group-1/3f0c2a8e-0000-4000-8000-000000000001"
+    message.set_content("body line\n")
+    raw = message.as_bytes().replace(b"\n", b"\r\n")
+
+    with CaptureServer(tmp_path / "capture", 0, captured.append) as server:
+        assert server.port != 0
+        with smtplib.SMTP(LOOPBACK, server.port, timeout=10) as client:
+            client.sendmail("sender@example.com", ["rcpt@example.com"], raw)
+
+    [eml] = (tmp_path / "capture").glob("*.eml")
+    assert eml.name.endswith("-3f0c2a8e-0000-4000-8000-000000000001.eml")
+    assert eml.read_bytes() == raw
+    [summary] = captured
+    assert summary.summary().startswith(
+        "captured  From: Sender <sender@example.com>  To: rcpt@example.com  Subject: Captured  "
+        "tracking: group-1/3f0c2a8e-0000-4000-8000-000000000001"
+    )
