@@ -22,7 +22,8 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -68,17 +69,26 @@ def run(settings: Settings) -> int:
 async def _run_with_asyncio_loop(settings: Settings) -> int:
     async with trio_asyncio.open_loop():
         try:
-            nats = await NatsConnection.connect(
-                settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
-            )
+            async with connected_to_nats(settings) as nats:
+                return await serve(settings, nats)
         except NatsUnavailable as exc:
             log.error("giving up: %s after %gs", exc, settings.nats_connect_timeout)
             return EXIT_FAILURE
-        try:
-            return await serve(settings, nats)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await nats.drain()
+
+
+@asynccontextmanager
+async def connected_to_nats(settings: Settings) -> AsyncIterator[NatsConnection]:
+    """The NATS connection, drained on the way out (the trio-asyncio loop must be open)."""
+    nats = await NatsConnection.connect(
+        settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
+    )
+    try:
+        yield nats
+    finally:
+        # nats-py bounds the drain (DRAIN_TIMEOUT) and then closes; cancelling
+        # it from outside would leave asyncio tasks failing inside the loop.
+        with anyio.CancelScope(shield=True):
+            await nats.drain()
 
 
 @dataclass

@@ -197,9 +197,8 @@ async def serve_discovery(
     async with anyio.create_task_group() as tg:
         tg.start_soon(_answer_all, receive_stream, service)
         await stopping.wait()
-        with anyio.move_on_after(2):
-            for subscription in subscriptions:
-                await subscription.drain()
+        for subscription in subscriptions:
+            await subscription.drain()
         send_stream.close()
 
 

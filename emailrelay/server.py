@@ -60,9 +60,8 @@ async def serve_requests(
         await stopping.wait()
         started = time.monotonic()
         handlers_scope.deadline = anyio.current_time() + grace
-        with anyio.move_on_after(grace):
-            for subscription in subscriptions:
-                await subscription.drain()
+        for subscription in subscriptions:
+            await subscription.drain()
         send_stream.close()
     log.info(
         "stopped serving requests",

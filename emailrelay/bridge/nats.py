@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 aio = trio_asyncio.aio_as_trio
 
 
+DRAIN_TIMEOUT = 5
+"""Seconds nats-py may take to drain the whole connection at shutdown."""
+
+
 class NatsUnavailable(Exception):
     """No NATS server could be reached before the connect deadline."""
 
@@ -56,11 +60,17 @@ class RequestSubscription:
         self._subscription = subscription
 
     async def drain(self) -> None:
-        """Stop taking new messages; deliver the ones already buffered first."""
-        try:
-            await aio(self._subscription.drain)()
-        except nats.errors.Error as exc:
-            log.warning("draining a subscription failed", extra={"error": repr(exc)})
+        """Stop taking new messages; deliver the ones already buffered first.
+
+        Shielded from cancellation: a drain ends with a PING/PONG flush, and
+        nats-py leaves a cancelled flush's future in its PONG queue, where the
+        next PONG fails the connection's read loop (InvalidStateError). nats-py
+        bounds the flush itself."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await aio(self._subscription.drain)()
+            except nats.errors.Error as exc:
+                log.warning("draining a subscription failed", extra={"error": repr(exc)})
 
 
 @dataclass
@@ -107,6 +117,7 @@ class NatsConnection:
             "max_reconnect_attempts": -1,  # also retries the first connect
             "reconnect_time_wait": 1,
             "connect_timeout": 2,
+            "drain_timeout": DRAIN_TIMEOUT,
             "error_cb": on_error,
             "disconnected_cb": on_disconnected,
             "reconnected_cb": on_reconnected,

@@ -28,7 +28,7 @@ import trio
 import trio_asyncio
 
 from emailrelay import api, app
-from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
+from emailrelay.bridge.nats import NatsUnavailable
 from emailrelay.client import EmailRelayClient, EmailRelayError, RelayUnavailable
 from emailrelay.config import ConfigError, Settings, load_settings
 from emailrelay.dev.natsserver import (
@@ -144,6 +144,7 @@ def relay_settings(endpoints: NatsEndpoints, smtp_port: int, http_port: int) -> 
             "SMTP_TLS_MODE": "none",
             "SES_EVENTING_ENABLED": "false",
             "KV_AUTO_CREATE": "true",
+            "NATS_CONNECT_TIMEOUT": "10",
         }
     )
     return load_settings(env)
@@ -154,25 +155,23 @@ async def _run_relay(
 ) -> int:
     async with trio_asyncio.open_loop():
         try:
-            nats = await NatsConnection.connect(settings.nats_urls, None, give_up_after=10)
+            async with app.connected_to_nats(settings) as nats:
+                # The relay creates missing buckets itself; opening them here first
+                # proves JetStream and both buckets are there before anyone sends.
+                if await app.open_tracking_store(nats, settings) is None:
+                    _say(
+                        "emailrelay dev: JetStream KV is not available; see the log above", err=True
+                    )
+                    return EXIT_FAILURE
+                _print_urls(settings, endpoints, capture, state_dir)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_announce_when_serving, endpoints.client_url)
+                    code = await app.serve(settings, nats)
+                    tg.cancel_scope.cancel()
+                return code
         except NatsUnavailable as exc:
             _say(f"emailrelay dev: {exc}", err=True)
             return EXIT_FAILURE
-        try:
-            # The relay creates missing buckets itself; opening them here first
-            # proves JetStream and both buckets are there before anyone sends.
-            if await app.open_tracking_store(nats, settings) is None:
-                _say("emailrelay dev: JetStream KV is not available; see the log above", err=True)
-                return EXIT_FAILURE
-            _print_urls(settings, endpoints, capture, state_dir)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_announce_when_serving, endpoints.client_url)
-                code = await app.serve(settings, nats)
-                tg.cancel_scope.cancel()
-            return code
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await nats.drain()
 
 
 async def _announce_when_serving(nats_url: str) -> None:
