@@ -14,7 +14,7 @@ import pytest
 
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.servers.relay import EnvOverrides, RelayProcess
+from tests.servers.relay import EnvOverrides, RelayProcess, relay_defaults
 from tests.servers.smtp import SmtpServer
 
 TLS_SMTP_USERNAME = "relay"
@@ -71,6 +71,24 @@ def tls_smtp(tls_smtp_server: SmtpServer) -> SmtpServer:
 
 
 @pytest.fixture(scope="session")
+def clear_auth_smtp_server() -> Iterator[SmtpServer]:
+    """AUTH offered without TLS (``auth_require_tls=False``): a trap for credentials."""
+    with SmtpServer(
+        auth_username=TLS_SMTP_USERNAME,
+        auth_password=TLS_SMTP_PASSWORD,
+        auth_require_tls=False,
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def clear_auth_smtp(clear_auth_smtp_server: SmtpServer) -> SmtpServer:
+    """``clear_auth_smtp_server`` with nothing recorded."""
+    clear_auth_smtp_server.reset()
+    return clear_auth_smtp_server
+
+
+@pytest.fixture(scope="session")
 def ca_pem_file(tls_smtp_server: SmtpServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PEM of the CA that signed ``tls_smtp_server``'s certificate (for ``SSL_CERT_FILE``)."""
     return tls_smtp_server.write_ca_pem(tmp_path_factory.mktemp("smtp-ca") / "ca.pem")
@@ -87,15 +105,7 @@ def relay_factory(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[
     started: list[RelayProcess] = []
 
     def start(env: EnvOverrides | None = None, *, wait_ready: bool = True) -> RelayProcess:
-        overrides: dict[str, str | None] = {
-            "NATS_URL": nats_server.url,
-            "SMTP_HOST": smtp_server.host,
-            "SMTP_PORT": str(smtp_server.port),
-            "EMAIL_ENABLED": "true",
-            "SMTP_TLS_MODE": "none",
-        }
-        overrides.update(env or {})
-        relay = RelayProcess(overrides)
+        relay = RelayProcess({**relay_defaults(nats_server, smtp_server), **(env or {})})
         started.append(relay)
         relay.start()
         if wait_ready:

@@ -16,9 +16,9 @@ from emailrelay.store.tracking import TrackingStore
 from tests.fakes import MemoryKeyValue
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
+from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, put_record, running_relay, send, unique_group
+from tests.trackingsupport import analytics, put_record, send, unique_group
 
 OPENS = [
     {"event_id": "m1", "opened_at": "2024-05-01T11:00:00Z"},

@@ -22,7 +22,7 @@ import trio_asyncio
 
 from emailrelay import api
 from tests.servers.nats import NatsServer
-from tests.servers.relay import REPO_ROOT, RelayProcess
+from tests.servers.relay import REPO_ROOT, RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
 from tests.waiting import LOOPBACK, free_port
 
@@ -32,17 +32,7 @@ SEND_FLAGS_HTML = [*SEND_FLAGS, "--html", "<p>hi</p>"]
 
 @pytest.fixture(scope="module")
 def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    process = RelayProcess(
-        {
-            "NATS_URL": nats_server.url,
-            "SMTP_HOST": smtp_server.host,
-            "SMTP_PORT": str(smtp_server.port),
-            "EMAIL_ENABLED": "true",
-            "SMTP_TLS_MODE": "none",
-        }
-    )
-    with process:
-        process.wait_ready()
+    with running_relay(nats_server, smtp_server) as process:
         yield process
 
 

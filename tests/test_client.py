@@ -33,7 +33,7 @@ from emailrelay.client import (
     decode_reply,
 )
 from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
+from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
 from tests.waiting import LOOPBACK, free_port
 
@@ -43,17 +43,7 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
     """One relay for the module, sending to ``smtp_server`` without TLS."""
-    process = RelayProcess(
-        {
-            "NATS_URL": nats_server.url,
-            "SMTP_HOST": smtp_server.host,
-            "SMTP_PORT": str(smtp_server.port),
-            "EMAIL_ENABLED": "true",
-            "SMTP_TLS_MODE": "none",
-        }
-    )
-    with process:
-        process.wait_ready()
+    with running_relay(nats_server, smtp_server) as process:
         yield process
 
 

@@ -22,7 +22,7 @@ from emailrelay import __version__, api
 from tests.conftest import RelayFactory
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
+from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
 
 CONTRACT_SUBJECTS = (
@@ -36,16 +36,7 @@ SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Z
 @pytest.fixture(scope="module")
 def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
     """One relay for the module (each test reads counters as differences)."""
-    with RelayProcess(
-        {
-            "NATS_URL": nats_server.url,
-            "SMTP_HOST": smtp_server.host,
-            "SMTP_PORT": str(smtp_server.port),
-            "EMAIL_ENABLED": "true",
-            "SMTP_TLS_MODE": "none",
-        }
-    ) as process:
-        process.wait_ready()
+    with running_relay(nats_server, smtp_server) as process:
         yield process
 
 

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from emailrelay import api
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
+from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -19,16 +19,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
     """One relay for the module (each test reads metrics as differences)."""
-    with RelayProcess(
-        {
-            "NATS_URL": nats_server.url,
-            "SMTP_HOST": smtp_server.host,
-            "SMTP_PORT": str(smtp_server.port),
-            "EMAIL_ENABLED": "true",
-            "SMTP_TLS_MODE": "none",
-        }
-    ) as process:
-        process.wait_ready()
+    with running_relay(nats_server, smtp_server) as process:
         yield process
 
 

@@ -631,23 +631,6 @@ def test_untrusted_certificate_fails_the_send(stacks: StackFactory, tls_smtp: Sm
     assert tls_smtp.auth_attempts == []
 
 
-@pytest.fixture(scope="module")
-def clear_auth_smtp_server() -> Iterator[SmtpServer]:
-    """AUTH offered without TLS (``auth_require_tls=False``): a trap for credentials."""
-    with SmtpServer(
-        auth_username=TLS_SMTP_USERNAME,
-        auth_password=TLS_SMTP_PASSWORD,
-        auth_require_tls=False,
-    ) as server:
-        yield server
-
-
-@pytest.fixture
-def clear_auth_smtp(clear_auth_smtp_server: SmtpServer) -> SmtpServer:
-    clear_auth_smtp_server.reset()
-    return clear_auth_smtp_server
-
-
 def test_credentials_are_never_sent_without_tls(
     stacks: StackFactory, clear_auth_smtp: SmtpServer
 ) -> None:

@@ -37,23 +37,6 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def clear_auth_smtp_server() -> Iterator[SmtpServer]:
-    """No TLS, AUTH offered even in clear (``auth_require_tls=False``): a trap for credentials."""
-    with SmtpServer(
-        auth_username=TLS_SMTP_USERNAME,
-        auth_password=TLS_SMTP_PASSWORD,
-        auth_require_tls=False,
-    ) as server:
-        yield server
-
-
-@pytest.fixture
-def clear_auth_smtp(clear_auth_smtp_server: SmtpServer) -> SmtpServer:
-    clear_auth_smtp_server.reset()
-    return clear_auth_smtp_server
-
-
 @pytest.fixture
 def restartable_smtp() -> Iterator[SmtpServer]:
     """A plain SMTP server of this test's own, free to be stopped and started."""

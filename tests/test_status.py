@@ -18,9 +18,9 @@ from emailrelay.store.tracking import TrackingStore
 from tests.fakes import MemoryKeyValue
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
+from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import put_record, running_relay, send, status, unique_group
+from tests.trackingsupport import put_record, send, status, unique_group
 
 # --- the handler, fast ---------------------------------------------------------
 

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from emailrelay import api
 from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import EnvOverrides, RelayProcess
-from tests.servers.smtp import SmtpServer
-
-
-@contextlib.contextmanager
-def running_relay(
-    nats_server: NatsServer, smtp_server: SmtpServer, env: EnvOverrides | None = None
-) -> Iterator[RelayProcess]:
-    """One relay process against these servers, ready, stopped afterwards."""
-    overrides: dict[str, str | None] = {
-        "NATS_URL": nats_server.url,
-        "SMTP_HOST": smtp_server.host,
-        "SMTP_PORT": str(smtp_server.port),
-        "EMAIL_ENABLED": "true",
-        "SMTP_TLS_MODE": "none",
-    }
-    overrides.update(env or {})
-    with RelayProcess(overrides) as relay:
-        relay.wait_ready()
-        yield relay
 
 
 def send(client: SyncNats, group_id: str = "", **fields: str) -> dict[str, str]:

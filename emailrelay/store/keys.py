@@ -2,7 +2,7 @@
 
 JetStream KV keys allow only ``[-/_=.a-zA-Z0-9]`` and may not start or end
 with ``.`` (nor hold an empty ``..`` token), but callers' group ids are free
-text. The scheme (docs/kv-layout.md) has three kinds of keys:
+text. The scheme (docs/contract.md, "JetStream KV") has three kinds of keys:
 
 - a group id that is a valid key and does not start with the reserved ``=``
   is its own key, so data written by the replaced relay stays readable;

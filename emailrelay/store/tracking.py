@@ -8,7 +8,7 @@ backoff until the write lands. "Retry once" loses writes under load.
 A :class:`~emailrelay.store.kv.StoreError` is never read as "not found", and
 nothing here ever writes an empty index.
 
-A group's index is a chain of JSON arrays (docs/kv-layout.md): the head,
+A group's index is a chain of JSON arrays (docs/contract.md, "JetStream KV"): the head,
 under :func:`~emailrelay.store.keys.group_key`, holds the first
 :data:`HEAD_CAPACITY` ids exactly as the replaced relay wrote them; overflow
 pages of :data:`PAGE_CAPACITY` ids follow under

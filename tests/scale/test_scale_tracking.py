@@ -20,8 +20,9 @@ from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
+from tests.servers.relay import running_relay
 from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, running_relay, status
+from tests.trackingsupport import analytics, status
 
 pytestmark = pytest.mark.scale
 

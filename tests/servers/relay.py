@@ -8,12 +8,13 @@ the variable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -21,6 +22,8 @@ from typing import Self
 import httpx
 
 from tests.servers import stop_process
+from tests.servers.nats import NatsServer
+from tests.servers.smtp import SmtpServer
 from tests.waiting import LOOPBACK, free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -265,3 +268,24 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def relay_defaults(nats_server: NatsServer, smtp_server: SmtpServer) -> dict[str, str | None]:
+    """A relay against these servers with sending on and no TLS."""
+    return {
+        "NATS_URL": nats_server.url,
+        "SMTP_HOST": smtp_server.host,
+        "SMTP_PORT": str(smtp_server.port),
+        "EMAIL_ENABLED": "true",
+        "SMTP_TLS_MODE": "none",
+    }
+
+
+@contextlib.contextmanager
+def running_relay(
+    nats_server: NatsServer, smtp_server: SmtpServer, env: EnvOverrides | None = None
+) -> Iterator[RelayProcess]:
+    """One relay process against these servers, ready, stopped afterwards."""
+    with RelayProcess({**relay_defaults(nats_server, smtp_server), **(env or {})}) as relay:
+        relay.wait_ready()
+        yield relay
