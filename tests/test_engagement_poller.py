@@ -32,6 +32,7 @@ class FakeQueue:
         self.script = script
         self.receives = 0
         self.deleted: list[str] = []
+        self.delete_calls: list[int] = []
 
     async def receive_messages(
         self, max_messages: int = 10, wait_seconds: int = 20
@@ -45,7 +46,9 @@ class FakeQueue:
         return step
 
     async def delete_messages(self, messages: Iterable[SqsMessage]) -> list[str]:
-        self.deleted.extend(m.message_id for m in messages)
+        ids = [m.message_id for m in messages]
+        self.deleted.extend(ids)
+        self.delete_calls.append(len(ids))
         return []
 
 
@@ -162,6 +165,14 @@ async def test_poison_messages_are_deleted() -> None:
     with trio.move_on_after(1):
         await poll_engagement_events(queue, FakeStore(a_record()))
     assert sorted(queue.deleted) == ["p0", "p1", "p2"]
+
+
+async def test_messages_handled_one_at_a_time_are_deleted_in_one_batch() -> None:
+    queue = FakeQueue([[open_message(f"m{n}") for n in range(10)]])
+    with trio.move_on_after(1):
+        await poll_engagement_events(queue, FakeStore(a_record()), PollerSettings(concurrency=1))
+    assert sorted(queue.deleted) == sorted(f"m{n}" for n in range(10))
+    assert queue.delete_calls == [10]
 
 
 async def test_store_error_leaves_the_message() -> None:

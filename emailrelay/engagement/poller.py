@@ -78,6 +78,8 @@ class PollerSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     summary_interval: float = 60.0
+    delete_linger: float = 0.1
+    """Seconds a delete batch waits to fill up to ten messages."""
 
 
 @dataclass
@@ -224,7 +226,7 @@ async def poll_engagement_events(
     log.info("polling SQS for SES events", extra={"concurrency": settings.concurrency})
     aborted: PollerAborted | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_delete_done, queue, done_receive, summary)
+        tg.start_soon(_delete_done, queue, done_receive, summary, settings.delete_linger)
         tg.start_soon(_log_summaries, summary, settings.summary_interval)
         async with done_send:
             try:
@@ -311,17 +313,23 @@ async def _handle_one(
 
 
 async def _delete_done(
-    queue: MessageQueue, done: MemoryObjectReceiveStream[SqsMessage], summary: _Summary
+    queue: MessageQueue,
+    done: MemoryObjectReceiveStream[SqsMessage],
+    summary: _Summary,
+    linger: float,
 ) -> None:
-    """Delete finished messages, up to ten per call, as soon as any are waiting."""
+    """Delete finished messages, up to ten per call. After the first of a batch,
+    wait up to ``linger`` seconds for more: SQS bills per request, and with few
+    messages in flight a batch would otherwise hold one message."""
     async with done:
         async for first in done:
             batch = [first]
-            while len(batch) < 10:
-                try:
-                    batch.append(done.receive_nowait())
-                except anyio.WouldBlock:
-                    break
+            with anyio.move_on_after(linger):
+                while len(batch) < 10:
+                    try:
+                        batch.append(await done.receive())
+                    except anyio.EndOfStream:
+                        break
             try:
                 failed = await queue.delete_messages(batch)
             except SqsError as exc:
