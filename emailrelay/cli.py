@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,20 @@ EXIT_OK = 0
 EXIT_ERROR_REPLY = 1
 EXIT_USAGE = 2
 EXIT_NO_RELAY = 3
+
+
+def command_name() -> str:
+    """How to run this command again, for hints a user can paste: ``emailrelay``
+    when that is what is on PATH, else the path that was used (an unactivated
+    virtualenv's ``.venv/bin/emailrelay``) or ``python -m emailrelay``."""
+    invoked = Path(sys.argv[0])
+    if invoked.name != "emailrelay":
+        return f"{shlex.quote(sys.executable)} -m emailrelay"
+    on_path = shutil.which("emailrelay")
+    if on_path is not None and Path(on_path).resolve() == invoked.resolve():
+        return "emailrelay"
+    return shlex.quote(str(invoked))
+
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 
@@ -263,7 +279,7 @@ def _show_sent(body: Any) -> None:
         )
         return
     print(f"sent  email_id={reply.email_id}  group_id={reply.group_id}")
-    print(f"      emailrelay status --email-id {reply.email_id}")
+    print(f"      {command_name()} status --email-id {reply.email_id}")
 
 
 def _show_status(body: Any) -> None:

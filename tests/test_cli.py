@@ -21,6 +21,7 @@ import trio
 import trio_asyncio
 
 from emailrelay import api
+from emailrelay.cli import command_name
 from tests.servers.nats import NatsServer
 from tests.servers.relay import REPO_ROOT, RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
@@ -277,3 +278,31 @@ async def test_no_reply_before_the_timeout_exits_3(empty_nats: NatsServer) -> No
     assert done.returncode == 3
     assert "no reply on lfx.email-service.send_email within 0.5s" in done.stderr
     assert_one_line_without_traceback(done.stderr)
+
+
+def test_hints_name_the_command_as_it_is_on_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "emailrelay"
+    script.write_text("")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "send"])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert command_name() == "emailrelay"
+
+
+def test_hints_use_the_invoked_path_when_emailrelay_is_not_on_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / ".venv" / "bin" / "emailrelay"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "dev"])
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    assert command_name() == str(script)
+
+
+def test_hints_use_python_dash_m_when_run_as_a_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/src/emailrelay/__main__.py", "send"])
+    assert command_name().endswith(" -m emailrelay")

@@ -29,6 +29,7 @@ import trio_asyncio
 
 from emailrelay import api, app
 from emailrelay.bridge.nats import NatsUnavailable
+from emailrelay.cli import command_name
 from emailrelay.client import EmailRelayClient, EmailRelayError, RelayUnavailable
 from emailrelay.config import ConfigError, Settings, load_settings
 from emailrelay.dev.natsserver import (
@@ -192,7 +193,7 @@ async def _announce_when_serving(nats_url: str) -> None:
     server = "" if nats_url == "nats://127.0.0.1:4222" else f" --server {nats_url}"
     _say(
         "\nReady. Send a first email:\n"
-        f"  emailrelay send{server} --to someone@example.com --subject 'Hello' "
+        f"  {command_name()} send{server} --to someone@example.com --subject 'Hello' "
         "--text 'It works.' --html '<p>It works.</p>'\n"
         "Ctrl-C stops everything.\n"
     )
