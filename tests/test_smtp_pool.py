@@ -288,6 +288,16 @@ async def test_starttls_and_auth_in_starttls_mode(asyncio_loop: None, tls_smtp: 
     assert [a.over_tls for a in tls_smtp.auth_attempts] == [True]
 
 
+async def test_implicit_tls_mode_speaks_tls_from_the_first_byte(asyncio_loop: None) -> None:
+    with SmtpServer(implicit_tls=True) as smtps:
+        pool = make_pool(
+            endpoint(smtps, tls_mode=SmtpTlsMode.IMPLICIT, tls_context=smtps.client_ssl_context())
+        )
+        await send(pool)
+        await pool.aclose()
+        assert [m.over_tls for m in smtps.messages] == [True]
+
+
 async def test_untrusted_certificate_fails_at_once(
     asyncio_loop: None, tls_smtp: SmtpServer
 ) -> None:
@@ -355,3 +365,30 @@ async def test_auto_mode_without_credentials_sends_in_clear_when_no_starttls(
     await send(pool)
     await pool.aclose()
     assert [m.over_tls for m in smtp.messages] == [False]
+
+
+@pytest.mark.parametrize(
+    ("tls_mode", "port", "implicit"),
+    [
+        (SmtpTlsMode.AUTO, 465, True),
+        (SmtpTlsMode.AUTO, 2465, True),
+        (SmtpTlsMode.AUTO, 587, False),
+        (SmtpTlsMode.AUTO, 25, False),
+        (SmtpTlsMode.IMPLICIT, 587, True),
+        (SmtpTlsMode.STARTTLS, 465, False),
+        (SmtpTlsMode.NONE, 465, False),
+    ],
+)
+def test_auto_tls_mode_is_implicit_only_on_the_smtps_ports(
+    tls_mode: SmtpTlsMode, port: int, implicit: bool
+) -> None:
+    target = SmtpEndpoint(
+        host="127.0.0.1",
+        port=port,
+        tls_mode=tls_mode,
+        credentials=None,
+        tls_context=ssl.create_default_context(),
+        local_hostname="relay.test",
+        timeout=5.0,
+    )
+    assert target.implicit_tls is implicit

@@ -140,7 +140,7 @@ class _RecordingSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
         mechanism = arg.split()[0].upper() if arg else ""
-        over_tls = self.session.ssl is not None
+        over_tls = _is_encrypted(self)
         try:
             await super().smtp_AUTH(arg)
         finally:
@@ -196,7 +196,7 @@ class _Handler:
             rcpt_tos=list(envelope.rcpt_tos),
             raw=bytes(envelope.original_content or b""),
             mail_options=list(envelope.mail_options),
-            over_tls=session.ssl is not None,
+            over_tls=_is_encrypted(server),
             auth_login=login.decode() if isinstance(login, bytes) else None,
         )
         if self.owner.latency > 0:
@@ -210,6 +210,14 @@ class _Handler:
         reply = self.owner._take_reply("DATA")
         self.owner._record(message, accepted=reply is None)
         return reply if reply is not None else ACCEPTED
+
+
+def _is_encrypted(server: SMTP) -> bool:
+    """aiosmtpd sets ``session.ssl`` after STARTTLS only; implicit TLS shows on the transport."""
+    if server.session is not None and server.session.ssl is not None:
+        return True
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is not None
 
 
 class _Controller(Controller):
@@ -240,6 +248,7 @@ class SmtpServer:
         *,
         port: int | None = None,
         tls: bool = False,
+        implicit_tls: bool = False,
         require_starttls: bool = False,
         auth_username: str | None = None,
         auth_password: str | None = None,
@@ -258,6 +267,7 @@ class SmtpServer:
             "auth_require_tls": auth_require_tls,
         }
         self.data_size_limit = data_size_limit
+        self.implicit_tls = implicit_tls
         self._lock = threading.Lock()
         self._ca: trustme.CA | None = None
         self._server_tls: ssl.SSLContext | None = None
@@ -397,7 +407,7 @@ class SmtpServer:
     def start(self, timeout: float = 10.0) -> None:
         if self._controller is not None:
             raise RuntimeError("SMTP server is already running")
-        if self.tls:
+        if self.tls or self.implicit_tls:
             self._server_ssl_context()  # make the certificate now, not on first connect
         controller = _Controller(
             self,
@@ -409,6 +419,8 @@ class SmtpServer:
             server_hostname="localhost",  # else aiosmtpd asks socket.getfqdn() (DNS)
             ready_timeout=timeout,
             data_size_limit=self.data_size_limit,
+            # SMTPS: TLS from the first byte (ports 465/2465 in production).
+            ssl_context=self._server_ssl_context() if self.implicit_tls else None,
         )
         controller.start()
         self._controller = controller
