@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from emailrelay.config import Settings
+
 try:
     import helm_python
 except ImportError as exc:  # a declared test dependency: never skip
@@ -30,6 +32,7 @@ FULLNAME = "mail-emailrelay"
 # Every contract variable the chart renders by default, with its default.
 CONTRACT_DEFAULTS = {
     "NATS_URL": "nats://localhost:4222",
+    "NATS_CONNECT_TIMEOUT": "30s",
     "PORT": "8080",
     "HTTP_HOST": "0.0.0.0",
     "EMAIL_ENABLED": "false",
@@ -342,7 +345,12 @@ def test_env_omits_unset_optional_variables_by_default(chart: helm_python.Chart)
 
 def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> None:
     config = {
-        "nats": {"url": "nats://nats:4222", "kvReplicas": 3, "kvAutoCreate": False},
+        "nats": {
+            "url": "nats://nats:4222",
+            "connectTimeout": "45s",
+            "kvReplicas": 3,
+            "kvAutoCreate": False,
+        },
         "http": {"port": 8081, "host": "127.0.0.1"},
         "email": {"enabled": True},
         "smtp": {
@@ -372,6 +380,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
     env = plain_env(render(chart, {"config": config}))
     assert env == {
         "NATS_URL": "nats://nats:4222",
+        "NATS_CONNECT_TIMEOUT": "45s",
         "KV_REPLICAS": "3",
         "KV_AUTO_CREATE": "false",
         "PORT": "8081",
@@ -593,3 +602,12 @@ def test_irsa_role_arn_annotates_the_service_account(chart: helm_python.Chart) -
     assert sa["metadata"]["annotations"] == {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/emailrelay"
     }
+
+
+def test_every_setting_the_relay_reads_is_reachable_from_the_chart() -> None:
+    chart_text = "\n".join(
+        path.read_text() for path in CHART_DIR.rglob("*") if path.suffix in {".yaml", ".tpl"}
+    )
+    settings = {field.alias for field in Settings.model_fields.values() if field.alias}
+    assert settings, "no settings found"
+    assert sorted(name for name in settings if name not in chart_text) == []

@@ -136,6 +136,7 @@ pairs. A null (or removed) value is left out; "" is kept.
 {{- $aws := $c.aws | default dict }}
 {{- $pairs := list
   (list "NATS_URL" $nats.url)
+  (list "NATS_CONNECT_TIMEOUT" $nats.connectTimeout)
   (list "KV_REPLICAS" $nats.kvReplicas)
   (list "KV_AUTO_CREATE" $nats.kvAutoCreate)
   (list "PORT" $http.port)
