@@ -8,6 +8,7 @@
         ├── NATS service discovery ($SRV.PING/INFO/STATS, every instance answers)
         ├── health server (/livez, /readyz, /metrics)
         ├── SQS poller for SES events (when SES_EVENTING_ENABLED=true)
+        ├── tracking watcher (when the KV store was missing at start)
         └── signal watcher
 
 The SMTP pool is a resource of the send handler, closed after the last
@@ -43,7 +44,7 @@ from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.health import serve_health
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.metrics import TRACKING_WRITE_FAILURES
-from emailrelay.server import Handler, serve_requests
+from emailrelay.server import Handler, RequestServer
 from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store.kv import StoreError
 from emailrelay.store.tracking import TrackingStore
@@ -131,19 +132,14 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
             log.error("SES_EVENTING_ENABLED is true but SQS cannot be used: %s; exiting", exc)
             return EXIT_FAILURE
     pool = build_smtp_pool(settings) if settings.email_enabled else None
-    routes: dict[str, Handler] = {
-        api.SEND_EMAIL_SUBJECT: SendEmailHandler(
-            rules=send_rules(settings),
-            sender=tracing.traced_sender(pool if pool is not None else _DisabledSender()),
-            tracking=tracing.traced_tracking(tracking),
-            on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
-        ),
-    }
-    if tracking is not None:
-        routes[api.GET_EMAIL_STATUS_SUBJECT] = GetEmailStatusHandler(
-            tracking, lambda: nats.max_payload
-        )
-        routes[api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT] = GetEngagementAnalyticsHandler(tracking)
+    send_handler = SendEmailHandler(
+        rules=send_rules(settings),
+        sender=tracing.traced_sender(pool if pool is not None else _DisabledSender()),
+        tracking=tracing.traced_tracking(tracking),
+        on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
+    )
+    service = ServiceStats([])
+    requests = RequestServer(nats, settings.max_in_flight, stats=service)
     lifecycle = Lifecycle()
     try:
         async with anyio.create_task_group() as tg:
@@ -165,20 +161,21 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
                     "sqs poller",
                     lambda: poll_engagement_events(sqs, tracking, poller),
                 )
-            service = ServiceStats(routes)
+            await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler})
+            if tracking is not None:
+                await _add_routes(requests, service, query_routes(tracking, nats))
+            else:
+                tg.start_soon(
+                    lifecycle.supervise,
+                    "tracking",
+                    lambda: _track_once_available(nats, settings, send_handler, requests, service),
+                )
             tg.start_soon(
                 lifecycle.supervise,
                 "service discovery",
                 lambda: serve_discovery(nats, service, lifecycle.stopping),
             )
-            await serve_requests(
-                nats,
-                routes,
-                settings.max_in_flight,
-                lifecycle.stopping,
-                settings.shutdown_grace_seconds,
-                stats=service,
-            )
+            await requests.serve(lifecycle.stopping, settings.shutdown_grace_seconds)
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
@@ -202,6 +199,47 @@ async def _watch_signals(lifecycle: Lifecycle, everything: anyio.CancelScope) ->
             else:
                 log.warning("second signal; stopping now without waiting for in-flight requests")
                 everything.cancel()
+
+
+def query_routes(tracking: TrackingStore, nats: NatsConnection) -> dict[str, Handler]:
+    """Status and analytics: served whenever the KV store is."""
+    return {
+        api.GET_EMAIL_STATUS_SUBJECT: GetEmailStatusHandler(tracking, lambda: nats.max_payload),
+        api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT: GetEngagementAnalyticsHandler(tracking),
+    }
+
+
+async def _add_routes(
+    requests: RequestServer, service: ServiceStats, routes: dict[str, Handler]
+) -> None:
+    if await requests.add_routes(routes):
+        for subject in routes:
+            service.add_endpoint(subject)
+
+
+TRACKING_RETRY_MAX = 30.0
+
+
+async def _track_once_available(
+    nats: NatsConnection,
+    settings: Settings,
+    send_handler: SendEmailHandler,
+    requests: RequestServer,
+    service: ServiceStats,
+) -> None:
+    """JetStream or the buckets were missing at start (a NATS cluster still
+    electing its JetStream leader, buckets an operator has yet to declare):
+    look again, with backoff, and start tracking and answering status and
+    analytics as soon as they are there, without a restart."""
+    delay = 1.0
+    while True:
+        await anyio.sleep(delay)
+        delay = min(delay * 2, TRACKING_RETRY_MAX)
+        tracking = await open_tracking_store(nats, settings)
+        if tracking is not None:
+            send_handler.start_tracking(tracing.traced_tracking(tracking) or tracking)
+            await _add_routes(requests, service, query_routes(tracking, nats))
+            return
 
 
 def send_rules(settings: Settings) -> SendRules:

@@ -133,6 +133,11 @@ class ServiceStats:
             for subject in subjects
         }
 
+    def add_endpoint(self, subject: str, queue_group: str = api.QUEUE_GROUP) -> None:
+        """List one more endpoint (routes added while serving)."""
+        if subject not in self.endpoints:
+            self.endpoints[subject] = EndpointStats(endpoint_name(subject), subject, queue_group)
+
     def record(self, subject: str, elapsed_ns: int, error: str | None) -> None:
         """Count one answered request; ``error`` is the contract error string, if any."""
         endpoint = self.endpoints.get(subject)

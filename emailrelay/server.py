@@ -24,7 +24,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from emailrelay import api, tracing
-from emailrelay.bridge.nats import IncomingRequest, NatsConnection
+from emailrelay.bridge.nats import IncomingRequest, NatsConnection, RequestSubscription
 from emailrelay.discovery import error_headers
 from emailrelay.handlers.replies import error_reply
 from emailrelay.metrics import REQUEST_SECONDS, REQUESTS, REQUESTS_IN_FLIGHT
@@ -40,6 +40,71 @@ class RequestStats(Protocol):
     def record(self, subject: str, elapsed_ns: int, error: str | None) -> None: ...
 
 
+class RequestServer:
+    """The contract subjects' queue subscriptions and the handlers behind them.
+
+    Routes may be added while serving (status and analytics appear once the
+    KV store becomes available); all of them feed one bounded dispatcher.
+    """
+
+    def __init__(
+        self, nats: NatsConnection, max_in_flight: int, stats: RequestStats | None = None
+    ) -> None:
+        self._nats = nats
+        self._max_in_flight = max_in_flight
+        self._stats = stats
+        self._routes: dict[str, Handler] = {}
+        self._subscriptions: list[RequestSubscription] = []
+        self._send, self._receive = anyio.create_memory_object_stream[IncomingRequest](
+            max_in_flight
+        )
+        self._stopping = False
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self._routes)
+
+    async def add_routes(self, routes: Mapping[str, Handler]) -> bool:
+        """Subscribe to more subjects; ``False`` once stopping (nothing added)."""
+        if self._stopping:
+            return False
+        for subject, handler in routes.items():
+            self._routes[subject] = handler
+            self._subscriptions.append(
+                await self._nats.subscribe_requests(subject, api.QUEUE_GROUP, self._send)
+            )
+        log.info("serving requests", extra={"subjects": sorted(routes), "queue": api.QUEUE_GROUP})
+        return True
+
+    async def serve(self, stopping: anyio.Event, grace: float) -> None:
+        """Handle requests until ``stopping``; then drain and let handlers
+        finish within ``grace`` seconds."""
+        handlers_scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                _dispatch,
+                self._receive,
+                self._routes,
+                self._max_in_flight,
+                handlers_scope,
+                self._stats,
+            )
+            await stopping.wait()
+            self._stopping = True
+            started = time.monotonic()
+            handlers_scope.deadline = anyio.current_time() + grace
+            for subscription in self._subscriptions:
+                await subscription.drain()
+            self._send.close()
+        log.info(
+            "stopped serving requests",
+            extra={
+                "drain_seconds": round(time.monotonic() - started, 3),
+                "cut_off": handlers_scope.cancel_called,
+            },
+        )
+
+
 async def serve_requests(
     nats: NatsConnection,
     routes: Mapping[str, Handler],
@@ -48,28 +113,10 @@ async def serve_requests(
     grace: float,
     stats: RequestStats | None = None,
 ) -> None:
-    send_stream, receive_stream = anyio.create_memory_object_stream[IncomingRequest](max_in_flight)
-    subscriptions = [
-        await nats.subscribe_requests(subject, api.QUEUE_GROUP, send_stream) for subject in routes
-    ]
-    log.info("serving requests", extra={"subjects": sorted(routes), "queue": api.QUEUE_GROUP})
-
-    handlers_scope = anyio.CancelScope()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_dispatch, receive_stream, routes, max_in_flight, handlers_scope, stats)
-        await stopping.wait()
-        started = time.monotonic()
-        handlers_scope.deadline = anyio.current_time() + grace
-        for subscription in subscriptions:
-            await subscription.drain()
-        send_stream.close()
-    log.info(
-        "stopped serving requests",
-        extra={
-            "drain_seconds": round(time.monotonic() - started, 3),
-            "cut_off": handlers_scope.cancel_called,
-        },
-    )
+    """Serve a fixed set of routes (see :class:`RequestServer`)."""
+    server = RequestServer(nats, max_in_flight, stats)
+    await server.add_routes(routes)
+    await server.serve(stopping, grace)
 
 
 async def _dispatch(

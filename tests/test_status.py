@@ -21,6 +21,7 @@ from tests.servers.nats import NatsServer
 from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
 from tests.trackingsupport import put_record, send, status, unique_group
+from tests.waiting import wait_until
 
 # --- the handler, fast ---------------------------------------------------------
 
@@ -290,6 +291,30 @@ def test_kv_auto_create_false_creates_nothing_and_serves_no_queries(
         with pytest.raises(Exception, match="no responders"):
             client.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": "x"}, timeout=2)
         assert "KV_AUTO_CREATE=false" in relay.stdout() + relay.stderr()
+
+
+def test_buckets_declared_after_start_are_used_without_a_restart(
+    smtp_server: SmtpServer,
+) -> None:
+    with (
+        NatsServer() as server,
+        SyncNats(server.url) as client,
+        running_relay(server, smtp_server, {"KV_AUTO_CREATE": "false"}) as relay,
+    ):
+        with pytest.raises(Exception, match="no responders"):
+            client.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": "x"}, timeout=2)
+        client.create_bucket(api.RECIPIENTS_BUCKET, max_value_size=64 * 1024)
+        client.create_bucket(api.GROUP_INDEX_BUCKET)
+        wait_until(
+            lambda: "tracking on" in relay.stderr(),
+            timeout=20,
+            message="the relay did not pick up the buckets",
+        )
+        sent = send(client, group_id="late-buckets")
+        assert status(client, email_id=sent["email_id"])["email_id"] == sent["email_id"]
+        assert [r["email_id"] for r in status(client, group_id="late-buckets")] == [
+            sent["email_id"]
+        ]
 
 
 def test_without_jetstream_sending_works_and_queries_are_not_served(

@@ -73,6 +73,10 @@ class SendEmailHandler:
         self._new_id = new_id
         self._on_tracking_failure = on_tracking_failure
 
+    def start_tracking(self, tracking: TrackingWriter) -> None:
+        """Record sends from now on (the KV store became available after start)."""
+        self._tracking = tracking
+
     async def __call__(self, data: bytes) -> bytes:
         request = parse_request(data, api.SendEmailRequest)
         if request is None:
@@ -140,7 +144,8 @@ class SendEmailHandler:
             return error_reply(api.ERR_DELIVERY_FAILED)
         log.info("email sent", extra=context)
 
-        if self._tracking is not None:
+        tracking = self._tracking
+        if tracking is not None:
             record = api.TrackingRecord(
                 group_id=email.group_id,
                 email_id=email.email_id,
@@ -148,20 +153,19 @@ class SendEmailHandler:
                 subject=request.subject,
                 sent_at=datetime.now(UTC),
             )
-            await self._write_tracking(record)
+            await self._write_tracking(tracking, record)
         return reply(api.SendEmailReply(email_id=email.email_id, group_id=email.group_id))
 
-    async def _write_tracking(self, record: api.TrackingRecord) -> None:
+    async def _write_tracking(self, tracking: TrackingWriter, record: api.TrackingRecord) -> None:
         """Store the record, then index it. A failing store is retried for a
         bounded time; after that the email is out anyway, so the caller still
         gets its success (an error would invite a duplicate send)."""
-        assert self._tracking is not None
         delay = 0.05
         with anyio.move_on_after(self._tracking_deadline):
             while True:
                 try:
-                    await self._tracking.create_record(record)
-                    await self._tracking.append_to_group(record.group_id, record.email_id)
+                    await tracking.create_record(record)
+                    await tracking.append_to_group(record.group_id, record.email_id)
                     return
                 except Exception as exc:
                     # Not only StoreError: once the email is out, no failure of
