@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import nats
+import trio_asyncio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -256,3 +257,16 @@ class SyncNats:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextlib.asynccontextmanager
+async def silent_subscriber(url: str, subject: str) -> AsyncIterator[None]:
+    """A plain nats-py subscriber on ``subject`` that never answers (under trio)."""
+    async with trio_asyncio.open_loop():
+        nc = await trio_asyncio.aio_as_trio(nats.connect)(url)
+        try:
+            await trio_asyncio.aio_as_trio(nc.subscribe)(subject)
+            await trio_asyncio.aio_as_trio(nc.flush)()
+            yield
+        finally:
+            await trio_asyncio.aio_as_trio(nc.close)()

@@ -6,22 +6,20 @@ Exit codes: 0 success, 1 error reply (its string on stderr), 2 usage error,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 import trio
-import trio_asyncio
 
 from emailrelay import api
 from emailrelay.cli import command_name
+from tests.natsclient import silent_subscriber
 from tests.servers.nats import NatsServer
 from tests.servers.relay import REPO_ROOT, RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
@@ -42,19 +40,6 @@ def empty_nats() -> Iterator[NatsServer]:
     """A NATS server no relay is connected to."""
     with NatsServer(jetstream=False) as server:
         yield server
-
-
-@contextlib.asynccontextmanager
-async def silent_subscriber(url: str, subject: str) -> AsyncIterator[None]:
-    """A plain nats-py subscriber on ``subject`` that never answers (under trio)."""
-    async with trio_asyncio.open_loop():
-        nc = await trio_asyncio.aio_as_trio(nats.connect)(url)
-        try:
-            await trio_asyncio.aio_as_trio(nc.subscribe)(subject)
-            await trio_asyncio.aio_as_trio(nc.flush)()
-            yield
-        finally:
-            await trio_asyncio.aio_as_trio(nc.close)()
 
 
 def cli_env(nats_url: str | None = None) -> dict[str, str]:

@@ -7,17 +7,15 @@ functions that run a coroutine on a genuine asyncio loop (``run_on_asyncio``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import nats
 import pytest
 import trio
-import trio_asyncio
 
 from emailrelay import api
 from emailrelay.client import (
@@ -32,6 +30,7 @@ from emailrelay.client import (
     UnexpectedReply,
     decode_reply,
 )
+from tests.natsclient import silent_subscriber
 from tests.servers.nats import NatsServer
 from tests.servers.relay import RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
@@ -54,19 +53,6 @@ def run_on_asyncio(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     instead of the asyncio that real callers use."""
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(main())
-
-
-@contextlib.asynccontextmanager
-async def silent_subscriber(url: str, subject: str) -> AsyncIterator[None]:
-    """A plain nats-py subscriber on ``subject`` that never answers (under trio)."""
-    async with trio_asyncio.open_loop():
-        nc = await trio_asyncio.aio_as_trio(nats.connect)(url)
-        try:
-            await trio_asyncio.aio_as_trio(nc.subscribe)(subject)
-            await trio_asyncio.aio_as_trio(nc.flush)()
-            yield
-        finally:
-            await trio_asyncio.aio_as_trio(nc.close)()
 
 
 def _email(**fields: str) -> dict[str, str]:
