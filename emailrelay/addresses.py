@@ -53,10 +53,6 @@ def parse_mailbox(value: str) -> Mailbox | None:
     return Mailbox(parsed.display_name, parsed.username, parsed.domain)
 
 
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
 def domain_is_listed(domain: str, allowed: Iterable[str]) -> bool:
     """Exact, case-insensitive membership (the From rule)."""
     domain = domain.lower()

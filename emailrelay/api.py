@@ -11,7 +11,7 @@ rename them. See ``docs/contract.md`` for the prose version.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StrictStr
 
@@ -189,10 +189,6 @@ class TrackingRecord(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude=self._unset_optional_fields()).encode()
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.model_dump(mode="json", exclude=self._unset_optional_fields())
-        return data
 
     def _unset_optional_fields(self) -> set[str]:
         omitted = {name for name, value in self if value is None}

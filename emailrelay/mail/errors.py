@@ -6,8 +6,6 @@ from __future__ import annotations
 class SendFailure(Exception):
     """The provider did not accept the message."""
 
-    retryable = False
-
     def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -17,8 +15,6 @@ class SendFailure(Exception):
 class TransientFailure(SendFailure):
     """Nothing was accepted and trying again may work: a 4xx reply, a refused
     or dropped connection before the message was handed over."""
-
-    retryable = True
 
 
 class PermanentFailure(SendFailure):
