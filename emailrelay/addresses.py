@@ -21,9 +21,18 @@ class Mailbox:
         return f"{self.local_part}@{self.domain}"
 
 
+_HEADER_BREAKS = dict.fromkeys(map(ord, "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
+"""CR, LF, NUL and every other character ``str.splitlines()`` breaks on."""
+
+
 def strip_line_breaks(value: str) -> str:
-    """CR and LF never reach a header; the replaced relay stripped them too."""
-    return value.replace("\r", "").replace("\n", "")
+    """Remove every character that could end a header line.
+
+    CR and LF never reach a header (the replaced relay stripped them too);
+    NUL and the other ``str.splitlines()`` boundaries go with them, because
+    the stdlib's email package splits on those and raises or folds where a
+    caller's value should have stayed one line."""
+    return value.translate(_HEADER_BREAKS)
 
 
 def parse_mailbox(value: str) -> Mailbox | None:

@@ -128,3 +128,12 @@ def test_redact_of_a_non_address_hides_it() -> None:
 
 def test_strip_line_breaks_removes_cr_and_lf() -> None:
     assert strip_line_breaks("a\r\nb\rc\nd") == "abcd"
+
+
+@pytest.mark.parametrize(
+    "boundary", ["\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
+def test_strip_line_breaks_removes_nul_and_every_splitlines_boundary(boundary: str) -> None:
+    stripped = strip_line_breaks(f"a{boundary}b")
+    assert stripped == "ab"
+    assert stripped.splitlines() == ["ab"]
