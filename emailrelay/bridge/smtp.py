@@ -163,6 +163,7 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
     """QUIT if still connected, then close. The transport releases its socket on
     the next loop iteration, so give it that before returning: a caller that
     closes the loop right after must not leave the socket to the garbage collector."""
+    transport = smtp.transport
     try:
         if smtp.is_connected:
             await smtp.quit(timeout=2)
@@ -170,4 +171,9 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         pass
     finally:
         smtp.close()
+        if transport is not None:
+            # A TLS transport's close() waits for the peer's close_notify, for
+            # as long as the server takes (a busy machine: longer than one
+            # iteration). QUIT already ended the session, so drop the socket now.
+            transport.abort()
     await asyncio.sleep(0)
