@@ -9,6 +9,7 @@
         ├── health server (/livez, /readyz, /metrics)
         ├── SQS poller for SES events (when SES_EVENTING_ENABLED=true)
         ├── tracking watcher (when the KV store was missing at start)
+        ├── pending tracking writes (sent emails whose record waits for the store)
         └── signal watcher
 
 The SMTP pool is a resource of the send handler, closed after the last
@@ -46,7 +47,8 @@ from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.metrics import TRACKING_WRITE_FAILURES
 from emailrelay.server import Handler, RequestServer
 from emailrelay.sqs import SqsClient, SqsError
-from emailrelay.store.kv import StoreError
+from emailrelay.store import buckets
+from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,9 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
-RECIPIENTS_MAX_VALUE = 64 * 1024
-GROUP_INDEX_MAX_VALUE = 1024 * 1024
+PENDING_LAST_TRY_SECONDS = 3.0
+"""At shutdown, after the last reply: time left to store pending tracking
+writes (within the pod's termination grace beyond SHUTDOWN_GRACE_SECONDS)."""
 
 
 def run(settings: Settings) -> int:
@@ -132,11 +135,13 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
             log.error("SES_EVENTING_ENABLED is true but SQS cannot be used: %s; exiting", exc)
             return EXIT_FAILURE
     pool = build_smtp_pool(settings) if settings.email_enabled else None
+    pending = PendingTrackingWrites()
     send_handler = SendEmailHandler(
         rules=send_rules(settings),
         sender=tracing.traced_sender(pool if pool is not None else _DisabledSender()),
         tracking=tracing.traced_tracking(tracking),
         on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
+        pending=pending,
     )
     service = ServiceStats([])
     requests = RequestServer(nats, settings.max_in_flight, stats=service)
@@ -144,6 +149,9 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, lifecycle, tg.cancel_scope)
+            tg.start_soon(
+                lifecycle.supervise, "pending tracking writes", pending.write_when_possible
+            )
             tg.start_soon(
                 lifecycle.supervise,
                 "health server",
@@ -179,6 +187,7 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
+            await pending.last_try(PENDING_LAST_TRY_SECONDS)
             if pool is not None:
                 await pool.aclose()
             if sqs is not None:
@@ -289,34 +298,8 @@ class _DisabledSender:
 
 async def open_tracking_store(nats: NatsConnection, settings: Settings) -> TrackingStore | None:
     """Both buckets, created with the deployment's settings when missing
-    (unless KV_AUTO_CREATE=false). ``None`` turns tracking off."""
-    buckets = {
-        api.RECIPIENTS_BUCKET: RECIPIENTS_MAX_VALUE,
-        api.GROUP_INDEX_BUCKET: GROUP_INDEX_MAX_VALUE,
-    }
-    opened = {}
-    try:
-        for bucket, max_value_size in buckets.items():
-            kv = await nats.key_value(bucket)
-            if kv is None and settings.kv_auto_create:
-                try:
-                    kv = await nats.create_key_value(bucket, max_value_size, settings.kv_replicas)
-                    log.info("created KV bucket", extra={"bucket": bucket})
-                except StoreError:
-                    # Another replica starting at the same time may have won the race
-                    # (with settings of its own); use its bucket if it is there now.
-                    kv = await nats.key_value(bucket)
-                    if kv is None:
-                        raise
-            if kv is None:
-                log.warning(
-                    "KV bucket missing and KV_AUTO_CREATE=false: tracking is off",
-                    extra={"bucket": bucket},
-                )
-                return None
-            opened[bucket] = kv
-    except StoreError as exc:
-        log.warning("JetStream not available: tracking is off", extra={"error": str(exc)})
-        return None
-    log.info("tracking on", extra={"buckets": sorted(opened)})
-    return TrackingStore(opened[api.RECIPIENTS_BUCKET], opened[api.GROUP_INDEX_BUCKET])
+    (unless KV_AUTO_CREATE=false), re-opened or re-created when they vanish
+    later. ``None`` turns tracking off."""
+    return await buckets.open_tracking_store(
+        nats, buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas)
+    )

@@ -56,3 +56,20 @@ SQS_EVENT_LAG_SECONDS = Histogram(
     "Time from the SES event's timestamp to its processing.",
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
 )
+
+KV_BUCKET_REOPENS = Counter(
+    "emailrelay_kv_bucket_reopens",
+    "KV buckets found missing while running, by bucket and outcome: reopened (it was "
+    "there again), created (KV_AUTO_CREATE=true), missing (not there, may not create), "
+    "failed (JetStream did not answer).",
+    ["bucket", "outcome"],
+)
+TRACKING_PENDING = Gauge(
+    "emailrelay_tracking_pending",
+    "Tracking writes of sent emails not stored within their request's time, waiting "
+    "for the KV store to come back.",
+)
+TRACKING_PENDING_DROPPED = Counter(
+    "emailrelay_tracking_pending_dropped",
+    "Tracking writes lost because the pending queue was full.",
+)

@@ -4,23 +4,37 @@
 same revision rules as JetStream KV (one sequence for the whole bucket,
 ``create`` fails on an existing key, ``update`` fails unless ``last`` is the
 key's current revision). Tests can make it fail like a real store: ``closed``
-makes every call raise StoreError; ``conflicts_before_success`` makes the next
-N writes lose a race first (as if another replica had written in between).
+makes every call raise StoreError (and clearing it recovers);
+``conflicts_before_success`` makes the next N writes lose a race first (as if
+another replica had written in between); ``missing`` makes every call raise
+BucketMissing, as a deleted bucket does.
+
+``MemoryBuckets`` is the place buckets are opened and created
+(:class:`emailrelay.store.buckets.BucketHost`): ``delete`` removes a bucket
+under whoever holds it, ``jetstream_down`` makes opening fail.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import anyio
 
-from emailrelay.store.kv import MAX_BATCH_KEYS, Entry, RevisionConflict, StoreError
+from emailrelay.store.kv import (
+    MAX_BATCH_KEYS,
+    BucketMissing,
+    Entry,
+    RevisionConflict,
+    StoreError,
+)
 
 
 class MemoryKeyValue:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
         self.closed = False
+        self.missing = False
         self.conflicts_before_success = 0
         self.failing_keys: set[str] = set()
         self.gets = 0
@@ -29,6 +43,8 @@ class MemoryKeyValue:
         self._sequence = 0
 
     def _check(self, key: str) -> None:
+        if self.missing:
+            raise BucketMissing("bucket deleted")
         if self.closed:
             raise StoreError("store closed")
         if key in self.failing_keys:
@@ -79,3 +95,47 @@ class MemoryKeyValue:
         self.writes += 1
         self.entries[key] = Entry(value=value, revision=self._sequence)
         return self._sequence
+
+
+@dataclass(frozen=True)
+class CreatedBucket:
+    name: str
+    max_value_size: int
+    replicas: int
+
+
+class MemoryBuckets:
+    def __init__(self, *names: str) -> None:
+        self.buckets: dict[str, MemoryKeyValue] = {name: MemoryKeyValue() for name in names}
+        self.created: list[CreatedBucket] = []
+        self.jetstream_down = False
+        self.opens = 0
+
+    async def key_value(self, bucket: str) -> MemoryKeyValue | None:
+        await anyio.lowlevel.checkpoint()
+        if self.jetstream_down:
+            raise StoreError("JetStream unavailable")
+        self.opens += 1
+        return self.buckets.get(bucket)
+
+    async def create_key_value(
+        self, bucket: str, max_value_size: int, replicas: int
+    ) -> MemoryKeyValue:
+        await anyio.lowlevel.checkpoint()
+        if self.jetstream_down:
+            raise StoreError("JetStream unavailable")
+        if bucket not in self.buckets:
+            self.buckets[bucket] = MemoryKeyValue()
+            self.created.append(CreatedBucket(bucket, max_value_size, replicas))
+        return self.buckets[bucket]
+
+    def delete(self, bucket: str) -> MemoryKeyValue:
+        """Delete the bucket: its data is gone and every handle on it fails."""
+        kv = self.buckets.pop(bucket)
+        kv.missing = True
+        return kv
+
+    def declare(self, bucket: str) -> MemoryKeyValue:
+        """Create the bucket from outside (an operator, a GitOps tool)."""
+        kv = self.buckets[bucket] = MemoryKeyValue()
+        return kv

@@ -10,6 +10,7 @@ import email.policy
 import json
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -17,9 +18,9 @@ import pytest
 
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
-from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.handlers.send import SendEmailHandler, SendRules, TrackingWriter
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
-from emailrelay.store.kv import StoreError
+from emailrelay.store.kv import BucketMissing, StoreError
 
 DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
 assert DEFAULT_FROM is not None
@@ -66,9 +67,12 @@ class FakeTracking:
     groups: dict[str, list[str]] = field(default_factory=dict)
     failures_left: int = 0
     failure: Exception = field(default_factory=lambda: StoreError("store down"))
+    append_failures_left: int = 0
+    creates: int = 0
 
     async def create_record(self, record: api.TrackingRecord) -> None:
         await anyio.sleep(0.001)
+        self.creates += 1
         if self.failures_left:
             self.failures_left -= 1
             raise self.failure
@@ -76,9 +80,33 @@ class FakeTracking:
 
     async def append_to_group(self, group_id: str, email_id: str) -> None:
         await anyio.sleep(0.001)
+        if self.append_failures_left:
+            self.append_failures_left -= 1
+            raise self.failure
         ids = self.groups.setdefault(group_id, [])
         if email_id not in ids:
             ids.append(email_id)
+
+
+@dataclass
+class Deferred:
+    record: api.TrackingRecord
+    writer: TrackingWriter
+    record_stored: bool
+
+
+@dataclass
+class FakePending:
+    capacity: int = 100
+    writes: list[Deferred] = field(default_factory=list)
+
+    def add(
+        self, record: api.TrackingRecord, writer: TrackingWriter, *, record_stored: bool
+    ) -> bool:
+        if len(self.writes) >= self.capacity:
+            return False
+        self.writes.append(Deferred(record, writer, record_stored))
+        return True
 
 
 @dataclass
@@ -87,6 +115,7 @@ class Relay:
     sender: FakeSender
     tracking: FakeTracking
     tracking_failures: list[None]
+    pending: FakePending | None = None
 
     async def send(self, request: Any) -> dict[str, Any]:
         data = request if isinstance(request, bytes) else json.dumps(request).encode()
@@ -95,7 +124,11 @@ class Relay:
 
 
 def make_relay(
-    rules: SendRules = RULES, *, tracking_deadline: float = 10.0, tracking: bool = True
+    rules: SendRules = RULES,
+    *,
+    tracking_deadline: float = 10.0,
+    tracking: bool = True,
+    pending: FakePending | None = None,
 ) -> Relay:
     sender, store, failures = FakeSender(), FakeTracking(), []
     handler = SendEmailHandler(
@@ -104,8 +137,9 @@ def make_relay(
         store if tracking else None,
         tracking_deadline=tracking_deadline,
         on_tracking_failure=lambda: failures.append(None),
+        pending=pending,
     )
-    return Relay(handler, sender, store, failures)
+    return Relay(handler, sender, store, failures, pending)
 
 
 @pytest.fixture
@@ -456,3 +490,82 @@ async def test_unexpected_store_exception_still_answers_success() -> None:
     reply = await relay.send(request())
     assert "error" not in reply
     assert relay.tracking_failures == [None]
+
+
+# tracking that outlives an outage: what is not stored in time goes to the pending writes
+
+
+def failing_relay(*, capacity: int = 100) -> Relay:
+    relay = make_relay(tracking_deadline=0.2, pending=FakePending(capacity))
+    relay.tracking.failures_left = 10**9
+    return relay
+
+
+async def test_write_not_stored_in_time_is_handed_to_the_pending_writes() -> None:
+    relay = failing_relay()
+    reply = await relay.send(request())
+    assert relay.pending is not None
+    assert [(d.record.email_id, d.record_stored) for d in relay.pending.writes] == [
+        (reply["email_id"], False)
+    ]
+
+
+async def test_pending_write_goes_to_the_same_writer() -> None:
+    relay = failing_relay()
+    await relay.send(request())
+    assert relay.pending is not None
+    assert relay.pending.writes[0].writer is relay.tracking
+
+
+async def test_write_handed_to_the_pending_writes_answers_success() -> None:
+    relay = failing_relay()
+    reply = await relay.send(request(group_id="batch-1"))
+    assert reply == {"email_id": reply["email_id"], "group_id": "batch-1"}
+
+
+async def test_write_handed_to_the_pending_writes_is_not_a_failure() -> None:
+    relay = failing_relay()
+    await relay.send(request())
+    assert relay.tracking_failures == []
+
+
+async def test_pending_write_remembers_the_record_was_stored() -> None:
+    relay = make_relay(tracking_deadline=0.2, pending=FakePending())
+    relay.tracking.append_failures_left = 10**9
+    await relay.send(request())
+    assert relay.pending is not None
+    assert [d.record_stored for d in relay.pending.writes] == [True]
+    assert relay.tracking.creates == 1
+
+
+async def test_full_pending_queue_counts_the_write_as_failed() -> None:
+    relay = failing_relay(capacity=0)
+    reply = await relay.send(request())
+    assert "error" not in reply
+    assert relay.tracking_failures == [None]
+
+
+async def test_missing_bucket_goes_to_the_pending_writes_without_retrying() -> None:
+    relay = make_relay(tracking_deadline=60, pending=FakePending())
+    relay.tracking.failures_left = 10**9
+    relay.tracking.failure = BucketMissing("email-recipients does not exist")
+    await relay.send(request())
+    assert relay.tracking.creates == 1
+    assert relay.pending is not None
+    assert len(relay.pending.writes) == 1
+
+
+async def test_tracking_deadline_already_passed_goes_straight_to_pending() -> None:
+    relay = make_relay(pending=FakePending())
+    record = api.TrackingRecord(
+        group_id="g",
+        email_id=str(uuid.uuid4()),
+        to="jane@example.com",
+        subject="Hi",
+        sent_at=datetime.now(UTC),
+    )
+    deadline = anyio.current_time() - 1
+    await relay.handler._write_tracking(relay.tracking, record, deadline=deadline)
+    assert relay.tracking.records == []
+    assert relay.pending is not None
+    assert [d.record for d in relay.pending.writes] == [record]

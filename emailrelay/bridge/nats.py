@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from nats.aio.subscription import Subscription as _NatsSubscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue as _NatsKeyValue
 
-from emailrelay.store.kv import Entry, RevisionConflict, StoreError
+from emailrelay.store.kv import BucketMissing, Entry, RevisionConflict, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,13 @@ _GET_MANY_CONCURRENCY = 32  # single gets in flight when batch gets are not avai
 
 
 class JetStreamKeyValue:
-    """:class:`emailrelay.store.kv.KeyValue` over a nats-py KV bucket."""
+    """:class:`emailrelay.store.kv.KeyValue` over a nats-py KV bucket.
+
+    Failures are classified here, once: a lost race is
+    :class:`~emailrelay.store.kv.RevisionConflict`; a bucket JetStream says is
+    gone is :class:`~emailrelay.store.kv.BucketMissing`; anything else is a
+    plain :class:`~emailrelay.store.kv.StoreError`.
+    """
 
     def __init__(self, kv: _NatsKeyValue, client: Client | None = None) -> None:
         self._kv = kv
@@ -246,6 +252,10 @@ class JetStreamKeyValue:
                     found = await aio(_direct_get_last)(
                         self._client, stream, [prefix + key for key in keys]
                     )
+            except _BatchGetFailed as exc:
+                if exc.status == _NO_RESPONDERS:
+                    raise await self._classify("batch get", exc) from exc
+                raise StoreError(f"batch get failed: {exc!r}") from exc
             except (nats.errors.Error, TimeoutError) as exc:
                 raise StoreError(f"batch get failed: {exc!r}") from exc
             return {subject[len(prefix) :]: entry for subject, entry in found.items()}
@@ -258,9 +268,19 @@ class JetStreamKeyValue:
             if entry is not None:
                 entries[key] = entry
 
-        async with anyio.create_task_group() as tg:
-            for key in keys:
-                tg.start_soon(get_one, key)
+        try:
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(get_one, key)
+        except BaseExceptionGroup as group:
+            # One StoreError for the batch, as the port promises; a missing
+            # bucket wins, since re-opening it is what cures the others.
+            store_errors, other = group.split(StoreError)
+            if other is not None or store_errors is None:
+                raise
+            errors = list(_leaves(store_errors))
+            missing = [e for e in errors if isinstance(e, BucketMissing)]
+            raise (missing or errors)[0] from group
         return entries
 
     def _batch_get_available(self) -> bool:
@@ -278,8 +298,10 @@ class JetStreamKeyValue:
                 entry = await aio(self._kv.get)(key)
         except nats.js.errors.KeyNotFoundError as exc:  # also deleted and purged keys
             if _stream_is_missing(exc):
-                raise StoreError("get failed: the bucket's stream is gone") from exc
+                raise BucketMissing(f"get failed: bucket {self._kv._name} does not exist") from exc
             return None
+        except nats.errors.NoRespondersError as exc:  # a direct get nobody serves
+            raise await self._classify("get", exc) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"get failed: {exc!r}") from exc
         return Entry(value=entry.value or b"", revision=int(entry.revision or 0))
@@ -290,6 +312,8 @@ class JetStreamKeyValue:
                 return int(await aio(self._kv.create)(key, value))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise RevisionConflict(key) from exc
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
+            raise await self._classify("create", exc) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"create failed: {exc!r}") from exc
 
@@ -299,11 +323,44 @@ class JetStreamKeyValue:
                 return int(await aio(self._kv.update)(key, value, last=last))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise RevisionConflict(key) from exc
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
+            raise await self._classify("update", exc) from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"update failed: {exc!r}") from exc
 
+    async def _classify(self, what: str, exc: Exception) -> StoreError:
+        """Nobody served the bucket's subjects: the bucket may be gone, or
+        JetStream may be unreachable for a moment (a leader election, a
+        restart). Ask JetStream which; only its "stream not found" (or a
+        stream re-created with other settings than this handle was opened
+        with) makes :class:`BucketMissing`, everything else stays transient."""
+        bucket: str = self._kv._name
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                info = await aio(self._kv._js.stream_info)(self._kv._stream)
+        except nats.js.errors.NotFoundError as info_exc:
+            if info_exc.err_code == _STREAM_NOT_FOUND:
+                return BucketMissing(f"{what} failed: bucket {bucket} does not exist")
+            return StoreError(f"{what} failed: {exc!r}")
+        except (nats.errors.Error, TimeoutError):
+            return StoreError(f"{what} failed: {exc!r}")
+        if bool(info.config.allow_direct) != bool(getattr(self._kv, "_direct", False)):
+            return BucketMissing(
+                f"{what} failed: bucket {bucket} was re-created with other settings"
+            )
+        return StoreError(f"{what} failed: {exc!r}")
+
 
 _STREAM_NOT_FOUND = 10059  # JetStream API error code
+_NO_RESPONDERS = "503"
+
+
+def _leaves(group: BaseExceptionGroup[StoreError]) -> Iterator[StoreError]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:
@@ -315,7 +372,9 @@ def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:
 
 
 class _BatchGetFailed(nats.errors.Error):
-    pass
+    def __init__(self, status: str) -> None:
+        super().__init__(f"batch get answered status {status}")
+        self.status = status
 
 
 async def _direct_get_last(client: Client, stream: str, subjects: list[str]) -> dict[str, Entry]:
@@ -350,5 +409,5 @@ async def _direct_get_last(client: Client, stream: str, subjects: list[str]) -> 
     finally:
         await subscription.unsubscribe()
     if status not in ("204", "404"):
-        raise _BatchGetFailed(f"batch get answered status {status}")
+        raise _BatchGetFailed(status)
     return found

@@ -25,6 +25,7 @@ from emailrelay.addresses import (
 from emailrelay.handlers.replies import error_reply, parse_request, reply
 from emailrelay.mail.errors import SendFailure
 from emailrelay.mail.message import OutgoingEmail, build_message
+from emailrelay.store.kv import BucketMissing
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ class Sender(Protocol):
 class TrackingWriter(Protocol):
     async def create_record(self, record: api.TrackingRecord) -> None: ...
     async def append_to_group(self, group_id: str, email_id: str) -> None: ...
+
+
+class PendingTracking(Protocol):
+    def add(
+        self, record: api.TrackingRecord, writer: TrackingWriter, *, record_stored: bool
+    ) -> bool:
+        """Finish these tracking writes later; ``False`` when they cannot be kept."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class SendEmailHandler:
         tracking_deadline: float = 10.0,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         on_tracking_failure: Callable[[], None] = lambda: None,
+        pending: PendingTracking | None = None,
     ) -> None:
         self._rules = rules
         self._sender = sender
@@ -72,6 +82,7 @@ class SendEmailHandler:
         self._tracking_deadline = tracking_deadline
         self._new_id = new_id
         self._on_tracking_failure = on_tracking_failure
+        self._pending = pending
 
     def start_tracking(self, tracking: TrackingWriter) -> None:
         """Record sends from now on (the KV store became available after start)."""
@@ -156,17 +167,38 @@ class SendEmailHandler:
             await self._write_tracking(tracking, record)
         return reply(api.SendEmailReply(email_id=email.email_id, group_id=email.group_id))
 
-    async def _write_tracking(self, tracking: TrackingWriter, record: api.TrackingRecord) -> None:
-        """Store the record, then index it. A failing store is retried for a
-        bounded time; after that the email is out anyway, so the caller still
-        gets its success (an error would invite a duplicate send)."""
+    async def _write_tracking(
+        self,
+        tracking: TrackingWriter,
+        record: api.TrackingRecord,
+        deadline: float | None = None,
+    ) -> None:
+        """Store the record, then index it, retrying a failing store until
+        ``deadline`` (an ``anyio.current_time()`` instant; default: now +
+        ``tracking_deadline``). What is not stored by then is handed to the
+        pending writes, which finish it once the store is back. Either way the
+        email is out, so the caller gets its success (an error would invite a
+        duplicate send)."""
+        if deadline is None:
+            deadline = anyio.current_time() + self._tracking_deadline
+        record_stored = False
         delay = 0.05
-        with anyio.move_on_after(self._tracking_deadline):
+        with anyio.move_on_at(deadline):
             while True:
                 try:
-                    await tracking.create_record(record)
+                    if not record_stored:
+                        await tracking.create_record(record)
+                        record_stored = True
                     await tracking.append_to_group(record.group_id, record.email_id)
                     return
+                except BucketMissing as exc:
+                    # The bucket is gone and could not be opened again: waiting
+                    # here would only slow the reply down.
+                    log.warning(
+                        "tracking write failed: KV bucket missing",
+                        extra={"email_id": record.email_id, "error": str(exc)},
+                    )
+                    break
                 except Exception as exc:
                     # Not only StoreError: once the email is out, no failure of
                     # the store (even an unexpected one) may turn into an error
@@ -177,6 +209,14 @@ class SendEmailHandler:
                     )
                 await anyio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 2.0)
+        if self._pending is not None and self._pending.add(
+            record, tracking, record_stored=record_stored
+        ):
+            log.warning(
+                "tracking write pending; stored once the KV store answers",
+                extra={"email_id": record.email_id, "group_id": record.group_id},
+            )
+            return
         self._on_tracking_failure()
         log.error(
             "tracking write failed for good; the email was sent",

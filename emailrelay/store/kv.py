@@ -4,7 +4,9 @@ The JetStream adapter (:mod:`emailrelay.bridge.nats`) implements it over
 nats-py; tests implement it in memory (``tests/fakes.py``). Three outcomes are
 kept apart on purpose: a missing key (``None``), a lost race
 (:class:`RevisionConflict`, retry) and a failing store (:class:`StoreError`,
-never read as "missing").
+never read as "missing"). One failure is told apart from the others: the
+bucket itself is gone (:class:`BucketMissing`), which re-opening or
+re-creating it cures (:mod:`emailrelay.store.buckets`) and waiting does not.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ class RevisionConflict(Exception):
 
 class StoreError(Exception):
     """The store could not answer (connection lost, timeout, JetStream error)."""
+
+
+class BucketMissing(StoreError):
+    """The bucket does not exist (deleted while the relay runs). Raised only
+    when JetStream itself said so: a timeout or an unreachable JetStream is a
+    plain :class:`StoreError`, whatever it may look like."""
 
 
 class KeyValue(Protocol):

@@ -1,0 +1,188 @@
+"""Opening the two tracking buckets, and opening them again when they vanish.
+
+A bucket can disappear under a running relay: an operator deletes it by
+mistake, a GitOps tool deletes and re-declares it. Left alone, every write to
+it fails until a restart. So each bucket is held by a :class:`ReopeningBucket`:
+when the adapter reports :class:`~emailrelay.store.kv.BucketMissing` (JetStream
+said the stream is gone, never a guess from a timeout), it opens the bucket
+again, or with ``KV_AUTO_CREATE=true`` creates it with the deployment's
+settings, and retries the call once on the fresh handle. A relay that may not
+create buckets keeps looking, at most once per ``retry_interval``, and fails
+fast meanwhile, so a send is not held up by a bucket that is not there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import anyio
+
+from emailrelay import api
+from emailrelay.metrics import KV_BUCKET_REOPENS
+from emailrelay.store.kv import BucketMissing, Entry, KeyValue, StoreError
+from emailrelay.store.tracking import TrackingStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """A bucket as the deployment creates it (history 1, file storage, direct gets)."""
+
+    name: str
+    max_value_size: int
+
+
+RECIPIENTS = BucketSpec(api.RECIPIENTS_BUCKET, 64 * 1024)
+GROUP_INDEX = BucketSpec(api.GROUP_INDEX_BUCKET, 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    """What the relay may do about a missing bucket (``KV_AUTO_CREATE``, ``KV_REPLICAS``)."""
+
+    auto_create: bool
+    replicas: int = 1
+
+
+class BucketHost(Protocol):
+    """Where buckets are opened and created (the NATS connection)."""
+
+    async def key_value(self, bucket: str) -> KeyValue | None:
+        """The bucket, ``None`` when it does not exist; :class:`StoreError`
+        when JetStream cannot say."""
+        ...
+
+    async def create_key_value(self, bucket: str, max_value_size: int, replicas: int) -> KeyValue:
+        """Create the bucket; :class:`StoreError` when that fails."""
+        ...
+
+
+async def open_bucket(host: BucketHost, spec: BucketSpec, policy: BucketPolicy) -> KeyValue | None:
+    """The bucket, created when missing and the policy allows; ``None`` when
+    it is missing. :class:`StoreError` when JetStream is not available."""
+    kv, _ = await _open_or_create(host, spec, policy)
+    return kv
+
+
+async def _open_or_create(
+    host: BucketHost, spec: BucketSpec, policy: BucketPolicy
+) -> tuple[KeyValue | None, str]:
+    kv = await host.key_value(spec.name)
+    if kv is not None:
+        return kv, "reopened"
+    if not policy.auto_create:
+        return None, "missing"
+    try:
+        kv = await host.create_key_value(spec.name, spec.max_value_size, policy.replicas)
+    except StoreError:
+        # Another replica may have won the race (with settings of its own);
+        # use its bucket if it is there now.
+        kv = await host.key_value(spec.name)
+        if kv is None:
+            raise
+        return kv, "reopened"
+    log.info("created KV bucket", extra={"bucket": spec.name})
+    return kv, "created"
+
+
+class ReopeningBucket:
+    """:class:`~emailrelay.store.kv.KeyValue` that survives its bucket being
+    deleted: see the module docstring."""
+
+    def __init__(
+        self,
+        host: BucketHost,
+        spec: BucketSpec,
+        policy: BucketPolicy,
+        kv: KeyValue,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self._host = host
+        self._spec = spec
+        self._policy = policy
+        self._kv = kv
+        self._retry_interval = retry_interval
+        self._lock = anyio.Lock()
+        self._last_attempt = -math.inf
+
+    async def get(self, key: str) -> Entry | None:
+        return await self._call(lambda kv: kv.get(key))
+
+    async def get_many(self, keys: Sequence[str]) -> Mapping[str, Entry]:
+        return await self._call(lambda kv: kv.get_many(keys))
+
+    async def create(self, key: str, value: bytes) -> int:
+        return await self._call(lambda kv: kv.create(key, value))
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        return await self._call(lambda kv: kv.update(key, value, last))
+
+    async def _call(self, operation: Callable[[KeyValue], Awaitable[T]]) -> T:
+        kv = self._kv
+        try:
+            return await operation(kv)
+        except BucketMissing:
+            if not await self._reopen(kv):
+                raise
+        # A create that failed on the old bucket did not land: retrying it on
+        # the new one is still a first attempt.
+        return await operation(self._kv)
+
+    async def _reopen(self, failed: KeyValue) -> bool:
+        """Open (or create) the bucket again, once for all the calls that
+        found it missing; ``True`` when a fresh handle is there to retry on."""
+        async with self._lock:
+            if self._kv is not failed:
+                return True  # another call re-opened it meanwhile
+            now = anyio.current_time()
+            if now - self._last_attempt < self._retry_interval:
+                return False
+            self._last_attempt = now
+            try:
+                fresh, outcome = await _open_or_create(self._host, self._spec, self._policy)
+            except StoreError as exc:
+                KV_BUCKET_REOPENS.labels(self._spec.name, "failed").inc()
+                log.warning(
+                    "KV bucket missing and could not be opened again",
+                    extra={"bucket": self._spec.name, "error": str(exc)},
+                )
+                return False
+            KV_BUCKET_REOPENS.labels(self._spec.name, outcome).inc()
+            if fresh is None:
+                log.warning(
+                    "KV bucket missing and KV_AUTO_CREATE=false: tracking waits for it",
+                    extra={"bucket": self._spec.name},
+                )
+                return False
+            log.warning("KV bucket was missing; %s", outcome, extra={"bucket": self._spec.name})
+            self._kv = fresh
+            return True
+
+
+async def open_tracking_store(host: BucketHost, policy: BucketPolicy) -> TrackingStore | None:
+    """Both buckets, created with the deployment's settings when missing and
+    allowed, each re-opened when it vanishes later. ``None`` turns tracking
+    off (the caller looks again later)."""
+    opened: dict[str, KeyValue] = {}
+    try:
+        for spec in (RECIPIENTS, GROUP_INDEX):
+            kv = await open_bucket(host, spec, policy)
+            if kv is None:
+                log.warning(
+                    "KV bucket missing and KV_AUTO_CREATE=false: tracking is off",
+                    extra={"bucket": spec.name},
+                )
+                return None
+            opened[spec.name] = ReopeningBucket(host, spec, policy, kv)
+    except StoreError as exc:
+        log.warning("JetStream not available: tracking is off", extra={"error": str(exc)})
+        return None
+    log.info("tracking on", extra={"buckets": sorted(opened)})
+    return TrackingStore(opened[RECIPIENTS.name], opened[GROUP_INDEX.name])
