@@ -181,9 +181,14 @@ class SyncNats:
         history: int = 1,
         max_value_size: int = 1024 * 1024,
         storage: StorageType = StorageType.FILE,
+        direct: bool = False,
     ) -> None:
         config = KeyValueConfig(
-            bucket=name, history=history, max_value_size=max_value_size, storage=storage
+            bucket=name,
+            history=history,
+            max_value_size=max_value_size,
+            storage=storage,
+            direct=direct,
         )
 
         async def go() -> None:

@@ -149,14 +149,14 @@ def test_analytics_error_replies(
 
 
 def test_store_failure_reading_the_index_is_an_internal_error(smtp_server: SmtpServer) -> None:
-    with (
-        NatsServer() as server,
-        SyncNats(server.url) as client,
-        running_relay(server, smtp_server),
-    ):
-        send(client, group_id="doomed")
-        client.delete_bucket(api.RECIPIENTS_BUCKET)
-        reply: Any = analytics(client, group_id="doomed")
-        assert (reply["total_sent"], reply["delivered"]) == (1, 0)  # records skipped
-        client.delete_bucket(api.GROUP_INDEX_BUCKET)
-        assert analytics(client, group_id="doomed") == {"error": api.ERR_INTERNAL}
+    # Buckets deleted under a relay that may not re-create them: the store fails.
+    with NatsServer() as server, SyncNats(server.url) as client:
+        client.create_bucket(api.RECIPIENTS_BUCKET, max_value_size=64 * 1024, direct=True)
+        client.create_bucket(api.GROUP_INDEX_BUCKET, direct=True)
+        with running_relay(server, smtp_server, {"KV_AUTO_CREATE": "false"}):
+            send(client, group_id="doomed")
+            client.delete_bucket(api.RECIPIENTS_BUCKET)
+            reply: Any = analytics(client, group_id="doomed")
+            assert (reply["total_sent"], reply["delivered"]) == (1, 0)  # records skipped
+            client.delete_bucket(api.GROUP_INDEX_BUCKET)
+            assert analytics(client, group_id="doomed") == {"error": api.ERR_INTERNAL}

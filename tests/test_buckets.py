@@ -185,3 +185,15 @@ async def test_unavailable_jetstream_while_reopening_stays_bucket_missing() -> N
     host.jetstream_down = True
     with pytest.raises(BucketMissing):
         await kv.create("k", b"v")
+
+
+async def test_bucket_deleted_again_after_its_recreation_is_recreated_again_at_once() -> None:
+    host = MemoryBuckets(GROUP_INDEX_BUCKET)
+    kv = ReopeningBucket(
+        host, GROUP_INDEX, AUTO_CREATE, host.buckets[GROUP_INDEX_BUCKET], retry_interval=60
+    )
+    host.delete(GROUP_INDEX_BUCKET)
+    await kv.create("a", b"1")
+    host.delete(GROUP_INDEX_BUCKET)
+    await kv.create("b", b"2")
+    assert sorted(host.buckets[GROUP_INDEX_BUCKET].entries) == ["b"]

@@ -245,18 +245,23 @@ def stream_config(client: SyncNats, bucket: str) -> Any:
     return client._run(go())
 
 
+def declare_buckets(client: SyncNats, *, direct: bool = True) -> None:
+    """Both buckets as an operator declares them (the deployment's settings)."""
+    client.create_bucket(api.RECIPIENTS_BUCKET, max_value_size=64 * 1024, direct=direct)
+    client.create_bucket(api.GROUP_INDEX_BUCKET, direct=direct)
+
+
 def test_store_failure_answers_internal_error_not_not_found(smtp_server: SmtpServer) -> None:
-    with (
-        NatsServer() as server,
-        SyncNats(server.url) as client,
-        running_relay(server, smtp_server),
-    ):
-        sent = send(client, group_id="doomed")
-        client.delete_bucket(api.RECIPIENTS_BUCKET)
-        assert status(client, email_id=sent["email_id"]) == {"error": api.ERR_INTERNAL}
-        assert status(client, group_id="doomed") == {"error": api.ERR_INTERNAL}
-        client.delete_bucket(api.GROUP_INDEX_BUCKET)
-        assert status(client, group_id="doomed") == {"error": api.ERR_INTERNAL}
+    # A bucket deleted under a relay that may not re-create it: the store fails.
+    with NatsServer() as server, SyncNats(server.url) as client:
+        declare_buckets(client)
+        with running_relay(server, smtp_server, {"KV_AUTO_CREATE": "false"}):
+            sent = send(client, group_id="doomed")
+            client.delete_bucket(api.RECIPIENTS_BUCKET)
+            assert status(client, email_id=sent["email_id"]) == {"error": api.ERR_INTERNAL}
+            assert status(client, group_id="doomed") == {"error": api.ERR_INTERNAL}
+            client.delete_bucket(api.GROUP_INDEX_BUCKET)
+            assert status(client, group_id="doomed") == {"error": api.ERR_INTERNAL}
 
 
 def test_missing_buckets_are_created_with_the_deployment_settings(
@@ -335,10 +340,9 @@ def test_buckets_without_direct_gets_work_and_fail_as_internal_error(
     smtp_server: SmtpServer,
 ) -> None:
     with NatsServer() as server, SyncNats(server.url) as client:
-        client.create_bucket(api.RECIPIENTS_BUCKET, max_value_size=64 * 1024)
-        client.create_bucket(api.GROUP_INDEX_BUCKET)
+        declare_buckets(client, direct=False)
         assert not stream_config(client, api.RECIPIENTS_BUCKET).allow_direct
-        with running_relay(server, smtp_server):
+        with running_relay(server, smtp_server, {"KV_AUTO_CREATE": "false"}):
             sent = [send(client, group_id="plain-gets")["email_id"] for _ in range(3)]
             assert sorted(r["email_id"] for r in status(client, group_id="plain-gets")) == sorted(
                 sent

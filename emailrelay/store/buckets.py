@@ -6,9 +6,10 @@ it fails until a restart. So each bucket is held by a :class:`ReopeningBucket`:
 when the adapter reports :class:`~emailrelay.store.kv.BucketMissing` (JetStream
 said the stream is gone, never a guess from a timeout), it opens the bucket
 again, or with ``KV_AUTO_CREATE=true`` creates it with the deployment's
-settings, and retries the call once on the fresh handle. A relay that may not
-create buckets keeps looking, at most once per ``retry_interval``, and fails
-fast meanwhile, so a send is not held up by a bucket that is not there.
+settings, and retries the call once on the fresh handle. After an attempt
+that found nothing (``KV_AUTO_CREATE=false``, or JetStream not answering) it
+looks again at most once per ``retry_interval`` and fails fast meanwhile, so a
+send is not held up by a bucket that is not there.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class ReopeningBucket:
         self._kv = kv
         self._retry_interval = retry_interval
         self._lock = anyio.Lock()
-        self._last_attempt = -math.inf
+        self._failed_at = -math.inf
 
     async def get(self, key: str) -> Entry | None:
         return await self._call(lambda kv: kv.get(key))
@@ -141,13 +142,12 @@ class ReopeningBucket:
         async with self._lock:
             if self._kv is not failed:
                 return True  # another call re-opened it meanwhile
-            now = anyio.current_time()
-            if now - self._last_attempt < self._retry_interval:
+            if anyio.current_time() - self._failed_at < self._retry_interval:
                 return False
-            self._last_attempt = now
             try:
                 fresh, outcome = await _open_or_create(self._host, self._spec, self._policy)
             except StoreError as exc:
+                self._failed_at = anyio.current_time()
                 KV_BUCKET_REOPENS.labels(self._spec.name, "failed").inc()
                 log.warning(
                     "KV bucket missing and could not be opened again",
@@ -156,6 +156,7 @@ class ReopeningBucket:
                 return False
             KV_BUCKET_REOPENS.labels(self._spec.name, outcome).inc()
             if fresh is None:
+                self._failed_at = anyio.current_time()
                 log.warning(
                     "KV bucket missing and KV_AUTO_CREATE=false: tracking waits for it",
                     extra={"bucket": self._spec.name},
