@@ -130,7 +130,8 @@ def make_relay(
     tracking: bool = True,
     pending: FakePending | None = None,
 ) -> Relay:
-    sender, store, failures = FakeSender(), FakeTracking(), []
+    sender, store = FakeSender(), FakeTracking()
+    failures: list[None] = []
     handler = SendEmailHandler(
         rules,
         sender,

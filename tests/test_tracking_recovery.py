@@ -230,6 +230,7 @@ def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
             message=f"the tracking writes were not handed to the pending queue\n{relay.logs()}",
         )
         server.start()
+        restarted = time.perf_counter()
         sent = tracking_ids(smtp)
         assert len(sent) == count
         with SyncNats(server.url) as after:
@@ -242,6 +243,8 @@ def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
                 )
 
             wait_until(all_stored, timeout=30, message=f"records missing\n{relay.logs()}")
+            took = time.perf_counter() - restarted
+            print(f"\n{count} pending writes stored {took:.1f} s after the restart")
             assert sorted(r["email_id"] for r in status(after, group_id=group_id)) == sorted(
                 email_id for _, email_id in sent
             )
