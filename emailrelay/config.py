@@ -14,6 +14,7 @@ The contract variables keep the replaced relay's names and defaults. Rules:
 from __future__ import annotations
 
 import enum
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -21,7 +22,10 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import annotated_types
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from emailrelay.addresses import parse_mailbox
 
@@ -82,21 +86,30 @@ def _parse_duration(value: Any) -> Any:
 _NATS_SCHEMES = {"nats", "tls", "ws", "wss"}
 
 
-def _parse_nats_urls(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    urls = tuple(url.strip() for url in value.split(",") if url.strip())
+def parse_nats_urls(text: str) -> tuple[str, ...]:
+    """Comma-separated NATS URLs, checked without connecting; :class:`ValueError`
+    says what is wrong in words that follow the variable or flag name."""
+    urls = tuple(url.strip() for url in text.split(",") if url.strip())
     for url in urls:
         parts = urlsplit(url)
-        if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
-            raise ValueError("must be nats://, tls://, ws:// or wss:// URLs, comma-separated")
+        if parts.scheme not in _NATS_SCHEMES:
+            got = f"{parts.scheme}://" if "://" in url else "a URL without a scheme"
+            raise ValueError(
+                f"must be nats://, tls://, ws:// or wss:// URLs, comma-separated (got {got})"
+            )
+        if not parts.hostname:
+            raise ValueError(f"must name a host in every URL (got {parts.scheme}:// without one)")
         try:
             parts.port  # noqa: B018  (raises on a port that is not a number)
-        except ValueError as exc:
-            raise ValueError(f"has an invalid port: {exc}") from None
+        except ValueError:
+            raise ValueError("must have a port that is a whole number from 1 to 65535") from None
     if not urls:
         raise ValueError("is empty")
     return urls
+
+
+def _parse_nats_urls(value: Any) -> Any:
+    return parse_nats_urls(value) if isinstance(value, str) else value
 
 
 Bool = Annotated[bool, BeforeValidator(_parse_bool)]
@@ -104,6 +117,9 @@ DomainList = Annotated[tuple[str, ...], BeforeValidator(_parse_list)]
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 NatsUrls = Annotated[tuple[str, ...], BeforeValidator(_parse_nats_urls)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+"""A port to listen on: 0 picks any free one."""
+RemotePort = Annotated[int, Field(ge=1, le=65535)]
+"""A port to connect to."""
 
 
 class Settings(BaseModel):
@@ -123,7 +139,7 @@ class Settings(BaseModel):
     # Sending
     email_enabled: Bool = Field(default=False, alias="EMAIL_ENABLED")
     smtp_host: str = Field(default="localhost", alias="SMTP_HOST")
-    smtp_port: Port = Field(default=587, alias="SMTP_PORT")
+    smtp_port: RemotePort = Field(default=587, alias="SMTP_PORT")
     smtp_username: str | None = Field(default=None, alias="SMTP_USERNAME")
     smtp_password: str | None = Field(default=None, alias="SMTP_PASSWORD", repr=False)
     smtp_tls_mode: SmtpTlsMode = Field(default=SmtpTlsMode.AUTO, alias="SMTP_TLS_MODE")
@@ -201,25 +217,86 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     try:
         settings = Settings.model_validate(values)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        variable = str(error["loc"][0]) if error["loc"] else "configuration"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{variable}: {message}") from None
+        raise ConfigError(_in_our_words(exc.errors()[0])) from None
 
     _check_consistency(settings)
     return settings
 
 
+# Values never repeated in an error message: they may hold a credential.
+_SECRET_VARIABLES = {"NATS_URL", "SMTP_USERNAME", "SMTP_PASSWORD"}
+_QUOTED_MAX = 60
+
+
+def _got(variable: str, value: object) -> str:
+    """`` (got "value")``, shortened; nothing for a variable that may hold a secret."""
+    if variable in _SECRET_VARIABLES or not isinstance(value, str):
+        return ""
+    if len(value) > _QUOTED_MAX:
+        value = value[: _QUOTED_MAX - 1] + "…"
+    return f" (got {json.dumps(value, ensure_ascii=False)})"
+
+
+def _in_our_words(error: ErrorDetails) -> str:
+    """One validation error as a sentence in the project's voice:
+    ``SMTP_PORT must be a whole number from 1 to 65535 (got "abc")``."""
+    variable = str(error["loc"][0]) if error["loc"] else "configuration"
+    field = Settings.model_fields.get(_env_names().get(variable, ""))
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    if kind == "value_error":
+        # Our own validators (booleans, durations, URLs) already speak this way.
+        message = str(context.get("error", error["msg"]))
+    elif field is not None and field.annotation is int:
+        message = f"must be {_whole_number_range(field)}"
+    elif kind == "enum":
+        message = "must be one of " + str(context.get("expected", "")).replace("'", "").replace(
+            " or ", ", "
+        )
+    elif kind == "greater_than" and _is_duration(field):
+        message = "must be more than 0: seconds or a duration such as 500ms, 30s, 5m"
+    else:
+        message = "is not usable: " + str(error["msg"]).lower()
+    return f"{variable} {message}{_got(variable, error.get('input'))}"
+
+
+def _whole_number_range(field: FieldInfo) -> str:
+    low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+    if low is not None and high is not None:
+        return f"a whole number from {low} to {high}"
+    if low is not None:
+        return f"a whole number of at least {low}"
+    return "a whole number"
+
+
+def _is_duration(field: FieldInfo | None) -> bool:
+    return field is not None and any(
+        isinstance(m, BeforeValidator) and m.func is _parse_duration for m in field.metadata
+    )
+
+
 def _check_consistency(settings: Settings) -> None:
     if settings.log_level.lower() not in ("debug", "info", "warn", "warning", "error"):
-        raise ConfigError("LOG_LEVEL: must be one of debug, info, warn, error")
+        raise ConfigError(
+            "LOG_LEVEL must be one of debug, info, warn, error"
+            + _got("LOG_LEVEL", settings.log_level)
+        )
     if settings.nats_creds is not None and not settings.nats_creds.is_file():
-        raise ConfigError(f"NATS_CREDS: no such file: {settings.nats_creds}")
+        raise ConfigError(
+            f"NATS_CREDS must name a .creds file (there is none at {settings.nats_creds})"
+        )
     if parse_mailbox(settings.default_from) is None:
-        raise ConfigError("DEFAULT_SMTP_FROM: not a valid email address")
+        raise ConfigError(
+            "DEFAULT_SMTP_FROM must be one email address such as noreply@example.com"
+            + _got("DEFAULT_SMTP_FROM", settings.default_from)
+        )
     if bool(settings.smtp_username) != bool(settings.smtp_password):
-        raise ConfigError("SMTP_USERNAME and SMTP_PASSWORD: set both or neither")
+        missing = "SMTP_PASSWORD" if settings.smtp_username else "SMTP_USERNAME"
+        raise ConfigError(
+            f"SMTP_USERNAME and SMTP_PASSWORD must be set together ({missing} is empty)"
+        )
     if settings.ses_eventing_enabled and not settings.ses_engagement_sqs_queue_url:
         raise ConfigError(
-            "SES_ENGAGEMENT_SQS_QUEUE_URL: SES_EVENTING_ENABLED is true but the queue URL is empty"
+            "SES_ENGAGEMENT_SQS_QUEUE_URL must be set when SES_EVENTING_ENABLED is true"
         )

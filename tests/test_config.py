@@ -143,3 +143,60 @@ def test_eventing_with_a_queue_url_is_fine() -> None:
         }
     )
     assert settings.ses_eventing_enabled is True
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SMTP_PORT": "abc"}, 'SMTP_PORT must be a whole number from 1 to 65535 (got "abc")'),
+        ({"SMTP_PORT": "0"}, 'SMTP_PORT must be a whole number from 1 to 65535 (got "0")'),
+        ({"PORT": "70000"}, 'PORT must be a whole number from 0 to 65535 (got "70000")'),
+        (
+            {"SMTP_TLS_MODE": "sometimes"},
+            'SMTP_TLS_MODE must be one of auto, implicit, starttls, none (got "sometimes")',
+        ),
+        (
+            {"SEND_TIMEOUT": "0"},
+            "SEND_TIMEOUT must be more than 0: seconds or a duration such as 500ms, 30s, 5m "
+            '(got "0")',
+        ),
+        (
+            {"EMAIL_ENABLED": "yes"},
+            'EMAIL_ENABLED must be one of true, t, 1, false, f, 0 (got "yes")',
+        ),
+        ({"KV_REPLICAS": "9"}, 'KV_REPLICAS must be a whole number from 1 to 5 (got "9")'),
+        (
+            {"LOG_LEVEL": "loud"},
+            'LOG_LEVEL must be one of debug, info, warn, error (got "loud")',
+        ),
+    ],
+)
+def test_configuration_errors_speak_in_one_voice(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SMTP_PORT": "abc"},
+        {"SMTP_POOL_SIZE": "1.5"},
+        {"SMTP_TLS_MODE": "x"},
+        {"LOG_FORMAT": "xml"},
+        {"SHUTDOWN_GRACE_SECONDS": "0"},
+        {"SES_EVENT_MAX_RECEIVES": "0"},
+    ],
+)
+def test_configuration_errors_never_show_raw_validation_output(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert "Input should" not in str(caught.value)
+    assert "pydantic" not in str(caught.value)
+
+
+def test_a_bad_nats_url_is_not_repeated_in_the_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"NATS_URL": "http://user:s3cret@nats.example:4222"})
+    assert str(caught.value).startswith("NATS_URL must be nats://, tls://, ws:// or wss:// URLs")
+    assert "s3cret" not in str(caught.value)
