@@ -42,7 +42,7 @@ from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
-from emailrelay.health import serve_health
+from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.metrics import TRACKING_WRITE_FAILURES
 from emailrelay.server import Handler, RequestServer
@@ -63,18 +63,24 @@ writes (within the pod's termination grace beyond SHUTDOWN_GRACE_SECONDS)."""
 
 def run(settings: Settings) -> int:
     """Run the service until a signal or a fatal failure; return the exit code."""
+    try:
+        http_socket = bind_http_socket(settings.http_host, settings.port)
+    except OSError as exc:
+        log.error(why_unbindable(exc, settings.http_host, settings.port, "PORT"))
+        return EXIT_FAILURE
     tracing.configure_from_environment()
     try:
-        return trio.run(_run_with_asyncio_loop, settings)
+        return trio.run(_run_with_asyncio_loop, settings, http_socket)
     finally:
+        http_socket.close()
         tracing.shutdown()
 
 
-async def _run_with_asyncio_loop(settings: Settings) -> int:
+async def _run_with_asyncio_loop(settings: Settings, http_socket: socket.socket) -> int:
     async with trio_asyncio.open_loop():
         try:
             async with connected_to_nats(settings) as nats:
-                return await serve(settings, nats)
+                return await serve(settings, nats, http_socket=http_socket)
         except NatsUnavailable as exc:
             log.error("giving up: %s after %gs", exc, settings.nats_connect_timeout)
             return EXIT_FAILURE
@@ -119,8 +125,17 @@ class Lifecycle:
             self.fail(part)
 
 
-async def serve(settings: Settings, nats: NatsConnection) -> int:
-    tracking = await open_tracking_store(nats, settings)
+async def serve(
+    settings: Settings,
+    nats: NatsConnection,
+    *,
+    http_socket: socket.socket | None = None,
+    tracking: TrackingStore | None = None,
+) -> int:
+    """``http_socket``: the HTTP port already bound (else bound here); ``tracking``:
+    a store the caller opened already (else opened here)."""
+    if tracking is None:
+        tracking = await open_tracking_store(nats, settings)
     sqs: SqsClient | None = None
     if settings.ses_eventing_enabled:
         if tracking is None:
@@ -160,6 +175,7 @@ async def serve(settings: Settings, nats: NatsConnection) -> int:
                     settings.port,
                     lambda: nats.is_connected,
                     lifecycle.stopping,
+                    sock=http_socket,
                 ),
             )
             if sqs is not None and tracking is not None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any, cast
@@ -62,16 +64,44 @@ def health_app(is_ready: Callable[[], bool]) -> Callable[[Scope, Receive, Send],
     return app
 
 
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound now (not yet listening) and handed to
+    :func:`serve_health` later: a taken port is then reported at start, in
+    one line, before the relay connects to NATS or joins the queue group.
+    Raises :class:`OSError`; :func:`why_unbindable` words it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def why_unbindable(exc: OSError, host: str, port: int, change: str) -> str:
+    """One line for a failed bind, naming what to ``change`` (a variable or flag)."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {host}: set {change} to a free port"
+    if exc.errno == errno.EACCES:
+        return f"port {port} on {host} needs privileges: set {change} to a port above 1023"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}): check {change} and HTTP_HOST"
+
+
 async def serve_health(
     host: str,
     port: int,
     is_ready: Callable[[], bool],
     stopping: anyio.Event,
     on_bound: Callable[[list[str]], None] = lambda binds: None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until ``stopping`` is set; ``on_bound`` gets the bound URLs (port 0 = any)."""
+    """Serve until ``stopping`` is set; ``on_bound`` gets the bound URLs (port 0 = any).
+    ``sock`` (from :func:`bind_http_socket`) is used instead of binding
+    ``host:port`` and is closed when serving ends."""
     config = Config()
-    config.bind = [f"{host}:{port}"]
+    # hypercorn wraps the descriptor and closes it itself: detach ours.
+    config.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
