@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
+import re
 import shlex
 import shutil
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -81,6 +86,10 @@ def _port(value: str) -> int:
     return port
 
 
+DEFAULT_STATE_DIR = Path(".emailrelay-dev")
+STATE_DIR_HELP = "the dev stack's state directory (default ./.emailrelay-dev)"
+
+
 def _add_dev_command(commands: Any) -> None:
     dev = commands.add_parser(
         "dev",
@@ -88,8 +97,10 @@ def _add_dev_command(commands: Any) -> None:
         description=(
             "Runs an embedded nats-server (JetStream kept in STATE_DIR/nats), an SMTP server "
             "that captures every message as an .eml file in STATE_DIR/capture, and the relay "
-            "with sending on, all on 127.0.0.1. Ctrl-C stops everything. "
-            "A port of 0 means any free port (the real one is printed)."
+            "with sending on, all on 127.0.0.1. Every captured message gets an SES Delivery "
+            "event; `dev event` makes the others. Ctrl-C (or SIGTERM, or closing the terminal) "
+            "stops everything. A port of 0 means any free port (the real one is printed). "
+            "One stack per state directory."
         ),
     )
     dev.add_argument("--nats-port", type=_port, default=4222, help="NATS port (default 4222)")
@@ -97,15 +108,137 @@ def _add_dev_command(commands: Any) -> None:
         "--smtp-port", type=_port, default=1025, help="SMTP capture port (default 1025)"
     )
     dev.add_argument(
-        "--port", type=_port, default=8080, help="relay health port, /livez /readyz (default 8080)"
+        "--port",
+        type=_port,
+        default=8080,
+        help="relay HTTP port: /livez /readyz /metrics (default 8080)",
     )
     dev.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(".emailrelay-dev"),
+        default=DEFAULT_STATE_DIR,
         help="where JetStream data and captured mail live (default ./.emailrelay-dev)",
     )
     dev.set_defaults(run=_dev)
+    actions = dev.add_subparsers(dest="dev_command", metavar="ACTION")
+    _add_dev_event_command(actions)
+
+
+def _add_dev_event_command(actions: Any) -> None:
+    from emailrelay.dev.sesevents import BOUNCE_TYPES, DevEvent
+
+    event = actions.add_parser(
+        "event",
+        help="make an SES engagement event for a captured email (open, click, ...)",
+        description=(
+            "Makes the SES event Amazon SES would publish for an email the running dev stack "
+            "captured (built from its .eml file, in an SNS envelope) and hands it to the "
+            "stack, whose relay applies it with the same code as events from SQS; then prints "
+            "the email's tracking record. The stack is found through its state directory, "
+            "so this works on any --nats-port, 0 included."
+        ),
+    )
+    event.add_argument(
+        "kind",
+        choices=[kind.value.lower() for kind in DevEvent],
+        help="the SES event type (delivery is sent by the stack itself on capture)",
+    )
+    event.add_argument(
+        "--email-id",
+        required=True,
+        type=_email_id,
+        help="the email's id, as `send` printed it",
+    )
+    event.add_argument(
+        "--link",
+        default="https://example.com/",
+        metavar="URL",
+        help="the clicked link, for click (default https://example.com/)",
+    )
+    event.add_argument(
+        "--bounce-type",
+        choices=BOUNCE_TYPES,
+        default="Permanent",
+        help="for bounce (default Permanent)",
+    )
+    # SUPPRESS: without the flag here, `dev --state-dir DIR event ...` keeps DIR.
+    event.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help=STATE_DIR_HELP)
+    event.add_argument(
+        "--timeout",
+        type=_timeout_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the stack (default 10)",
+    )
+    event.add_argument(
+        "--json", action="store_true", help="print the tracking record's JSON unchanged"
+    )
+    event.set_defaults(run=_dev_event, parser=event)
+
+
+_EMAIL_ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+
+
+def _email_id(value: str) -> str:
+    if not _EMAIL_ID.match(value):
+        raise argparse.ArgumentTypeError(f"not an email id such as `send` prints: {value!r}")
+    return value
+
+
+def _dev_event(args: argparse.Namespace) -> int:
+    from emailrelay.client import EmailRelayClient, RelayUnavailable
+    from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
+    from emailrelay.dev.state import NoStackRunning, running_stack
+
+    state_dir: Path = args.state_dir.resolve()
+    try:
+        stack = running_stack(state_dir)
+    except NoStackRunning as exc:
+        print(f"emailrelay: {exc}", file=sys.stderr)
+        return EXIT_NO_RELAY
+    captured = sorted(Path(stack.capture_dir).glob(f"*-{args.email_id}.eml"))
+    if not captured:
+        print(
+            f"emailrelay: no email {args.email_id} in {stack.capture_dir} "
+            "(events are for emails this dev stack captured)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR_REPLY
+    kind = DevEvent(args.kind.capitalize())
+    event = ses_event(kind, captured[-1].read_bytes(), link=args.link, bounce_type=args.bounce_type)
+
+    async def inject() -> tuple[Any, bytes]:
+        async with EmailRelayClient.connect(
+            stack.nats_url,
+            timeout=args.timeout,
+            connect_timeout=args.timeout,
+            name="emailrelay-dev-event",
+        ) as relay:
+            accepted = await relay.request(
+                stack.events_subject, _json_object(sns_notification(event))
+            )
+            status = await relay.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": args.email_id})
+            return accepted, status
+
+    try:
+        accepted, status = asyncio.run(inject())
+    except RelayUnavailable as exc:
+        print(f"emailrelay: the dev stack in {state_dir} did not answer: {exc}", file=sys.stderr)
+        return EXIT_NO_RELAY
+    if not args.json:
+        handled = b'"handled": true' in accepted
+        print(
+            f"{args.kind} event for {args.email_id}: "
+            + ("applied by the relay" if handled else "queued (the relay retries it)")
+        )
+    return _print_reply(args, status, _show_status)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    import json
+
+    value: dict[str, Any] = json.loads(text)
+    return value
 
 
 # --- Client commands: send, status, analytics ----------------------------------
@@ -121,44 +254,78 @@ def _text_file(value: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot read {value}: {exc}") from None
 
 
-def _positive_seconds(value: str) -> float:
+MIN_TIMEOUT = 0.01
+MAX_TIMEOUT = 3600.0
+
+
+def _timeout_seconds(value: str) -> float:
+    """A finite number of seconds a person would wait: 10 ms to an hour."""
     try:
         seconds = float(value)
     except ValueError:
-        seconds = 0.0
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {value!r}")
+        seconds = math.nan
+    if not MIN_TIMEOUT <= seconds <= MAX_TIMEOUT:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:g} (got {value!r})"
+        )
     return seconds
 
 
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if number < low or (high is not None and number > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {span} (got {value!r})")
+        return number
+
+    return parse
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    group = parser.add_argument_group("connection")
+    group.add_argument(
         "--server",
         "-s",
         metavar="URL",
         help=f"NATS URL(s), comma-separated (default: $NATS_URL, else {DEFAULT_NATS_URL})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=_timeout_seconds,
         default=10.0,
         metavar="SECONDS",
-        help="how long to wait for NATS and for the relay's reply (default 10)",
+        help="how long to wait for NATS and for the relay's reply (default 10); "
+        "a refused connection or an unknown host fails at once",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print the relay's reply JSON unchanged"
-    )
+    group.add_argument("--json", action="store_true", help="print the relay's reply JSON unchanged")
+
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 the relay answered with an error (printed on stderr); "
+    "2 usage error; 3 no relay answered (NATS unreachable, nobody serving, or no reply "
+    "in time)"
+)
 
 
 def _add_client_commands(commands: Any) -> None:
     send = commands.add_parser(
         "send",
         help="send one email through a running relay",
-        description="Send one email through a running relay (lfx.email-service.send_email).",
+        description=(
+            "Send one email through a running relay (lfx.email-service.send_email) and print "
+            "its email_id and group_id. --to, --subject and both bodies are required: "
+            "--html (or --html-file) and --text (or --text-file)."
+        ),
+        epilog=EXIT_CODES_HELP,
     )
-    send.add_argument("--to", required=True, help="recipient address")
-    send.add_argument("--subject", required=True)
-    html = send.add_mutually_exclusive_group(required=True)
+    message = send.add_argument_group("message (required)")
+    message.add_argument("--to", required=True, metavar="ADDRESS", help="recipient address")
+    message.add_argument("--subject", required=True, help="subject line")
+    html = message.add_mutually_exclusive_group(required=True)
     html.add_argument("--html", help="the HTML body")
     html.add_argument(
         "--html-file",
@@ -166,7 +333,7 @@ def _add_client_commands(commands: Any) -> None:
         metavar="PATH",
         help="read the HTML body from PATH (- = stdin)",
     )
-    text = send.add_mutually_exclusive_group(required=True)
+    text = message.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the plain-text body")
     text.add_argument(
         "--text-file",
@@ -174,29 +341,80 @@ def _add_client_commands(commands: Any) -> None:
         metavar="PATH",
         help="read the plain-text body from PATH (- = stdin)",
     )
-    send.add_argument("--from", dest="from_", default="", metavar="ADDRESS", help="sender")
-    send.add_argument("--from-display-name", default="", metavar="NAME")
-    send.add_argument("--reply-to", default="", metavar="ADDRESS")
-    send.add_argument("--group-id", default="", help="batch id (default: the relay makes one)")
+    optional = send.add_argument_group("optional fields (the relay's defaults apply)")
+    optional.add_argument(
+        "--from",
+        dest="from_",
+        default="",
+        metavar="ADDRESS",
+        help="sender; its domain must be in the relay's SMTP_ALLOWED_FROM_DOMAINS "
+        "(default: its DEFAULT_SMTP_FROM)",
+    )
+    optional.add_argument(
+        "--from-display-name",
+        default="",
+        metavar="NAME",
+        help="the From display name (default: the relay's DEFAULT_SMTP_FROM_DISPLAY_NAME)",
+    )
+    optional.add_argument(
+        "--reply-to",
+        default="",
+        metavar="ADDRESS",
+        help="Reply-To address; its domain must be in (or under) the relay's "
+        "SMTP_ALLOWED_REPLY_TO_DOMAINS",
+    )
+    optional.add_argument(
+        "--group-id",
+        default="",
+        metavar="ID",
+        help="your batch id, for status and analytics by group (default: the relay makes one)",
+    )
     _add_connection_options(send)
-    send.set_defaults(run=_send)
+    send.set_defaults(run=_send, parser=send)
 
     status = commands.add_parser(
         "status",
         help="show the tracking record of an email, or of every email in a group",
+        description=(
+            "Show one email's tracking record (sent, delivered, opened, failed), or the "
+            "records of every email in a group in send order "
+            "(lfx.email-service.get_email_status). Page a big group with --limit and --offset."
+        ),
+        epilog=EXIT_CODES_HELP,
     )
     which = status.add_mutually_exclusive_group(required=True)
-    which.add_argument("--email-id")
-    which.add_argument("--group-id")
-    status.add_argument("--limit", type=int, help="page size for a group (1-1000)")
-    status.add_argument("--offset", type=int, help="where a group's page starts (0-based)")
+    which.add_argument("--email-id", metavar="ID", help="one email, by the id `send` printed")
+    which.add_argument("--group-id", metavar="ID", help="every email sent with this group id")
+    status.add_argument(
+        "--limit",
+        type=_whole_number(1, api.MAX_STATUS_PAGE),
+        metavar="N",
+        help=f"page size for a group (1-{api.MAX_STATUS_PAGE})",
+    )
+    status.add_argument(
+        "--offset",
+        type=_whole_number(0),
+        metavar="N",
+        help="where a group's page starts (0-based)",
+    )
     _add_connection_options(status)
     status.set_defaults(run=_status, parser=status)
 
-    analytics = commands.add_parser("analytics", help="show delivery and open counts for a group")
-    analytics.add_argument("--group-id", required=True)
+    analytics = commands.add_parser(
+        "analytics",
+        help="show delivery and open counts for a group",
+        description=(
+            "Show a group's counts: total_sent, delivered, opened (every open), unique_opened "
+            "(emails opened at least once) and failed "
+            "(lfx.email-service.get_email_engagement_analytics)."
+        ),
+        epilog=EXIT_CODES_HELP,
+    )
+    analytics.add_argument(
+        "--group-id", required=True, metavar="ID", help="the group id the emails were sent with"
+    )
     _add_connection_options(analytics)
-    analytics.set_defaults(run=_analytics)
+    analytics.set_defaults(run=_analytics, parser=analytics)
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -239,11 +457,16 @@ def _request(
     show: Callable[[Any], None],
 ) -> int:
     """One request; the reply printed; the exit code (see the README)."""
-    from emailrelay.client import EmailRelayClient, EmailRelayError, RelayUnavailable, decode_reply
+    from emailrelay.client import EmailRelayClient, RelayUnavailable
 
-    servers = args.server or os.environ.get("NATS_URL", "").strip() or DEFAULT_NATS_URL
+    servers = _nats_servers(args)
 
     async def ask() -> bytes:
+        # The client retries a refused connection until its connect timeout (a
+        # relay may start before NATS); a person at a terminal wants to know now.
+        problem = await unreachable(servers, args.timeout)
+        if problem is not None:
+            raise RelayUnavailable(f"cannot reach NATS: {problem}")
         async with EmailRelayClient.connect(
             servers, timeout=args.timeout, connect_timeout=args.timeout, name="emailrelay-cli"
         ) as relay:
@@ -254,6 +477,12 @@ def _request(
     except RelayUnavailable as exc:
         print(f"emailrelay: no relay answered: {exc}", file=sys.stderr)
         return EXIT_NO_RELAY
+    return _print_reply(args, reply, show)
+
+
+def _print_reply(args: argparse.Namespace, reply: bytes, show: Callable[[Any], None]) -> int:
+    from emailrelay.client import EmailRelayError, decode_reply
+
     if args.json:
         print(reply.decode(errors="replace"))
     try:
@@ -268,6 +497,66 @@ def _request(
             print(f"unexpected reply from the relay: {reply[:500]!r}", file=sys.stderr)
             return EXIT_ERROR_REPLY
     return EXIT_OK
+
+
+def _nats_servers(args: argparse.Namespace) -> tuple[str, ...]:
+    """The NATS URLs to use, checked here: a usage error names where they came from."""
+    from emailrelay.config import parse_nats_urls
+
+    if args.server:
+        source, text = "--server", args.server
+    elif os.environ.get("NATS_URL", "").strip():
+        source, text = "NATS_URL", os.environ["NATS_URL"]
+    else:
+        return (DEFAULT_NATS_URL,)
+    try:
+        return parse_nats_urls(text)
+    except ValueError as exc:
+        args.parser.error(f"{source} {exc}")
+        raise  # not reached: error() exits
+
+
+_DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "ws": 80, "wss": 443}
+
+
+async def unreachable(servers: Sequence[str], wait: float) -> str | None:
+    """``None`` as soon as one server accepts a TCP connection; else why none
+    does (``127.0.0.1:4222: connection refused``, ``unknown host nats.example``),
+    known in milliseconds unless a server just does not answer."""
+
+    async def probe(url: str) -> str | None:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 4222)
+        try:
+            async with asyncio.timeout(wait):
+                _, writer = await asyncio.open_connection(host, port)
+        except socket.gaierror:
+            return f"unknown host {host}"
+        except TimeoutError:
+            return f"{host}:{port} did not answer within {wait:g}s"
+        except OSError as exc:
+            # asyncio words a refusal "Connect call failed (...)": say what errno says.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            return f"{host}:{port}: {reason.lower()}"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None
+
+    probes = [asyncio.ensure_future(probe(url)) for url in servers]
+    problems = []
+    try:
+        for finished in asyncio.as_completed(probes):
+            problem = await finished
+            if problem is None:
+                return None
+            problems.append(problem)
+    finally:
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+    return "; ".join(problems)
 
 
 def _show_sent(body: Any) -> None:
@@ -306,10 +595,26 @@ def _show_status(body: Any) -> None:
             if record.opened
             else "no",
         ),
-        ("failed", _flag(record.failed, record.failed_at)),
+        (
+            "clicked",
+            f"{record.click_count} time(s), last {_when(record.last_clicked_at)}"
+            if record.clicked
+            else "no",
+        ),
+        ("failed", _flag(record.failed, record.failed_at) + _failure(record)),
     ]
     for name, value in rows:
         print(f"{name:<10} {value}")
+
+
+def _failure(record: api.TrackingRecord) -> str:
+    if record.bounce_type:
+        return f" (bounce: {record.bounce_type}, {record.bounce_sub_type or '-'})"
+    if record.complaint_feedback_type:
+        return f" (complaint: {record.complaint_feedback_type})"
+    if record.reject_reason:
+        return f" (rejected: {record.reject_reason})"
+    return ""
 
 
 def _state(record: api.TrackingRecord) -> str:
@@ -336,15 +641,40 @@ def _show_analytics(body: Any) -> None:
         print(f"{name:<14} {value}")
 
 
+def _serve_epilog() -> str:
+    from emailrelay.config import environment_defaults
+
+    rows = environment_defaults()
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {default}" for name, default in rows]
+    return (
+        "environment variables (default):\n"
+        + "\n".join(lines)
+        + "\n\nAn empty value means unset. README.md, section Configuration, says what "
+        "each one does.\nexit codes: 0 stopped by SIGTERM/SIGINT; 1 a fatal failure (NATS "
+        "unreachable, PORT taken, ...); 2 a configuration error."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emailrelay",
         description="Transactional email relay: NATS requests in, SMTP out.",
+        epilog="Run `emailrelay COMMAND --help` for a command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"emailrelay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="run the relay (configured by environment variables; see README)"
+        "serve",
+        help="run the relay (configured by environment variables; see README)",
+        description=(
+            "Run the relay: connect to NATS, serve the three lfx.email-service subjects in "
+            "the queue group lfx.email-service.queue, send over SMTP, track in JetStream KV, "
+            "and serve /livez, /readyz and /metrics on PORT. It takes no flags: every "
+            "setting is an environment variable."
+        ),
+        epilog=_serve_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.set_defaults(run=_serve)
     _add_dev_command(commands)

@@ -300,3 +300,28 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(
             "SES_ENGAGEMENT_SQS_QUEUE_URL must be set when SES_EVENTING_ENABLED is true"
         )
+
+
+def environment_defaults() -> list[tuple[str, str]]:
+    """Every variable the relay reads, with its default as a person would write it."""
+    rows = []
+    for field in Settings.model_fields.values():
+        if not field.alias:
+            continue
+        default = field.default
+        if default is None:
+            shown = "(unset)"
+        elif default == ():
+            shown = "(empty)"
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, tuple):
+            shown = ",".join(default)
+        elif isinstance(default, enum.Enum):
+            shown = str(default.value)
+        elif isinstance(default, float) and _is_duration(field):
+            shown = f"{default:g}s"
+        else:
+            shown = str(default)
+        rows.append((field.alias, shown))
+    return rows

