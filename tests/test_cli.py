@@ -6,20 +6,26 @@ Exit codes: 0 success, 1 error reply (its string on stderr), 2 usage error,
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
+import nats.errors
 import pytest
 import trio
 
 from emailrelay import api
-from emailrelay.cli import command_name
-from tests.natsclient import silent_subscriber
+from emailrelay.cli import build_parser, command_name, unreachable
+from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
+from tests.natsclient import SyncNats, silent_subscriber
 from tests.servers.nats import NatsServer
 from tests.servers.relay import REPO_ROOT, RelayProcess, running_relay
 from tests.servers.smtp import SmtpServer
@@ -291,3 +297,127 @@ def test_hints_use_the_invoked_path_when_emailrelay_is_not_on_path(
 def test_hints_use_python_dash_m_when_run_as_a_module(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["/src/emailrelay/__main__.py", "send"])
     assert command_name().endswith(" -m emailrelay")
+
+
+# --- help that explains -------------------------------------------------------
+
+
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its prog name, nested ones included."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        found[parser.prog] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    walk(child)
+
+    walk(build_parser())
+    return found
+
+
+def test_every_command_is_there() -> None:
+    assert set(subcommand_parsers()) == {
+        "emailrelay",
+        "emailrelay serve",
+        "emailrelay dev",
+        "emailrelay dev event",
+        "emailrelay send",
+        "emailrelay status",
+        "emailrelay analytics",
+    }
+
+
+@pytest.mark.parametrize("prog", sorted(subcommand_parsers()))
+def test_every_command_has_a_description(prog: str) -> None:
+    assert subcommand_parsers()[prog].description
+
+
+@pytest.mark.parametrize("prog", sorted(subcommand_parsers()))
+def test_every_flag_has_help_text(prog: str) -> None:
+    parser = subcommand_parsers()[prog]
+    undocumented = [
+        action.option_strings or action.dest
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert not undocumented
+
+
+def test_serve_help_lists_the_environment_and_points_to_the_readme() -> None:
+    done = emailrelay("serve", "--help")
+    assert done.returncode == 0
+    for variable in ("NATS_URL", "PORT", "EMAIL_ENABLED", "SMTP_HOST", "SES_EVENTING_ENABLED"):
+        assert f"\n  {variable} " in done.stdout
+    assert "nats://localhost:4222" in done.stdout
+    assert "README.md" in done.stdout
+
+
+def test_send_help_says_both_bodies_are_required() -> None:
+    done = emailrelay("send", "--help")
+    assert "both bodies are required" in " ".join(done.stdout.split())
+
+
+# --- local checks are usage errors (exit 2), nothing is sent ---------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["status", "--group-id", "g", "--limit", "-1"], "--limit: must be a whole number from 1"),
+        (["status", "--group-id", "g", "--limit", "0"], "--limit: must be a whole number from 1"),
+        (["status", "--group-id", "g", "--limit", "1001"], "from 1 to 1000"),
+        (["status", "--group-id", "g", "--offset", "-1"], "--offset: must be a whole number"),
+        (["analytics", "--group-id", "g", "--timeout", "nan"], "--timeout: must be a number"),
+        (["analytics", "--group-id", "g", "--timeout", "inf"], "--timeout: must be a number"),
+        (["analytics", "--group-id", "g", "--timeout", "1e-9"], "--timeout: must be a number"),
+        (["analytics", "--group-id", "g", "--timeout", "0"], "--timeout: must be a number"),
+        (["analytics", "--group-id", "g", "-s", "http://127.0.0.1:1"], "--server must be nats://"),
+        (["dev", "event", "open", "--email-id", "a b"], "--email-id: not an email id"),
+    ],
+)
+def test_local_validation_exits_2(flags: list[str], says: str, empty_nats: NatsServer) -> None:
+    done = emailrelay(*flags, env=cli_env(empty_nats.url))
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
+
+
+def test_a_nats_url_from_the_environment_is_checked_too() -> None:
+    done = emailrelay("analytics", "--group-id", "g", env=cli_env("http://127.0.0.1:1"))
+    assert done.returncode == 2
+    assert "NATS_URL must be nats://" in done.stderr
+
+
+# --- unreachable NATS fails fast -------------------------------------------------
+
+
+def test_refused_nats_is_reported_without_waiting_for_the_timeout() -> None:
+    # An hour of --timeout: only failing fast gets under the subprocess's 60 s guard.
+    url = f"nats://{LOOPBACK}:{free_port()}"
+    done = send(url, *SEND_FLAGS_HTML, "--timeout", "3600")
+    assert done.returncode == 3
+    assert f"cannot reach NATS: {LOOPBACK}:" in done.stderr
+    assert "connection refused" in done.stderr
+    assert_one_line_without_traceback(done.stderr)
+
+
+def test_unknown_host_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_such_host(*args: object, **kwargs: object) -> NoReturn:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)  # no DNS leaves the machine
+    problem = asyncio.run(unreachable(["nats://nats.invalid:4222"], 3600))
+    assert problem == "unknown host nats.invalid"
+
+
+def test_one_reachable_server_is_enough(empty_nats: NatsServer) -> None:
+    refused = f"nats://{LOOPBACK}:{free_port()}"
+    assert asyncio.run(unreachable([refused, empty_nats.url], 3600)) is None
+
+
+def test_serve_does_not_answer_the_dev_events_subject(
+    relay: RelayProcess, nats_client: SyncNats
+) -> None:
+    with pytest.raises(nats.errors.NoRespondersError):
+        nats_client.request(DEV_EVENTS_SUBJECT, b"{}", timeout=5)

@@ -7,8 +7,10 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -48,13 +50,15 @@ def is_running(pid: int) -> bool:
 
 
 class DevStack:
-    """``python -m emailrelay dev`` on free ports, in its own session (process group)."""
+    """``python -m emailrelay dev`` on free ports, in its own session (process group).
 
-    def __init__(self, state_dir: Path, log_dir: Path) -> None:
+    ``nats_port=0`` lets the stack pick; its URL is then read from its state dir."""
+
+    def __init__(self, state_dir: Path, log_dir: Path, nats_port: int | None = None) -> None:
         self.state_dir = state_dir
         self.stdout_path = log_dir / "dev.stdout"
         self.stderr_path = log_dir / "dev.stderr"
-        self.nats_port = free_port()
+        self.nats_port = free_port() if nats_port is None else nats_port
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
                 [
@@ -82,7 +86,17 @@ class DevStack:
 
     @property
     def nats_url(self) -> str:
+        if self.nats_port == 0:
+            url: str = json.loads((self.state_dir / "stack.json").read_text())["nats_url"]
+            return url
         return f"nats://{LOOPBACK}:{self.nats_port}"
+
+    def nats_server_pids(self) -> list[int]:
+        return [
+            pid
+            for pid in children_of(self.process.pid)
+            if "nats-server" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
 
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
@@ -154,6 +168,7 @@ def test_dev_stack_sends_captures_tracks_and_stops_cleanly_on_ctrl_c(
     assert f"NATS             {dev_stack.nats_url}" in out
     assert re.search(r"SMTP capture     smtp://127\.0\.0\.1:\d+", out)
     assert re.search(r"relay health     http://127\.0\.0\.1:\d+/livez", out)
+    assert re.search(r"relay metrics    http://127\.0\.0\.1:\d+/metrics", out)
     assert "email-recipients, email-group-index" in out
 
     email_id = send_first_email(dev_stack)
@@ -230,3 +245,143 @@ def test_capture_server_keeps_each_message_as_an_eml_file(tmp_path: Path) -> Non
         "captured  From: Sender <sender@example.com>  To: rcpt@example.com  Subject: Captured  "
         "tracking: group-1/3f0c2a8e-0000-4000-8000-000000000001"
     )
+
+
+# --- Nothing stranded, whatever ends the stack ----------------------------------
+
+
+def test_sighup_to_the_stacks_process_group_leaves_no_process(tmp_path: Path) -> None:
+    """Closing the terminal (SIGHUP to the foreground group) stops the whole stack."""
+    stack = DevStack(tmp_path / "state", tmp_path)
+    try:
+        children = children_of(stack.process.pid)
+        assert stack.nats_server_pids(), "no nats-server child to watch"
+        os.killpg(stack.process.pid, signal.SIGHUP)
+        assert stack.process.wait(timeout=30) == 0, stack.logs()
+        wait_until(
+            lambda: not [pid for pid in children if is_running(pid)],
+            message="a child of emailrelay dev outlived SIGHUP",
+        )
+    finally:
+        stack.kill()
+
+
+def test_nats_server_stops_when_the_stack_is_killed_outright(tmp_path: Path) -> None:
+    """SIGKILL cannot be handled: the kernel's parent-death signal stops nats-server."""
+    stack = DevStack(tmp_path / "state", tmp_path)
+    try:
+        nats_servers = stack.nats_server_pids()
+        assert nats_servers
+        stack.kill()
+        wait_until(
+            lambda: not [pid for pid in nats_servers if is_running(pid)],
+            timeout=20,
+            message="nats-server outlived a SIGKILLed emailrelay dev",
+        )
+    finally:
+        stack.kill()
+
+
+# --- Start-up conflicts, one line each ----------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--nats-port", "--smtp-port", "--port"])
+def test_taken_port_is_one_line_naming_the_flag(flag: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--nats-port": "0", "--smtp-port": "0", "--port": "0", flag: port}
+        done = emailrelay(
+            "dev", *(a for pair in ports.items() for a in pair), "--state-dir", str(tmp_path)
+        )
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert f"port {port} is already in use on 127.0.0.1: set {flag} to a free port" in line
+    assert not (tmp_path / "nats").exists(), "nats-server was started anyway"
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    """One stack on ``--nats-port 0``, found through its state dir as a user would."""
+    directory = tmp_path_factory.mktemp("shared-dev")
+    stack = DevStack(directory / "state", directory, nats_port=0)
+    try:
+        yield stack
+    finally:
+        stack.kill()
+
+
+def test_second_stack_on_one_state_dir_exits_2_naming_the_first(shared_stack: DevStack) -> None:
+    done = emailrelay(
+        "dev", "--nats-port", "0", "--smtp-port", "0", "--port", "0",
+        "--state-dir", str(shared_stack.state_dir),
+    )  # fmt: skip
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert f"another emailrelay dev (PID {shared_stack.process.pid}) is using" in line
+    assert len(shared_stack.nats_server_pids()) == 1
+    assert shared_stack.process.poll() is None
+
+
+# --- Engagement events on a laptop --------------------------------------------
+
+
+def cli(stack: DevStack, *args: str) -> subprocess.CompletedProcess[str]:
+    done = emailrelay(*args)
+    assert done.returncode == 0, f"{args}: {done.stderr}\n{stack.logs()}"
+    return done
+
+
+def test_events_move_status_and_analytics_on_a_laptop(shared_stack: DevStack) -> None:
+    group = f"dev-{uuid.uuid4()}"
+    server = ("--server", shared_stack.nats_url)
+    sent = cli(
+        shared_stack, "send", *server, "--to", "newcomer@example.com", "--subject", "Events",
+        "--text", "t", "--html", "<p>t</p>", "--group-id", group, "--json",
+    )  # fmt: skip
+    email_id = json.loads(sent.stdout)["email_id"]
+
+    def delivered() -> bool:
+        return (
+            "delivered  yes" in cli(shared_stack, "status", *server, "--email-id", email_id).stdout
+        )
+
+    wait_until(delivered, timeout=20, message="no Delivery event after capture")
+
+    state = ("--state-dir", str(shared_stack.state_dir))
+    opened = cli(shared_stack, "dev", "event", "open", "--email-id", email_id, *state)
+    assert "open event for" in opened.stdout
+    assert "opened     1 time(s)" in opened.stdout
+    clicked = cli(shared_stack, "dev", "event", "click", "--email-id", email_id, *state)
+    assert "clicked    1 time(s)" in clicked.stdout
+
+    status = cli(shared_stack, "status", *server, "--email-id", email_id, "--json")
+    record = json.loads(status.stdout)
+    assert (record["delivered"], record["open_count"], record["click_count"]) == (True, 1, 1)
+    assert record["clicked_links"][0]["link"] == "https://example.com/"
+    analytics = cli(shared_stack, "analytics", *server, "--group-id", group, "--json")
+    assert json.loads(analytics.stdout) == {
+        "group_id": group,
+        "total_sent": 1,
+        "delivered": 1,
+        "opened": 1,
+        "unique_opened": 1,
+        "failed": 0,
+    }
+
+
+def test_event_for_an_email_the_stack_never_captured_exits_1(shared_stack: DevStack) -> None:
+    done = emailrelay(
+        "dev", "event", "open", "--email-id", str(uuid.uuid4()),
+        "--state-dir", str(shared_stack.state_dir),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "events are for emails this dev stack captured" in done.stderr
+
+
+def test_event_without_a_running_stack_exits_3(tmp_path: Path) -> None:
+    done = emailrelay("dev", "event", "open", "--email-id", "x", "--state-dir", str(tmp_path))
+    assert done.returncode == 3
+    [line] = done.stderr.strip().splitlines()
+    assert f"no emailrelay dev has run in {tmp_path}" in line
