@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import re
@@ -214,8 +215,9 @@ def _dev_event(args: argparse.Namespace) -> int:
             connect_timeout=args.timeout,
             name="emailrelay-dev-event",
         ) as relay:
+            # The request body is the SQS message body: the SNS envelope itself.
             accepted = await relay.request(
-                stack.events_subject, _json_object(sns_notification(event))
+                stack.events_subject, json.loads(sns_notification(event))
             )
             status = await relay.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": args.email_id})
             return accepted, status
@@ -226,19 +228,12 @@ def _dev_event(args: argparse.Namespace) -> int:
         print(f"emailrelay: the dev stack in {state_dir} did not answer: {exc}", file=sys.stderr)
         return EXIT_NO_RELAY
     if not args.json:
-        handled = b'"handled": true' in accepted
+        handled = json.loads(accepted).get("handled") is True
         print(
             f"{args.kind} event for {args.email_id}: "
             + ("applied by the relay" if handled else "queued (the relay retries it)")
         )
     return _print_reply(args, status, _show_status)
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    import json
-
-    value: dict[str, Any] = json.loads(text)
-    return value
 
 
 # --- Client commands: send, status, analytics ----------------------------------
