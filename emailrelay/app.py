@@ -132,7 +132,8 @@ async def serve(
     http_socket: socket.socket | None = None,
     tracking: TrackingStore | None = None,
 ) -> int:
-    """``http_socket``: the HTTP port already bound (else bound here); ``tracking``:
+    """``http_socket``: the HTTP port already bound (else the health server binds
+    PORT itself); ``tracking``:
     a store the caller opened already (else opened here)."""
     if tracking is None:
         tracking = await open_tracking_store(nats, settings)
