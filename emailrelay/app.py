@@ -133,8 +133,7 @@ async def serve(
     tracking: TrackingStore | None = None,
 ) -> int:
     """``http_socket``: the HTTP port already bound (else the health server binds
-    PORT itself); ``tracking``:
-    a store the caller opened already (else opened here)."""
+    PORT itself); ``tracking``: a store the caller opened (else opened here)."""
     if tracking is None:
         tracking = await open_tracking_store(nats, settings)
     sqs: SqsClient | None = None
