@@ -171,7 +171,7 @@ async def _close(smtp: aiosmtplib.SMTP) -> None:
         pass
     finally:
         smtp.close()
-        if transport is not None:
+        if isinstance(transport, asyncio.Transport):
             # A TLS transport's close() waits for the peer's close_notify, for
             # as long as the server takes (a busy machine: longer than one
             # iteration). QUIT already ended the session, so drop the socket now.
