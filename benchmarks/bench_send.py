@@ -85,6 +85,26 @@ MATRIX = (
 QUICK = (Scenario(0, 8),)
 
 
+@dataclass
+class Load:
+    """What the load generator reports for its measured phase."""
+
+    seconds: float
+    latencies: list[float]
+    ids: list[str]
+    errors: dict[str, int]
+
+    @classmethod
+    def from_line(cls, line: str) -> Load:
+        data = json.loads(line)
+        return cls(
+            seconds=float(data["seconds"]),
+            latencies=[float(x) for x in data["latencies"]],
+            ids=[str(x) for x in data["ids"]],
+            errors={str(k): int(v) for k, v in data["errors"].items()},
+        )
+
+
 def relay_default_pool_size() -> int:
     """SMTP_POOL_SIZE when unset, as the relay reads it (16 when this was written)."""
     try:
@@ -191,11 +211,11 @@ class Bench:
             )
         finally:
             responder.stop()
-        latencies = outcome["latencies"]
+        latencies = outcome.latencies
         return Ceiling(
             "responder",
             f"C={c}",
-            len(outcome["ids"]) / outcome["seconds"],
+            len(outcome.ids) / outcome.seconds,
             percentile(latencies, 0.5),
             percentile(latencies, 0.99),
             cpu[0] / n * 1000,
@@ -244,23 +264,23 @@ class Bench:
         measured_pids: Sequence[int],
         profile_pid: int | None = None,
         profile_name: str = "",
-    ) -> tuple[dict[str, object], list[float]]:
+    ) -> tuple[Load, list[float]]:
         """Run the load generator; CPU seconds of ``measured_pids`` over the measured phase."""
         args = ["--url", self.nats.url, "--subject", subject, "--kind", kind]
         args += ["--n", str(n), "--c", str(c), "--warmup", str(warmup)]
         args += [f"--group={group or 'none'}", f"--warmup-group={group or 'none'}-warmup"]
         loadgen = Child.module("loadgen", *args, stdin=True)
-        spy: subprocess.Popen[bytes] | None = None
+        spies: list[subprocess.Popen[bytes]] = []
         try:
             loadgen.expect("ready", timeout=600)
             before = [cpu_seconds(pid) for pid in measured_pids]
             if profile_pid is not None and self.py_spy is not None:
-                spy = _start_py_spy(profile_pid, self.py_spy / f"{profile_name}.txt")
+                spies = _start_py_spy(profile_pid, self.py_spy / profile_name)
             loadgen.tell("go")
-            outcome = json.loads(loadgen.line(timeout=1800))
+            outcome = Load.from_line(loadgen.line(timeout=1800))
             after = [cpu_seconds(pid) for pid in measured_pids]
         finally:
-            if spy is not None:
+            for spy in spies:
                 _stop_py_spy(spy)
             loadgen.stop()
         return outcome, [b - a for a, b in zip(before, after, strict=True)]
@@ -281,9 +301,12 @@ class Bench:
         group = f"bench-{uuid.uuid4()}"
         pool = scenario.pool or "default"
         label = f"{scenario.latency_ms}ms-c{c}-p{scenario.processes}-pool{pool}"
-        relays = [Relay.start(env, self.work_dir) for _ in range(scenario.processes)]
+        relays: list[Relay] = []
         try:
-            wait_ready(relays)
+            # One after another, so each start-to-ready time is one process's own.
+            for _ in range(scenario.processes):
+                relays.append(Relay.start(env, self.work_dir))
+                wait_ready(relays[-1:])
             pids = [relay.pid for relay in relays] + [sink.pid, self.nats.pid]
             sink_before = sink.count()
             outcome, cpu = self._drive(
@@ -300,7 +323,7 @@ class Bench:
             sink_messages = sink.count() - sink_before
             rss = [peak_rss_mb(relay.pid) for relay in relays]
             metrics = [relay.metrics() for relay in relays]
-            ids: list[str] = list(outcome["ids"])  # type: ignore[call-overload]
+            ids = outcome.ids
             checked = asyncio.run(verify.collect(self.nats.url, group, ids, sink.values()))
         finally:
             exits = [relay.stop() for relay in relays]
@@ -310,9 +333,9 @@ class Bench:
         result = Result(
             scenario=scenario,
             successes=successes,
-            seconds=float(outcome["seconds"]),  # type: ignore[arg-type]
-            latencies=outcome["latencies"],  # type: ignore[arg-type]
-            errors=outcome["errors"],  # type: ignore[arg-type]
+            seconds=outcome.seconds,
+            latencies=outcome.latencies,
+            errors=outcome.errors,
             relay_cpu_ms=relay_cpu / successes * 1000 if successes else float("nan"),
             sink_cpu_ms=sink_cpu / sink_messages * 1000 if sink_messages else float("nan"),
             nats_cpu_ms=nats_cpu / successes * 1000 if successes else float("nan"),
@@ -359,12 +382,21 @@ def _metrics_note(metrics: Sequence[str]) -> str:
     )
 
 
-def _start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+def _start_py_spy(pid: int, output: Path) -> list[subprocess.Popen[bytes]]:
+    """Two samplers on one process: collapsed stacks (``.txt``, summarized at
+    the end) and a flame graph (``.svg``). Non-blocking: the relay is never paused."""
     output.parent.mkdir(parents=True, exist_ok=True)
     spy_bin = Path(sys.executable).with_name("py-spy")
     command = [str(spy_bin) if spy_bin.exists() else "py-spy", "record", "--pid", str(pid)]
-    command += ["--format", "raw", "--output", str(output), "--nonblocking", "--rate", "200"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command += ["--nonblocking", "--rate", "100"]
+    return [
+        subprocess.Popen(
+            [*command, "--format", fmt, "--output", str(output.with_suffix(suffix))],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for fmt, suffix in (("raw", ".txt"), ("flamegraph", ".svg"))
+    ]
 
 
 def _stop_py_spy(spy: subprocess.Popen[bytes]) -> None:

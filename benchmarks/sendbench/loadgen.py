@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import nats
 import nats.errors
+from nats.aio.client import Client
 
 REQUEST_TIMEOUT = 60.0
 
@@ -70,7 +71,7 @@ class Outcome:
 
 
 async def drive(
-    nc: nats.NATS, subject: str, payload: Callable[[int], bytes], n: int, c: int
+    nc: Client, subject: str, payload: Callable[[int], bytes], n: int, c: int
 ) -> Outcome:
     """``n`` requests, ``c`` in flight (closed loop: each caller sends its next
     request when the previous one is answered)."""

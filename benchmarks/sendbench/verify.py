@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import nats
 import nats.js.errors
+from nats.aio.client import Client
 
 RECIPIENTS_BUCKET = "email-recipients"
 STATUS_SUBJECT = "lfx.email-service.get_email_status"
@@ -95,12 +96,12 @@ def check_deliveries(
     )
 
 
-async def _request(nc: nats.NATS, subject: str, body: dict[str, object]) -> object:
+async def _request(nc: Client, subject: str, body: dict[str, object]) -> object:
     msg = await nc.request(subject, json.dumps(body).encode(), timeout=30)
     return json.loads(msg.data)
 
 
-async def recorded_ids(nc: nats.NATS, email_ids: Sequence[str]) -> set[str]:
+async def recorded_ids(nc: Client, email_ids: Sequence[str]) -> set[str]:
     """The ids among ``email_ids`` that have a record in ``email-recipients``."""
     kv = await nc.jetstream().key_value(RECIPIENTS_BUCKET)
     found: set[str] = set()
@@ -119,7 +120,7 @@ async def recorded_ids(nc: nats.NATS, email_ids: Sequence[str]) -> set[str]:
     return found
 
 
-async def indexed_ids(nc: nats.NATS, group_id: str) -> tuple[list[str], int | None]:
+async def indexed_ids(nc: Client, group_id: str) -> tuple[list[str], int | None]:
     """The group's ids in index order (from status pages) and analytics' ``total_sent``."""
     analytics = await _request(nc, ANALYTICS_SUBJECT, {"group_id": group_id})
     if not isinstance(analytics, dict) or "total_sent" not in analytics:
