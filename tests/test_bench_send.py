@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import bench_send
 from benchmarks.sendbench.procs import metric_total
 from benchmarks.sendbench.profile import summarize
-from benchmarks.sendbench.report import Result, Scenario, format_results, percentile
+from benchmarks.sendbench.report import Ceiling, Result, Scenario, format_results, percentile
 from benchmarks.sendbench.sink import tracking_value
 from benchmarks.sendbench.verify import check_deliveries, email_id_of
 
@@ -160,3 +161,26 @@ def test_profile_summary_shares_samples_by_area_and_by_leaf() -> None:
     assert "trio" not in inclusive  # the root of every stack says nothing
     assert " 75.0%  MIME building (stdlib email)" in own
     assert " 75.0%  fold (email/policy.py:3)" in top
+
+
+def test_a_ceiling_that_fails_is_reported_and_the_others_still_count() -> None:
+    bench = bench_send.Bench(
+        nats=None,  # type: ignore[arg-type]
+        work_dir=Path("."),
+        n=10,
+        n_serial=5,
+        warmup_cap=1,
+        default_pool=16,
+        ceilings_on=True,
+        py_spy=None,
+    )
+
+    def broken() -> Ceiling:
+        raise RuntimeError("the bridge moved")
+
+    def working() -> Ceiling:
+        return Ceiling("kv", "C=8", 1234.0, 0.01, 0.02, 0.3)
+
+    assert bench._ceiling(("responder", 8), broken) is None
+    assert bench._ceiling(("kv", 8), working) is not None
+    assert bench.failed_ceilings == {("responder", 8): "RuntimeError: the bridge moved"}
