@@ -22,7 +22,7 @@ process; a 3-process row is compared with them as they are.
 
 Figures only: nothing asserts timing. Exit status 1 when a delivery check fails.
 
-    python benchmarks/bench_send.py                 # the whole matrix (~5 min on 2 cores)
+    python benchmarks/bench_send.py                 # the whole matrix (3-5 min on 2 quiet cores)
     python benchmarks/bench_send.py --quick         # smoke run: one tiny scenario
     python benchmarks/bench_send.py --latency 0 --concurrency 64 --processes 1 --n 3000
     python benchmarks/bench_send.py --latency 0 --concurrency 64 --py-spy /tmp/prof
@@ -520,9 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             bench.close()
             nats.close()
-    print()
-    print(f"ceilings (one process each, same run; {machine()}):")
-    print(format_ceilings(list(bench.ceilings.values())))
+    if bench.ceilings:
+        print()
+        print(f"ceilings (one process each, same run; {machine()}):")
+        print(format_ceilings(list(bench.ceilings.values())))
     print()
     print(f"sends (whole run {time.monotonic() - started:.0f}s):")
     print(format_results(results, default_pool))

@@ -27,7 +27,7 @@ class Scenario:
 
     def label(self, default_pool: int) -> str:
         pool = f"{self.pool}" if self.pool else f"{default_pool} (default)"
-        return f"{self.latency_ms:>2} ms  C={self.concurrency:<3}  P={self.processes}  pool={pool}"
+        return f"{self.latency_ms} ms  C={self.concurrency}  P={self.processes}  pool={pool}"
 
 
 @dataclass
