@@ -81,6 +81,12 @@ def test_reply_to_is_written_when_given() -> None:
     assert parse(raw)["Reply-To"] == "help@linuxfoundation.org"
 
 
+def test_reply_to_local_part_that_needs_quotes_keeps_them() -> None:
+    reply_to = mailbox('"odd local"@lists.example.org')
+    parsed = parse(build_message(replace(BASE, reply_to=reply_to)))["Reply-To"].addresses[0]
+    assert (parsed.username, parsed.domain) == ("odd local", "lists.example.org")
+
+
 def test_configuration_set_header_when_set() -> None:
     raw = build_message(replace(BASE, configuration_set="lfx-tracking"))
     assert b"X-SES-CONFIGURATION-SET: lfx-tracking" in header_lines(raw)
