@@ -211,3 +211,84 @@ def test_empty_display_name_gives_a_bare_from_address() -> None:
 def test_group_id_that_looks_like_an_encoded_word_is_written_raw() -> None:
     raw = build_message(replace(BASE, group_id="=?utf-8?q?abc?="))
     assert tracking_lines(raw) == [f"X-LFX-TRACKING-ID: =?utf-8?q?abc?=/{EMAIL_ID}".encode()]
+
+
+def part_headers(raw: bytes) -> list[EmailMessage]:
+    return list(parse(raw).iter_parts())
+
+
+def test_short_ascii_subject_is_written_as_typed() -> None:
+    assert b"Subject: Hello" in header_lines(build_message(BASE))
+
+
+def test_long_ascii_subject_folds_at_spaces_without_encoding() -> None:
+    subject = "Your weekly digest of LFX activity " * 5
+    raw = build_message(replace(BASE, subject=subject))
+    assert b"=?" not in raw.partition(b"\r\n\r\n")[0]
+    assert max(len(line) for line in header_lines(raw)) <= 78
+    assert parse(raw)["Subject"] == subject
+
+
+def test_subject_that_fills_the_first_line_is_not_folded_after_the_colon() -> None:
+    subject = "0" * 70
+    assert parse(build_message(replace(BASE, subject=subject)))["Subject"] == subject
+
+
+def test_subject_that_looks_like_an_encoded_word_arrives_as_typed() -> None:
+    subject = "=?utf-8?q?not_decoded?="
+    assert parse(build_message(replace(BASE, subject=subject)))["Subject"] == subject
+
+
+def test_display_name_that_looks_like_an_encoded_word_arrives_as_typed() -> None:
+    name = "=?utf-8?b?YWJj?="
+    raw = build_message(replace(BASE, sender_display_name=name))
+    assert parse(raw)["From"].addresses[0].display_name == name
+
+
+def test_long_non_ascii_subject_keeps_every_space() -> None:
+    # The stdlib's folder lost the space between two encoded words here.
+    subject = "Grüße aus Köln und überall " * 6
+    raw = build_message(replace(BASE, subject=subject))
+    assert max(len(line) for line in header_lines(raw)) <= 78
+    assert parse(raw)["Subject"] == subject
+
+
+def test_unicode_line_breaks_in_subject_are_stripped() -> None:
+    # The stdlib raised on these; the contract strips them.
+    subject = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x00h"
+    assert parse(build_message(replace(BASE, subject=subject)))["Subject"] == "abcdefgh"
+
+
+def test_lone_surrogate_in_subject_becomes_replacement_character() -> None:
+    raw = build_message(replace(BASE, subject="a\ud800b"))
+    assert parse(raw)["Subject"] == "a\ufffdb"
+
+
+def test_ascii_body_in_short_lines_is_7bit() -> None:
+    plain, _ = part_headers(build_message(BASE))
+    assert plain["Content-Transfer-Encoding"] == "7bit"
+
+
+def test_mostly_ascii_body_with_a_long_line_is_quoted_printable() -> None:
+    _, html = part_headers(build_message(replace(BASE, html="<p>" + "x" * 2000 + "</p>")))
+    assert html["Content-Transfer-Encoding"] == "quoted-printable"
+
+
+def test_mostly_non_ascii_body_is_base64() -> None:
+    plain, _ = part_headers(build_message(replace(BASE, text="日本語のテキスト\n" * 20)))
+    assert plain["Content-Transfer-Encoding"] == "base64"
+
+
+def test_every_kind_of_line_break_in_a_body_travels_as_crlf() -> None:
+    raw = build_message(replace(BASE, text="a\rb\nc\r\nd"))
+    assert b"\r\n\r\na\r\nb\r\nc\r\nd\r\n--" in raw
+
+
+def test_no_final_line_break_is_added_to_a_body() -> None:
+    plain, _ = part_headers(build_message(replace(BASE, text="no newline")))
+    assert plain.get_content() == "no newline"
+
+
+def test_lone_surrogate_in_group_id_is_percent_encoded_as_replacement_character() -> None:
+    raw = build_message(replace(BASE, group_id="g\ud800"))
+    assert tracking_lines(raw) == [f"X-LFX-TRACKING-ID: g%EF%BF%BD/{EMAIL_ID}".encode()]

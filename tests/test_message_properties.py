@@ -31,7 +31,7 @@ from emailrelay.mail.message import (
     build_message,
     tracking_header_value,
 )
-from tests.test_message import BASE, EMAIL_ID, header_lines, mailbox, parse, tracking_lines
+from tests.test_message import BASE, EMAIL_ID, header_lines, parse, tracking_lines
 
 FEW = settings(max_examples=100, deadline=None)
 
@@ -119,9 +119,9 @@ def modern_can_represent(name: str) -> bool:
     the first line, or text that fits one encoded word (42 octets of UTF-8 fit
     in B and in Q whenever Q is chosen) with no tab and no run of whitespace."""
     quoted = f'From: "{name}" <{BASE.sender.address}>'
-    if name.isascii() and name.replace("\t", " ").isprintable() and "=?" not in name:
-        if len(quoted) + name.count('"') + name.count("\\") <= FOLD_AT:
-            return True
+    plain = name.isascii() and name.replace("\t", " ").isprintable() and "=?" not in name
+    if plain and len(quoted) + name.count('"') + name.count("\\") <= FOLD_AT:
+        return True
     fits_one_word = len(name.encode()) <= 42
     return fits_one_word and "\t" not in name and not re.search(r" \s", name)
 
@@ -193,9 +193,7 @@ def test_both_bodies_arrive_exactly_in_canonical_form(text: str, html: str) -> N
 
 
 @FEW
-@given(
-    subject=HEADER_TEXT, name=HEADER_TEXT, group_id=HEADER_TEXT, text=BODY_TEXT, html=BODY_TEXT
-)
+@given(subject=HEADER_TEXT, name=HEADER_TEXT, group_id=HEADER_TEXT, text=BODY_TEXT, html=BODY_TEXT)
 def test_every_line_is_crlf_terminated_and_at_most_998_octets(
     subject: str, name: str, group_id: str, text: str, html: str
 ) -> None:

@@ -96,7 +96,7 @@ def _percent_encode(value: str) -> str:
     out: list[str] = []
     for char in value:
         if char == "%" or not (" " <= char <= "~"):
-            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8"))
+            out.extend(f"%{byte:02X}" for byte in _utf8(char))
         else:
             out.append(char)
     return "".join(out)
@@ -239,12 +239,12 @@ def format_from(mailbox: Mailbox, display_name: str) -> str:
     name = strip_line_breaks(display_name)
     if not name:
         return addr_spec
-    if len(name) < FOLD_AT and name.isascii() and "=?" not in name:
-        if name.replace("\t", " ").isprintable():
-            phrase = name if _ATOMS.fullmatch(name) else _quoted(name)
-            one_line = f"{phrase} <{addr_spec}>"
-            if len(f"From: {one_line}") <= FOLD_AT:
-                return one_line
+    plain = name.isascii() and name.replace("\t", " ").isprintable() and "=?" not in name
+    if plain and len(name) < FOLD_AT:
+        phrase = name if _ATOMS.fullmatch(name) else _quoted(name)
+        one_line = f"{phrase} <{addr_spec}>"
+        if len(f"From: {one_line}") <= FOLD_AT:
+            return one_line
     words = encoded_words(name, FOLD_AT - len("From: "))
     last_line = len(words[-1]) + (len("From: ") if len(words) == 1 else 1)
     separator = " " if last_line + len(addr_spec) + 3 <= FOLD_AT else "\r\n "
