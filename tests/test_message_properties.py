@@ -194,7 +194,7 @@ def test_both_bodies_arrive_exactly_in_canonical_form(text: str, html: str) -> N
 
 @FEW
 @given(subject=HEADER_TEXT, name=HEADER_TEXT, group_id=HEADER_TEXT, text=BODY_TEXT, html=BODY_TEXT)
-def test_every_line_is_crlf_terminated_and_at_most_998_octets(
+def test_every_line_is_crlf_terminated_and_at_most_998_octets_and_no_header_line_ends_in_space(
     subject: str, name: str, group_id: str, text: str, html: str
 ) -> None:
     raw = build_message(
@@ -206,6 +206,7 @@ def test_every_line_is_crlf_terminated_and_at_most_998_octets(
     lines = raw[:-2].split(b"\r\n")
     assert all(len(line) <= SMTP_MAX_LINE for line in lines)
     assert not any(b"\r" in line or b"\n" in line for line in lines)
+    assert not any(line.endswith((b" ", b"\t")) for line in header_lines(raw))
 
 
 @FEW

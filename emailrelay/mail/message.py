@@ -12,8 +12,9 @@ round-trip property tests against the stdlib's modern parser
 Headers (every caller value passes :func:`strip_line_breaks` first, so no
 value can end a header line):
 
-- ``Subject``: printable ASCII that holds no ``=?`` and folds at its spaces
-  into lines of at most 78 is written as typed; anything else becomes RFC 2047
+- ``Subject``: printable ASCII that holds no ``=?``, neither starts nor ends
+  with a space and folds at its spaces into lines of at most 78 is written as
+  typed; anything else becomes RFC 2047
   encoded words (UTF-8, Q or B, whichever is shorter) with every character
   inside a word, spaces included, so no decoder has whitespace between words to
   keep or drop (that is where the stdlib's folder loses a space).
@@ -173,13 +174,13 @@ def encoded_words(value: str, first: int = _EW_MAX) -> list[str]:
 
 
 def _fold_at_spaces(line: str, limit: int) -> str | None:
-    """``line`` folded before spaces into lines of at most ``limit``, or
-    ``None`` when some word does not fit. Unfolding (removing the CRLFs) gives
-    back ``line``; no continuation line is whitespace only."""
+    """``line`` (which does not end in a space) folded before spaces into
+    lines of at most ``limit``, or ``None`` when some word does not fit.
+    Unfolding (removing the CRLFs) gives back ``line``; no line is white
+    space only, none ends in white space."""
     if len(line) <= limit:
         return line
-    core = line.rstrip(" ")
-    words = _RAW_WORD.findall(core)
+    words = _RAW_WORD.findall(line)
     lines: list[str] = []
     # The field name and the first word share the first line: a fold right
     # after the colon would read back as a leading space.
@@ -192,7 +193,6 @@ def _fold_at_spaces(line: str, limit: int) -> str | None:
         else:
             lines.append(current)
             current = word
-    current += line[len(core) :]
     if len(current) > limit:
         return None
     lines.append(current)
@@ -204,8 +204,12 @@ def unstructured_header(name: str, value: str, limit: int = FOLD_AT) -> str:
     as ``Subject``: as typed when that is safe and folds into lines of at most
     ``limit``, else encoded words on lines of at most 78."""
     value = strip_line_breaks(value)
-    if value.isascii() and value.isprintable() and "=?" not in value and value[:1] != " ":
-        # A leading space would be taken for the separator after the colon.
+    if not value:
+        return f"{name}:"
+    # A leading space would be read as the separator after the colon, and
+    # trailing white space on a line is something relays strip.
+    plain = value[0] != " " and value[-1] != " " and "=?" not in value
+    if plain and value.isascii() and value.isprintable():
         folded = _fold_at_spaces(f"{name}: {value}", limit)
         if folded is not None:
             return folded
