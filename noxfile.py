@@ -14,7 +14,7 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The test suite, against real nats-server, SMTP and SQS servers it starts itself."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-m", "not scale", *session.posargs)
+    session.run("pytest", "-m", "not scale and not faults", *session.posargs)
 
 
 @nox.session
@@ -22,6 +22,14 @@ def scale(session: nox.Session) -> None:
     """The heavy end-to-end cases: several relay processes, groups of 50,000 emails."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "scale", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault suite: NATS, SMTP, SQS and relays killed or failing under load, a
+    5,000-payload storm of hostile requests. Prints the figures it measured at the end."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "faults", "--durations=20", *session.posargs)
 
 
 @nox.session

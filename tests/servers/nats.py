@@ -74,17 +74,26 @@ class NatsServer:
             args += ["--jetstream", "--store_dir", str(self.store_dir)]
         return args + list(self.extra_args)
 
-    def start(self) -> None:
-        """Start the server and wait until ``/healthz`` answers 200 (JetStream included)."""
+    def start(self, *, wait: bool = True) -> None:
+        """Start the server and wait until ``/healthz`` answers 200 (JetStream included).
+
+        ``wait=False`` returns at once: a clustered server is healthy only once
+        its peers are up too (see ``wait_healthy``).
+        """
         if self.running:
             raise RuntimeError("nats-server is already running")
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout: float | None = None) -> None:
+        """Wait until ``/healthz`` answers 200; fail at once if the server exits."""
         wait_until(
             self._healthy,
-            timeout=self.startup_timeout,
+            timeout=self.startup_timeout if timeout is None else timeout,
             message=f"nats-server on {self.url} did not become healthy; log:\n{self.logs()}",
         )
 
@@ -102,6 +111,16 @@ class NatsServer:
         if self._proc is None:
             return
         stop_process(self._proc, timeout=timeout)
+        self._proc = None
+        wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL (``kill -9``: no shutdown, no flush) and wait until the port is closed."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(timeout=timeout)
         self._proc = None
         wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
 

@@ -22,6 +22,7 @@ import email.policy
 import logging
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -32,7 +33,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from tests.waiting import LOOPBACK, free_port, wait_until
+from tests.waiting import LOOPBACK, free_port, wait_for_port, wait_for_port_closed, wait_until
 
 Command = Literal["MAIL", "RCPT", "DATA"]
 
@@ -63,6 +64,8 @@ class ReceivedMessage:
     mail_options: list[str] = field(default_factory=list)
     over_tls: bool = False
     auth_login: str | None = None
+    received_at: float = field(default_factory=time.time)
+    """Wall-clock time (``time.time()``) the whole message had arrived."""
 
     @property
     def parsed(self) -> EmailMessage:
@@ -325,6 +328,11 @@ class SmtpServer:
     def fail_next_rcpt(self, code: int, count: int = 1) -> None:
         self.fail_next("RCPT", code, count)
 
+    def stop_failing(self, command: Command) -> None:
+        """Forget the scripted replies for ``command`` (queued and 'always')."""
+        with self._lock:
+            self._scripts[command] = _Script()
+
     def reset(self) -> None:
         """Forget everything received and restore the behaviours given to the constructor."""
         self._restore_behaviours()
@@ -449,6 +457,36 @@ class SmtpServer:
             message="SMTP connections did not close",
         )
         controller.stop()
+
+    def go_away(self, timeout: float = 10.0) -> None:
+        """An outage: close the listening socket (connections are refused) and drop
+        every open connection, until ``come_back()``. What was received is kept."""
+        controller = self._require_controller()
+        server = controller.server
+        if server is not None:
+            server.close()
+        with self._lock:
+            protocols = list(self._open)
+        for protocol in protocols:
+            controller.loop.call_soon_threadsafe(protocol.close_connection)
+        wait_for_port_closed(self.host, self.port, timeout=timeout)
+
+    def come_back(self, timeout: float = 10.0) -> None:
+        """Listen again on the same port after ``go_away()``."""
+        controller = self._require_controller()
+
+        async def listen() -> None:
+            # aiosmtpd has no public "listen again"; _create_server() is what its
+            # own start() runs, with this server's settings.
+            controller.server = await controller._create_server()
+
+        asyncio.run_coroutine_threadsafe(listen(), controller.loop).result(timeout)
+        wait_for_port(self.host, self.port, timeout=timeout)
+
+    def _require_controller(self) -> _Controller:
+        if self._controller is None:
+            raise RuntimeError("SMTP server is not running")
+        return self._controller
 
     def __enter__(self) -> Self:
         self.start()

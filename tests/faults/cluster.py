@@ -1,0 +1,81 @@
+"""Three nats-servers in one cluster: routes on loopback, JetStream on each,
+buckets replicated three times (``KV_REPLICAS=3``).
+
+Any node can be killed (``kill -9``) and restarted with its port and store;
+:meth:`NatsCluster.stream_leader` asks the JetStream API which node leads a
+stream. A relay given one node's URL connects there first: that is "its own
+node" (it learns the others from the cluster and reconnects to them).
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Self
+
+from tests.natsclient import SyncNats
+from tests.servers.nats import NatsServer
+from tests.waiting import LOOPBACK, free_port
+
+CLUSTER_NAME = "faults"
+
+
+class NatsCluster:
+    def __init__(self, size: int = 3) -> None:
+        route_ports = [free_port() for _ in range(size)]
+        routes = [f"nats://{LOOPBACK}:{port}" for port in route_ports]
+        self.nodes: dict[str, NatsServer] = {}
+        for n, port in enumerate(route_ports):
+            name = f"n{n + 1}"
+            others = ",".join(route for m, route in enumerate(routes) if m != n)
+            self.nodes[name] = NatsServer(
+                extra_args=(
+                    "--server_name",
+                    name,
+                    "--cluster_name",
+                    CLUSTER_NAME,
+                    "--cluster",
+                    f"nats://{LOOPBACK}:{port}",
+                    "--routes",
+                    others,
+                ),
+                startup_timeout=30.0,
+            )
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes.values()]
+
+    def start(self) -> None:
+        # A clustered JetStream server is healthy only once it has a quorum.
+        for node in self.nodes.values():
+            node.start(wait=False)
+        for node in self.nodes.values():
+            node.wait_healthy()
+
+    def stream_leader(self, client: SyncNats, stream: str) -> str:
+        """The name of the node leading ``stream`` (JetStream API, stream info)."""
+        info = json.loads(client.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5))
+        if "cluster" not in info or not info["cluster"].get("leader"):
+            raise AssertionError(f"stream {stream} has no leader: {info}")
+        return str(info["cluster"]["leader"])
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
