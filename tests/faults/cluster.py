@@ -15,7 +15,7 @@ from typing import Self
 
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.waiting import LOOPBACK, free_port
+from tests.waiting import LOOPBACK, free_port, wait_until
 
 CLUSTER_NAME = "faults"
 
@@ -53,12 +53,23 @@ class NatsCluster:
         for node in self.nodes.values():
             node.wait_healthy()
 
-    def stream_leader(self, client: SyncNats, stream: str) -> str:
-        """The name of the node leading ``stream`` (JetStream API, stream info)."""
-        info = json.loads(client.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=5))
-        if "cluster" not in info or not info["cluster"].get("leader"):
-            raise AssertionError(f"stream {stream} has no leader: {info}")
-        return str(info["cluster"]["leader"])
+    def stream_leader(self, client: SyncNats, stream: str, timeout: float = 30.0) -> str:
+        """The name of the node leading ``stream`` (JetStream API, stream info), once
+        the stream has one (after a node was lost, an election may be under way)."""
+        leader: list[str] = []
+
+        def elected() -> bool:
+            try:
+                reply = client.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)
+            except Exception:  # the client reconnecting, the API not answering yet
+                return False
+            name = json.loads(reply).get("cluster", {}).get("leader")
+            if name:
+                leader[:] = [str(name)]
+            return bool(name)
+
+        wait_until(elected, timeout=timeout, interval=0.2, message=f"{stream} has no leader")
+        return leader[0]
 
     def close(self) -> None:
         for node in self.nodes.values():

@@ -43,16 +43,25 @@ class FlakyProxy:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self._server.server_address[1]}"
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting on moto now (a long poll in progress)."""
+        with self._lock:
+            return len(self._in_flight)
+
     def calls_of(self, action: str, status: int | None = None) -> int:
         with self._lock:
             return sum(1 for a, s in self.calls if a == action and (status is None or s == status))
 
     def fail_next(self, count: int, *, cut_in_flight: bool = True) -> None:
-        """Fail the next ``count`` calls (and, by default, the ones waiting now)."""
+        """Fail the next ``count`` calls; by default the calls waiting on moto now are
+        cut and count among them (so exactly ``count`` calls fail)."""
         with self._lock:
             self._fail_next += count
         if cut_in_flight:
-            self.cut_in_flight()
+            cut = self.cut_in_flight()
+            with self._lock:
+                self._fail_next = max(0, self._fail_next - cut)
 
     def fail_all(self, *, cut_in_flight: bool = True) -> None:
         with self._lock:
@@ -65,14 +74,16 @@ class FlakyProxy:
             self._fail_next = 0
             self._fail_all = False
 
-    def cut_in_flight(self) -> None:
-        """Drop the connections of calls waiting on moto (each fails at the caller)."""
+    def cut_in_flight(self) -> int:
+        """Drop the connections of calls waiting on moto (each fails at the caller);
+        how many were cut."""
         with self._lock:
             waiting = list(self._in_flight)
             self._cut.update(waiting)
         for sock in waiting:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        return len(waiting)
 
     def _should_fail(self) -> bool:
         with self._lock:

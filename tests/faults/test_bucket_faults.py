@@ -1,0 +1,76 @@
+"""The ``email-group-index`` bucket deleted while the relay runs (an operator's
+mistake, a GitOps tool re-creating it): it comes back, and sends carry on."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from emailrelay import api
+from tests.faults import figures
+from tests.faults.audit import (
+    Delivered,
+    assert_intact,
+    audit_when_tracked,
+    check_callers,
+    delivered,
+    record_load_figures,
+)
+from tests.faults.load import LoadGenerator, new_run, sends
+from tests.faults.relays import running_relays
+from tests.natsclient import SyncNats
+from tests.servers.nats import NatsServer
+from tests.servers.smtp import SmtpServer
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.faults
+
+GROUPS = 4
+
+
+def bucket_exists(client: SyncNats, bucket: str) -> bool:
+    info = json.loads(client.request(f"$JS.API.STREAM.INFO.KV_{bucket}", b"", timeout=5))
+    return "error" not in info
+
+
+def test_group_index_bucket_deleted_while_running_comes_back_and_sends_carry_on(
+    fault_smtp: SmtpServer,
+) -> None:
+    run = new_run()
+    fault_smtp.latency = 0.02
+    with (
+        NatsServer() as nats,
+        running_relays([nats.url], fault_smtp) as _relays,
+        LoadGenerator(nats.url) as load,
+        SyncNats(nats.url) as kv,
+    ):
+        running = load.start(sends(run, 300, GROUPS), concurrency=16, rate=30)
+        wait_until(lambda: len(delivered(fault_smtp, run)) >= 60, timeout=30)
+        kv.delete_bucket(api.GROUP_INDEX_BUCKET)
+        deleted_at = time.time()
+        wait_until(
+            lambda: bucket_exists(kv, api.GROUP_INDEX_BUCKET),
+            timeout=30,
+            interval=0.2,
+            message="email-group-index was not re-created",
+        )
+        recreated_after = time.time() - deleted_at
+        result = running.result(timeout=120)
+        load.settle()
+
+        def gone_with_the_bucket(message: Delivered) -> bool:
+            return message.received_at < deleted_at
+
+        found = audit_when_tracked(fault_smtp, kv, run, excused=gone_with_the_bucket)
+        analytics = [
+            kv.request_json(api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": f"{run}-g{n}"})
+            for n in range(GROUPS)
+        ]
+
+        figures.record("bucket re-created after", recreated_after, "s")
+        record_load_figures(result, found)
+        assert_intact(found, check_callers(result, found.delivered), excused=gone_with_the_bucket)
+        assert result.outcomes().get("timeout", 0) == 0, "sends stalled past the caller's 10 s"
+        assert [a.get("error") for a in analytics] == [None] * GROUPS, analytics
