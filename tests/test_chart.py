@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -611,3 +612,139 @@ def test_every_setting_the_relay_reads_is_reachable_from_the_chart() -> None:
     settings = {field.alias for field in Settings.model_fields.values() if field.alias}
     assert settings, "no settings found"
     assert sorted(name for name in settings if name not in chart_text) == []
+
+
+# --- NATS permissions ------------------------------------------------------------
+
+
+def test_defaults_render_no_nats_permissions_configmap(chart: helm_python.Chart) -> None:
+    assert "ConfigMap" not in kinds(render(chart))
+
+
+def nats_permissions(chart: helm_python.Chart, values: dict[str, Any]) -> dict[str, Any]:
+    objects = render(chart, {"natsPermissions": {"configMap": {"enabled": True}}, **values})
+    config_map = only(objects, "ConfigMap")
+    assert config_map["metadata"]["name"] == f"{FULLNAME}-nats-permissions"
+    permissions: dict[str, Any] = json.loads(config_map["data"]["emailrelay-permissions.json"])
+    return permissions
+
+
+def test_nats_permissions_conf_defines_the_variable_holding_the_json(
+    chart: helm_python.Chart,
+) -> None:
+    objects = render(chart, {"natsPermissions": {"configMap": {"enabled": True}}})
+    data = only(objects, "ConfigMap")["data"]
+    name, _, value = data["emailrelay-permissions.conf"].strip().partition(" = ")
+    assert name == "EMAILRELAY_PERMISSIONS"
+    assert json.loads(value) == json.loads(data["emailrelay-permissions.json"])
+
+
+def test_nats_permissions_publish_only_to_the_two_buckets_and_reply_by_responses(
+    chart: helm_python.Chart,
+) -> None:
+    permissions = nats_permissions(chart, {})
+    assert permissions["allow_responses"] is True
+    for subject in permissions["publish"]["allow"]:
+        assert "email-recipients" in subject or "email-group-index" in subject, subject
+    assert "_INBOX.>" not in permissions["publish"]["allow"]
+
+
+def test_nats_permissions_extra_subjects_are_appended(chart: helm_python.Chart) -> None:
+    permissions = nats_permissions(
+        chart, {"natsPermissions": {"configMap": {"enabled": True}, "extraPublish": ["otel.>"]}}
+    )
+    assert permissions["publish"]["allow"][-1] == "otel.>"
+
+
+# --- alerts -------------------------------------------------------------------------
+
+ALERTS = {
+    "EmailRelayTrackingWritesPending": "emailrelay_tracking_pending{",
+    "EmailRelayTrackingWritesDropped": "emailrelay_tracking_pending_dropped_total",
+    "EmailRelayEventLoopLag": "emailrelay_event_loop_lag_seconds",
+    "EmailRelaySqsReceiveErrors": "emailrelay_sqs_receive_errors_total",
+    "EmailRelayRestarting": "kube_pod_container_status_restarts_total",
+    "EmailRelayReplicasNotReady": "kube_deployment_status_replicas_ready",
+    "EmailRelayNoReplicaReady": "kube_deployment_status_replicas_ready",
+    "EmailRelayRequestsExpired": "emailrelay_requests_expired_total",
+}
+DEPLOYMENT_DOC = CHART_DIR.parent.parent / "docs" / "deployment.md"
+
+
+def alert_rules(chart: helm_python.Chart, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rule = only(render(chart, {"prometheusRule": {"enabled": True, **values}}), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    [group] = rule["spec"]["groups"]
+    return {r["alert"]: r for r in group["rules"]}
+
+
+def test_defaults_render_no_prometheus_rule(chart: helm_python.Chart) -> None:
+    assert "PrometheusRule" not in kinds(render(chart))
+
+
+def test_lint_passes_with_alerts_and_permissions_enabled() -> None:
+    values = {
+        "prometheusRule": {"enabled": True, "runbookBaseUrl": "https://example.org/runbook"},
+        "natsPermissions": {"configMap": {"enabled": True}},
+    }
+    assert lint_problems(helm_python.lint(CHART_DIR, values, strict=True)) == []
+
+
+def test_prometheus_rule_alerts_on_each_metric(chart: helm_python.Chart) -> None:
+    rules = alert_rules(chart, {})
+    assert {
+        name: metric in rules[name]["expr"] for name, metric in ALERTS.items()
+    } == dict.fromkeys(ALERTS, True)
+    assert set(rules) == set(ALERTS)
+
+
+def test_every_alert_has_a_severity_a_summary_and_a_description(
+    chart: helm_python.Chart,
+) -> None:
+    for name, rule in alert_rules(chart, {}).items():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert rule["annotations"]["summary"], name
+        assert rule["annotations"]["description"], name
+
+
+def test_alerts_select_the_release_pods_in_its_namespace(chart: helm_python.Chart) -> None:
+    for name, rule in alert_rules(chart, {}).items():
+        assert f'namespace="{NAMESPACE}"' in rule["expr"], name
+        assert FULLNAME in rule["expr"], name
+
+
+def test_alert_selector_can_be_replaced(chart: helm_python.Chart) -> None:
+    rules = alert_rules(chart, {"selector": 'job="emailrelay"'})
+    assert (
+        'emailrelay_tracking_pending{job="emailrelay"}'
+        in rules["EmailRelayTrackingWritesPending"]["expr"]
+    )
+
+
+def test_alerts_link_their_runbook_section(chart: helm_python.Chart) -> None:
+    rules = alert_rules(chart, {"runbookBaseUrl": "https://example.org/deployment.md"})
+    for name, rule in rules.items():
+        assert rule["annotations"]["runbook_url"] == (
+            f"https://example.org/deployment.md#{name.lower()}"
+        )
+
+
+def test_every_alert_has_a_runbook_in_the_deployment_docs() -> None:
+    headings = {
+        line.removeprefix("### ").strip()
+        for line in DEPLOYMENT_DOC.read_text().splitlines()
+        if line.startswith("### ")
+    }
+    assert sorted(set(ALERTS) - headings) == []
+
+
+def test_alerts_can_be_left_out_by_name(chart: helm_python.Chart) -> None:
+    rules = alert_rules(chart, {"disabled": ["EmailRelayRestarting"]})
+    assert "EmailRelayRestarting" not in rules
+    assert len(rules) == len(ALERTS) - 1
+
+
+def test_alert_thresholds_come_from_values(chart: helm_python.Chart) -> None:
+    rules = alert_rules(chart, {"loopLagSeconds": 2, "loopLagFor": "1m"})
+    assert rules["EmailRelayEventLoopLag"]["expr"].endswith("> 2")
+    assert rules["EmailRelayEventLoopLag"]["for"] == "1m"

@@ -74,9 +74,12 @@ class Request:
 
     @property
     def outcome(self) -> str:
-        """``ok``, the contract error, ``no responders``, ``timeout`` or ``publish failed``."""
+        """``ok``, the contract error, ``no responders``, ``timeout``, ``publish failed``
+        or ``not sent`` (the load stopped first)."""
         if self.publish_error is not None:
             return "publish failed"
+        if self.sent_at == 0.0:
+            return "not sent"
         answer = self.answer
         if answer is None:
             return "timeout"
@@ -181,6 +184,11 @@ class LoadGenerator(SyncNats):
             f"{self._prefix}.*", cb=on_reply, pending_msgs_limit=0, pending_bytes_limit=0
         )
         await self.nc.flush()
+
+    @property
+    def next_number(self) -> int:
+        """The number the next request started will get (numbers count up from 0)."""
+        return self._next_number
 
     def start(
         self,

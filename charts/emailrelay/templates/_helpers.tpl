@@ -216,3 +216,41 @@ extraEnv.
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/*
+The NATS permissions the relay's user needs, and nothing more, as a JSON
+object in nats-server's `permissions` syntax (JSON is valid NATS config):
+- subscribe: the three contract subjects in the queue group only, NATS
+  service discovery for the name "emailrelay", and inboxes (replies to its
+  own JetStream requests);
+- publish: the JetStream API of the two buckets' streams (info, direct and
+  message gets, create when KV_AUTO_CREATE is on) and their `$KV` subjects;
+- allow_responses: replies go to the reply subject of a request it received,
+  once, instead of a publish grant on every `_INBOX` (no spoofed replies).
+Proven by tests/test_nats_permissions.py against a server enforcing it.
+*/}}
+{{- define "emailrelay.natsPermissions" -}}
+{{- $queue := "lfx.email-service.queue" }}
+{{- $subscribe := list }}
+{{- range $subject := list "lfx.email-service.send_email" "lfx.email-service.get_email_status" "lfx.email-service.get_email_engagement_analytics" }}
+{{- $subscribe = append $subscribe (printf "%s %s" $subject $queue) }}
+{{- end }}
+{{- $subscribe = concat $subscribe (list "$SRV.PING" "$SRV.INFO" "$SRV.STATS" "$SRV.*.emailrelay" "$SRV.*.emailrelay.*" "_INBOX.>") }}
+{{- $publish := list }}
+{{- $autoCreate := true }}
+{{- if not (kindIs "invalid" .Values.config.nats.kvAutoCreate) }}
+{{- $autoCreate = .Values.config.nats.kvAutoCreate }}
+{{- end }}
+{{- range $bucket := list .Values.kv.buckets.recipients.bucket .Values.kv.buckets.groupIndex.bucket }}
+{{- $stream := printf "KV_%s" $bucket }}
+{{- $publish = append $publish (printf "$JS.API.STREAM.INFO.%s" $stream) }}
+{{- if $autoCreate }}
+{{- $publish = append $publish (printf "$JS.API.STREAM.CREATE.%s" $stream) }}
+{{- end }}
+{{- $publish = concat $publish (list (printf "$JS.API.DIRECT.GET.%s" $stream) (printf "$JS.API.DIRECT.GET.%s.>" $stream) (printf "$JS.API.STREAM.MSG.GET.%s" $stream) (printf "$KV.%s.>" $bucket)) }}
+{{- end }}
+{{- $perms := .Values.natsPermissions }}
+{{- $publish = concat $publish ($perms.extraPublish | default list) }}
+{{- $subscribe = concat $subscribe ($perms.extraSubscribe | default list) }}
+{{- toRawJson (dict "publish" (dict "allow" $publish) "subscribe" (dict "allow" $subscribe) "allow_responses" true) }}
+{{- end }}
