@@ -39,7 +39,7 @@ pytestmark = pytest.mark.faults
 
 TOTAL = 5000
 CONCURRENCY = 64
-STORM_LIMIT = 150.0
+STORM_LIMIT = 90.0
 """Seconds after which nothing new is sent (a relay that stalls fails, not hangs)."""
 LOOP_LAG_METRIC = "emailrelay_event_loop_lag_seconds"
 MAX_LOOP_LAG = 1.0
