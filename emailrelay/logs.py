@@ -3,6 +3,11 @@
 Log lines name the email id and a redacted recipient (see
 :func:`emailrelay.addresses.redact`); never a body, a credential or a raw
 SQS message. Extra fields go in ``extra={...}`` and become JSON keys.
+
+A value a caller chose (a group id, an id that failed a check) goes through
+:func:`shorten` first: a request may carry a megabyte in any field, and a log
+line is no place for it. As a net for the rest, the formatters cut any string
+extra at :data:`MAX_EXTRA_CHARS`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,31 @@ LEVELS = {
     "error": logging.ERROR,
 }
 
+SHORT_VALUE_CHARS = 80
+"""What :func:`shorten` keeps of a caller's value by default: a UUID and then some."""
+MAX_EXTRA_CHARS = 512
+"""Any string extra is cut to this many characters by the formatters."""
+
+
+def shorten(value: str, limit: int = SHORT_VALUE_CHARS) -> str:
+    """``value`` as a log line may carry it: at most ``limit`` characters,
+    the cut marked with how much was left out (so two long ids that share a
+    prefix are at least told apart by length)."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…(+{len(value) - limit} chars)"
+
+
 # Attributes every LogRecord has; anything else was passed through ``extra``.
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+    return {
+        k: shorten(v, MAX_EXTRA_CHARS) if isinstance(v, str) else v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD_ATTRS
+    }
 
 
 class JsonFormatter(logging.Formatter):

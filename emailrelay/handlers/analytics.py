@@ -10,6 +10,7 @@ import logging
 from emailrelay import api
 from emailrelay.handlers.replies import error_reply, parse_request, reply
 from emailrelay.handlers.status import TrackingReader
+from emailrelay.logs import shorten
 from emailrelay.store.kv import StoreError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class GetEngagementAnalyticsHandler:
         except StoreError as exc:
             log.warning(
                 "analytics failed: group index unreadable",
-                extra={"group_id": request.group_id, "error": repr(exc)},
+                extra={"group_id": shorten(request.group_id), "error": repr(exc)},
             )
             return error_reply(api.ERR_INTERNAL)
         if ids is None:

@@ -90,7 +90,7 @@ class SendEmailHandler:
 
     async def __call__(self, data: bytes) -> bytes:
         request = parse_request(data, api.SendEmailRequest)
-        if request is None:
+        if request is None or len(request.group_id.encode()) > api.MAX_GROUP_ID_BYTES:
             return error_reply(api.ERR_INVALID_PAYLOAD)
         if not (request.to and request.subject and request.html and request.text):
             return error_reply(api.ERR_SEND_FIELDS_REQUIRED)

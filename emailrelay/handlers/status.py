@@ -14,6 +14,8 @@ from typing import Protocol
 
 from emailrelay import api
 from emailrelay.handlers.replies import error_reply, parse_request
+from emailrelay.logs import shorten
+from emailrelay.store.keys import is_valid_key
 from emailrelay.store.kv import StoreError
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ class GetEmailStatusHandler:
             return error_reply(api.ERR_STATUS_ONE_ID_ONLY)
         if not (0 <= request.limit <= api.MAX_STATUS_PAGE) or request.offset < 0:
             return error_reply(api.ERR_INVALID_PAYLOAD)
+        if request.email_id and not is_valid_key(request.email_id):
+            # It cannot be a key, so no record has it; and an over-long id
+            # must never reach a subject (nats-server drops the connection).
+            return error_reply(api.ERR_NOT_FOUND)
         try:
             if request.email_id:
                 record = await self._tracking.get_record(request.email_id)
@@ -67,8 +73,8 @@ class GetEmailStatusHandler:
             log.warning(
                 "status query failed: store error",
                 extra={
-                    "email_id": request.email_id,
-                    "group_id": request.group_id,
+                    "email_id": shorten(request.email_id),
+                    "group_id": shorten(request.group_id),
                     "error": repr(exc),
                 },
             )

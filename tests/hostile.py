@@ -1,0 +1,108 @@
+"""Shared pieces of the hostile-input tests: the three handlers wired over
+in-memory stores and a sender that only records, and a key-value fake that
+remembers every key it was asked for (to prove what would reach a subject)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from emailrelay.addresses import parse_mailbox
+from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
+from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.handlers.status import GetEmailStatusHandler
+from emailrelay.store.kv import Entry
+from emailrelay.store.tracking import TrackingStore
+from tests.fakes import MemoryKeyValue
+
+DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
+assert DEFAULT_FROM is not None
+
+RULES = SendRules(
+    email_enabled=True,
+    default_from=DEFAULT_FROM,
+    default_from_display_name="LFX Self Serve",
+    allowed_from_domains=("lfx.linuxfoundation.org",),
+    allowed_reply_to_domains=("linuxfoundation.org",),
+    allowed_recipient_domains=(),
+)
+
+VALID = {"to": "jane@example.com", "subject": "Hi", "html": "<p>hi</p>", "text": "hi"}
+
+NATS_MAX_PAYLOAD = 1024 * 1024
+"""nats-server's default max_payload: the largest request any caller can send."""
+
+
+class KeyRecordingKeyValue(MemoryKeyValue):
+    """A :class:`MemoryKeyValue` that remembers every key a call named."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys_asked: list[str] = []
+
+    async def get(self, key: str) -> Entry | None:
+        self.keys_asked.append(key)
+        return await super().get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> Mapping[str, Entry]:
+        self.keys_asked.extend(keys)
+        return await super().get_many(keys)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.keys_asked.append(key)
+        return await super().create(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        self.keys_asked.append(key)
+        return await super().update(key, value, last)
+
+
+@dataclass
+class RecordingSender:
+    messages: list[bytes] = field(default_factory=list)
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        self.messages.append(message)
+
+
+@dataclass
+class Handlers:
+    """send, status and analytics over one in-memory tracking store."""
+
+    records: KeyRecordingKeyValue
+    groups: KeyRecordingKeyValue
+    sender: RecordingSender
+    send: SendEmailHandler
+    status: GetEmailStatusHandler
+    analytics: GetEngagementAnalyticsHandler
+
+    @property
+    def keys_asked(self) -> list[str]:
+        return self.records.keys_asked + self.groups.keys_asked
+
+
+def handlers(rules: SendRules = RULES) -> Handlers:
+    records, groups = KeyRecordingKeyValue(), KeyRecordingKeyValue()
+    store = TrackingStore(records, groups)
+    sender = RecordingSender()
+    return Handlers(
+        records=records,
+        groups=groups,
+        sender=sender,
+        send=SendEmailHandler(rules, sender, store),
+        status=GetEmailStatusHandler(store, lambda: NATS_MAX_PAYLOAD),
+        analytics=GetEngagementAnalyticsHandler(store),
+    )
+
+
+def padded_to_max_payload(request: dict[str, str], field_name: str, unit: str = "x ") -> bytes:
+    """``request`` as JSON with ``field_name`` filled with ``unit`` so that the
+    whole body is as large as NATS accepts (``NATS_MAX_PAYLOAD`` bytes)."""
+    empty = len(json.dumps({**request, field_name: ""}).encode())
+    room = NATS_MAX_PAYLOAD - empty
+    per_unit = len(json.dumps(unit).encode()) - 2
+    value = unit * (room // per_unit)
+    body = json.dumps({**request, field_name: value}).encode()
+    assert len(body) <= NATS_MAX_PAYLOAD
+    return body
