@@ -10,6 +10,7 @@ rename them. See ``docs/contract.md`` for the prose version.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -26,6 +27,9 @@ GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT = "lfx.email-service.get_email_engagement
 
 RECIPIENTS_BUCKET = "email-recipients"
 """Key: ``email_id``; value: one :class:`TrackingRecord` as JSON."""
+
+RECORD_MAX_BYTES = 64 * 1024
+"""The ``email-recipients`` bucket's value limit (the deployment's setting)."""
 
 GROUP_INDEX_BUCKET = "email-group-index"
 """Key: ``group_id`` (see docs/contract.md for ids that are not valid keys);
@@ -156,12 +160,25 @@ class ClickEvent(BaseModel):
     clicked_at: Timestamp
 
 
+OPENS_KEPT = 100
+"""``opened_at_list`` keeps its newest entries up to this many; ``open_count`` stays exact."""
+CLICKS_KEPT = 100
+"""``clicked_links`` keeps its newest entries up to this many; ``click_count`` stays exact."""
+RECORD_BUDGET = RECORD_MAX_BYTES - 1024
+"""What :meth:`TrackingRecord.to_json` writes at most: the bucket's limit less
+room for the headers of a revision-checked write, which count against it."""
+KEPT_TEXT_BYTES = 1024
+"""``to`` is cut to this when a record must shrink, and ``subject`` never below it."""
+SHORTENED_MARK = "…"
+
+
 class TrackingRecord(BaseModel):
     """One sent email in ``email-recipients``.
 
     Unset optional fields are omitted on the wire (see :meth:`to_json`), and
     fields this version does not know (written by a newer or older relay) are
-    kept through read-modify-write cycles.
+    kept through read-modify-write cycles. The JSON is never larger than
+    :data:`RECORD_BUDGET` when it can be helped (see :meth:`to_json`).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -194,7 +211,59 @@ class TrackingRecord(BaseModel):
     ses_message_id: str | None = None
 
     def to_json(self) -> bytes:
+        """The record as stored, shortened to fit :data:`RECORD_BUDGET`.
+
+        Only what the contract allows gives way, in this order: the open and
+        click lists keep their newest :data:`OPENS_KEPT` / :data:`CLICKS_KEPT`
+        entries; ``to`` is cut to :data:`KEPT_TEXT_BYTES`; ``subject`` is cut
+        to what fits, but not below :data:`KEPT_TEXT_BYTES`; then the oldest
+        list entries go until it fits. Counts, ids and times are never
+        touched. A record whose other fields alone are too big (fields of a
+        newer relay) is returned as it is, and the store refuses it.
+        """
+        encoded = self._encode()
+        if (
+            len(encoded) <= RECORD_BUDGET
+            and len(self.opened_at_list) <= OPENS_KEPT
+            and len(self.clicked_links) <= CLICKS_KEPT
+        ):
+            return encoded
+        return self._fitted()._encode()
+
+    def _encode(self) -> bytes:
         return self.model_dump_json(exclude=self._unset_optional_fields()).encode()
+
+    def _fitted(self) -> TrackingRecord:
+        record = self.model_copy(
+            update={
+                "opened_at_list": self.opened_at_list[-OPENS_KEPT:],
+                "clicked_links": self.clicked_links[-CLICKS_KEPT:],
+            }
+        )
+        if len(record._encode()) <= RECORD_BUDGET:
+            return record
+        record.to = _shorten_json_text(record.to, KEPT_TEXT_BYTES)
+        others = len(record.model_copy(update={"subject": ""})._encode())
+        room = RECORD_BUDGET - others
+        subject = record.subject
+        while True:
+            record.subject = _shorten_json_text(subject, max(room, KEPT_TEXT_BYTES))
+            excess = len(record._encode()) - RECORD_BUDGET
+            if excess <= 0 or room <= KEPT_TEXT_BYTES:
+                break
+            room -= excess  # the estimate and the encoder differed; rarely runs
+        while excess > 0 and (record.opened_at_list or record.clicked_links):
+            # The oldest entry of either list goes first (each list is in arrival order).
+            opens, clicks = record.opened_at_list, record.clicked_links
+            if clicks and (not opens or _utc(clicks[0].clicked_at) < _utc(opens[0].opened_at)):
+                excess -= len(clicks[0].model_dump_json()) + 1
+                record.clicked_links = clicks[1:]
+            else:
+                excess -= len(opens[0].model_dump_json()) + 1
+                record.opened_at_list = opens[1:]
+            if excess <= 0:
+                excess = len(record._encode()) - RECORD_BUDGET
+        return record
 
     def _unset_optional_fields(self) -> set[str]:
         omitted = {name for name, value in self if value is None}
@@ -210,3 +279,28 @@ class TrackingRecord(BaseModel):
         if not self.delayed:
             omitted.add("delayed")
         return omitted
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _json_bytes(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")) - 2
+
+
+def _shorten_json_text(text: str, max_bytes: int) -> str:
+    """``text`` cut (marked with :data:`SHORTENED_MARK`) so that its JSON
+    string body takes at most ``max_bytes``; unchanged when it fits already."""
+    if len(text) <= max_bytes and _json_bytes(text) <= max_bytes:
+        return text
+    # Every character takes at least one byte: no longer prefix can fit.
+    budget = max_bytes - _json_bytes(SHORTENED_MARK)
+    low, high = 0, min(len(text), budget)
+    while low < high:  # the longest prefix that fits, by bisection
+        middle = (low + high + 1) // 2
+        if _json_bytes(text[:middle]) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + SHORTENED_MARK

@@ -9,12 +9,21 @@ or the SES event itself (SNS raw message delivery). See CONTRACT.md
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from emailrelay.api import TRACKING_HEADER, ClickEvent, OpenEvent, TrackingRecord
+from emailrelay.addresses import replace_lone_surrogates
+from emailrelay.api import (
+    CLICKS_KEPT,
+    OPENS_KEPT,
+    TRACKING_HEADER,
+    ClickEvent,
+    OpenEvent,
+    TrackingRecord,
+)
 from emailrelay.store.keys import is_valid_key
 
 
@@ -55,6 +64,13 @@ _DETAIL_OBJECT = {
     EventKind.REJECT: "reject",
     EventKind.DELIVERY_DELAY: "deliveryDelay",
 }
+
+MAX_EVENT_ID = 256
+"""A longer event id (SNS/SQS ``MessageId``, a UUID in practice) is kept as
+``sha256:<hex>`` of itself: still a dedupe key, and a bounded list entry."""
+MAX_DETAIL_TEXT = 1024
+"""SES detail strings (bounce type, reject reason, …) are short enumerations;
+longer ones are cut to this many characters so a record always fits."""
 
 # Metric labels for messages that carry no applicable event (a small fixed set).
 SKIPPED_LABELS = ("malformed", "no_tracking_header", "rendering_failure", "subscription", "other")
@@ -110,6 +126,13 @@ def parse_message(body: str, sqs_message_id: str) -> EngagementEvent | Skipped:
     return _parse_ses_event(inner, event_id)
 
 
+def _bounded_event_id(event_id: str) -> str:
+    event_id = replace_lone_surrogates(event_id)
+    if len(event_id) <= MAX_EVENT_ID:
+        return event_id
+    return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+
+
 def _parse_ses_event(event: dict[str, Any], event_id: str) -> EngagementEvent | Skipped:
     type_name = event.get("eventType", event.get("notificationType"))
     if not isinstance(type_name, str):
@@ -132,10 +155,10 @@ def _parse_ses_event(event: dict[str, Any], event_id: str) -> EngagementEvent | 
     return EngagementEvent(
         kind=kind,
         email_id=email_id,
-        event_id=event_id,
+        event_id=_bounded_event_id(event_id),
         occurred_at=occurred_at,
         published_at=occurred_at or parse_time(mail.get("timestamp")),
-        link=_text(detail.get("link")),
+        link=_text(detail.get("link"), limit=None),
         bounce_type=_text(detail.get("bounceType")),
         bounce_sub_type=_text(detail.get("bounceSubType")),
         complaint_feedback_type=_text(detail.get("complaintFeedbackType")),
@@ -183,8 +206,12 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+def _text(value: object, limit: int | None = MAX_DETAIL_TEXT) -> str | None:
+    """A non-empty string as a record may hold it (no lone surrogates, and cut
+    to ``limit`` characters unless None), else None."""
+    if not isinstance(value, str) or not value:
+        return None
+    return replace_lone_surrogates(value if limit is None else value[:limit])
 
 
 # --- Applying an event -------------------------------------------------------
@@ -251,11 +278,14 @@ def _apply_failure(record: TrackingRecord, at: datetime) -> bool:
 
 
 def _apply_open(record: TrackingRecord, event_id: str, at: datetime) -> bool:
+    # Replays are recognised among the kept entries only (the newest OPENS_KEPT).
     if any(opened.event_id == event_id for opened in record.opened_at_list):
         return False
+    # The count stays exact once the list is capped (it then exceeds the list's length).
+    record.open_count = max(record.open_count, len(record.opened_at_list)) + 1
     record.opened_at_list.append(OpenEvent(event_id=event_id, opened_at=at))
+    del record.opened_at_list[:-OPENS_KEPT]
     record.opened = True
-    record.open_count = len(record.opened_at_list)
     record.last_opened_at = _later(record.last_opened_at, at)
     return True
 
@@ -263,9 +293,10 @@ def _apply_open(record: TrackingRecord, event_id: str, at: datetime) -> bool:
 def _apply_click(record: TrackingRecord, event_id: str, link: str, at: datetime) -> bool:
     if any(click.event_id == event_id for click in record.clicked_links):
         return False
+    record.click_count = max(record.click_count, len(record.clicked_links)) + 1
     record.clicked_links.append(ClickEvent(event_id=event_id, link=link, clicked_at=at))
+    del record.clicked_links[:-CLICKS_KEPT]
     record.clicked = True
-    record.click_count = len(record.clicked_links)
     record.last_clicked_at = _later(record.last_clicked_at, at)
     return True
 
