@@ -32,7 +32,7 @@ import anyio
 import trio
 import trio_asyncio
 
-from emailrelay import api, tracing
+from emailrelay import api, looplag, tracing
 from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
@@ -164,6 +164,7 @@ async def serve(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, lifecycle, tg.cancel_scope)
+            tg.start_soon(looplag.watch_loop_lag)
             tg.start_soon(
                 lifecycle.supervise, "pending tracking writes", pending.write_when_possible
             )

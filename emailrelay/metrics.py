@@ -73,3 +73,9 @@ TRACKING_PENDING_DROPPED = Counter(
     "emailrelay_tracking_pending_dropped",
     "Tracking writes lost because the pending queue was full.",
 )
+EVENT_LOOP_LAG_SECONDS = Gauge(
+    "emailrelay_event_loop_lag_seconds",
+    "The longest wake-up lag of the event loop in the last 30 s: how late a "
+    "timer fired because something held the loop (anything above 0.1 s stalls "
+    "every request and /livez alike).",
+)
