@@ -56,3 +56,17 @@ SQS_EVENT_LAG_SECONDS = Histogram(
     "Time from the SES event's timestamp to its processing.",
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
 )
+
+REQUEST_BACKLOG = Gauge(
+    "emailrelay_request_backlog",
+    "Requests received and waiting for a handler (beyond MAX_IN_FLIGHT); bounded by MAX_BACKLOG.",
+)
+REQUEST_INTAKE_PAUSED = Gauge(
+    "emailrelay_request_intake_paused",
+    "1 while the backlog is full and this replica has left the queue group, else 0.",
+)
+REQUESTS_EXPIRED = Counter(
+    "emailrelay_requests_expired",
+    "Send requests whose deadline (Emailrelay-Deadline, else receipt + SEND_TIMEOUT) "
+    "passed before the provider accepted the message; answered email delivery failed.",
+)

@@ -17,6 +17,7 @@ import pytest
 
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
+from emailrelay.deadline import Deadline
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import StoreError
@@ -52,7 +53,7 @@ class FakeSender:
     sent: list[Sent] = field(default_factory=list)
     failure: Exception | None = None
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
         if self.failure is not None:
             raise self.failure
         self.sent.append(Sent(sender, recipient, message))
