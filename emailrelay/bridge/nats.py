@@ -34,7 +34,7 @@ DRAIN_TIMEOUT = 5
 """Seconds nats-py may take to drain the whole connection at shutdown."""
 
 
-MAX_KEY_LENGTH = 2048
+MAX_KEY_LENGTH = 3584
 """Longest KV key this bridge passes to nats-py. A key travels in a subject
 (the JetStream direct-get subject carries it whole), and a protocol line
 longer than the server's ``max_control_line`` (4 KiB by default) makes
@@ -42,7 +42,10 @@ nats-server answer ``-ERR 'Maximum Control Line Exceeded'`` and drop the
 connection; nats-py, like the Go client, treats any such server error as
 final and closes the connection for good instead of reconnecting. The keys
 emailrelay builds stay far below this (docs/contract.md); this is the last
-guard, so that no caller-supplied string can cut a replica off NATS."""
+guard, so that no caller-supplied string can cut a replica off NATS: 3.5 KiB
+leaves 512 bytes of the default line for the verb, the subject prefix (the
+longest is ``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.``), the reply inbox
+and the sizes."""
 
 
 class NatsUnavailable(Exception):
