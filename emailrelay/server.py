@@ -252,12 +252,13 @@ class RequestServer:
                 with self._intake_scope:
                     async for waiting in self._receive:
                         holding = waiting
-                        self._taken(waiting)
                         await limiter.acquire_on_behalf_of(waiting)
                         holding = None
+                        self._taken(waiting)
                         handlers.start_soon(self._handle, waiting, limiter)
                 # Cut off: what still waits is answered, never handled.
                 if holding is not None:
+                    self._taken(holding)
                     self._refuse_waiting(holding)
                 while True:
                     try:
