@@ -129,9 +129,7 @@ class RequestServer:
             return False
         for subject, handler in routes.items():
             self._routes[subject] = handler
-            subscription = await self._nats.queue_subscribe(
-                subject, api.QUEUE_GROUP, self._deliver, pending_msgs_limit=self._max_backlog
-            )
+            subscription = await self._nats.queue_subscribe(subject, api.QUEUE_GROUP, self._deliver)
             self._subscriptions.append(subscription)
             if self._paused:
                 await subscription.pause()

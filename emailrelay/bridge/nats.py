@@ -150,6 +150,7 @@ async def _drain_subscription(client: Client, subscription: _NatsSubscription) -
             log.warning("draining a subscription failed", extra={"error": repr(exc)})
 
 
+_PENDING_MSGS_LIMIT = 65536
 _PENDING_BYTES_LIMIT = 64 * 1024 * 1024
 
 
@@ -282,14 +283,15 @@ class NatsConnection:
         return subscription
 
     async def queue_subscribe(
-        self, subject: str, queue: str, deliver: Deliver, pending_msgs_limit: int
+        self, subject: str, queue: str, deliver: Deliver
     ) -> RequestSubscription:
         """Subscribe in ``queue``; ``deliver`` takes every message at once.
 
-        ``deliver`` never blocks, so nats-py's own buffer stays near empty;
-        its limit (``pending_msgs_limit`` messages, 64 MiB) only bites when
-        the asyncio side itself falls behind, and then nats-py drops what is
-        over it (a slow-consumer error): such a request never reaches a
+        ``deliver`` never blocks, so nats-py's own buffer holds at most what
+        one socket read brought in; its limits (:data:`_PENDING_MSGS_LIMIT`,
+        64 MiB) are a backstop, not the backlog bound (that is the caller's,
+        see emailrelay.server). Were they ever reached, nats-py would drop the
+        excess (a slow-consumer error): such a request never reaches a
         handler, so it is never sent; its caller times out.
         """
 
@@ -297,7 +299,7 @@ class NatsConnection:
             deliver(self._incoming(msg))
 
         subscription = RequestSubscription(
-            self._client, subject, queue, hand_over, pending_msgs_limit
+            self._client, subject, queue, hand_over, _PENDING_MSGS_LIMIT
         )
         await subscription.resume()
         return subscription
