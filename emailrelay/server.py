@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes, Deadline], Awaitable[bytes]]
 """Request body and its deadline in, reply body out."""
 
-CUT_OFF_SECONDS = 15.0
+CUT_OFF_SECONDS = 6.0
 """How long handlers may still take once cut off: a send that had handed its
 message over waits for the provider's final reply (bounded by the SMTP
 timeout, see emailrelay.bridge.smtp), and tracking gets its chance to store or
