@@ -17,7 +17,7 @@ import pytest
 
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
-from emailrelay.deadline import Deadline
+from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import StoreError
@@ -457,3 +457,22 @@ async def test_unexpected_store_exception_still_answers_success() -> None:
     reply = await relay.send(request())
     assert "error" not in reply
     assert relay.tracking_failures == [None]
+
+
+# deadlines
+
+
+async def test_send_past_its_deadline_is_not_sent_and_counts_as_expired() -> None:
+    sender, expired = FakeSender(), []
+    handler = SendEmailHandler(RULES, sender, None, on_expired=lambda: expired.append(None))
+    reply = json.loads(await handler(json.dumps(VALID).encode(), Deadline.after(-1)))
+    assert reply == error(api.ERR_DELIVERY_FAILED)
+    assert (sender.sent, len(expired)) == ([], 1)
+
+
+async def test_deadline_passing_during_the_send_counts_as_expired() -> None:
+    sender, expired = FakeSender(failure=DeadlinePassed("late")), []
+    handler = SendEmailHandler(RULES, sender, None, on_expired=lambda: expired.append(None))
+    reply = json.loads(await handler(json.dumps(VALID).encode(), Deadline.after(60)))
+    assert reply == error(api.ERR_DELIVERY_FAILED)
+    assert len(expired) == 1

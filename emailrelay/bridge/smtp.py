@@ -112,7 +112,14 @@ class SmtpConnection:
         await aio(_close)(self._smtp)
 
     def abort(self) -> None:
-        """Drop the connection without a goodbye (its state is unknown)."""
+        """Drop the connection without a goodbye (its state is unknown).
+
+        ``transport.abort()`` discards what is still unsent, where a plain
+        close would flush it: a message not yet fully written then never
+        reaches the provider, so "not sent" stays true."""
+        transport = self._smtp.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
         self._smtp.close()
 
 
