@@ -118,11 +118,6 @@ class RequestServer:
     def subjects(self) -> list[str]:
         return list(self._routes)
 
-    @property
-    def backlog(self) -> int:
-        """Requests received and not yet started."""
-        return self._waiting
-
     async def add_routes(self, routes: Mapping[str, Handler]) -> bool:
         """Subscribe to more subjects; ``False`` once stopping (nothing added)."""
         if self._stopping:

@@ -53,6 +53,21 @@ def test_relay_exits_1_when_nats_closes_its_connection_for_good(
     assert "maximum control line exceeded" in short_line_nats_server.logs().lower()
 
 
+@pytest.mark.parametrize("length", [3584, 3585, 4100])
+@pytest.mark.parametrize("field", ["email_id", "group_id"])
+def test_no_status_query_makes_nats_close_the_relays_connection(
+    relay_factory: RelayFactory, nats_client: SyncNats, field: str, length: int
+) -> None:
+    relay = relay_factory()
+    reply = nats_client.request_json(api.GET_EMAIL_STATUS_SUBJECT, {field: "k" * length})
+    assert reply == {"error": api.ERR_NOT_FOUND}
+    assert relay.readyz_status() == 200
+    assert "email_id" in nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT,
+        {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"},
+    )
+
+
 async def test_livez_answers_200_while_the_asyncio_loop_completes_round_trips() -> None:
     async with trio_asyncio.open_loop():
         watchdog = LoopWatchdog(interval=0.05, stale_after=0.5)
