@@ -95,7 +95,7 @@ async def run_micro(url: str, requests: int, concurrency: int, latency: float) -
 async def run_emailrelay(
     url: str, requests: int, concurrency: int, latency: float
 ) -> tuple[float, int]:
-    async def slow(data: bytes) -> bytes:
+    async def slow(data: bytes, deadline: object) -> bytes:
         await trio.sleep(latency)
         return b"{}"
 

@@ -23,6 +23,13 @@ SEND_EMAIL_SUBJECT = "lfx.email-service.send_email"
 GET_EMAIL_STATUS_SUBJECT = "lfx.email-service.get_email_status"
 GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT = "lfx.email-service.get_email_engagement_analytics"
 
+DEADLINE_HEADER = "Emailrelay-Deadline"
+"""Request header: when the caller stops waiting, as absolute Unix time in
+milliseconds (an integer). The relay starts no SMTP transaction after it and
+answers a send that arrives past it with ``email delivery failed`` (see
+docs/contract.md, "Deadlines"). Without it the relay allows ``SEND_TIMEOUT``
+from receipt."""
+
 # --- JetStream KV ------------------------------------------------------------
 
 RECIPIENTS_BUCKET = "email-recipients"

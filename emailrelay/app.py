@@ -4,18 +4,21 @@
 
     emailrelay serve
     └── task group (trio, with a trio-asyncio loop open for nats-py and aiosmtplib)
-        ├── NATS request subscriptions -> handlers (bounded by MAX_IN_FLIGHT)
+        ├── NATS request subscriptions -> backlog (MAX_BACKLOG) -> handlers (MAX_IN_FLIGHT)
         ├── NATS service discovery ($SRV.PING/INFO/STATS, every instance answers)
         ├── health server (/livez, /readyz, /metrics)
+        ├── asyncio loop watchdog (/livez)
+        ├── NATS connection watch (closed for good: stop, exit 1)
         ├── SQS poller for SES events (when SES_EVENTING_ENABLED=true)
         ├── tracking watcher (when the KV store was missing at start)
         ├── pending tracking writes (sent emails whose record waits for the store)
-        └── signal watcher
+        └── signal watcher (from before NATS is connected)
 
 The SMTP pool is a resource of the send handler, closed after the last
 request is answered. Every way out is the same path: something sets
 ``stopping`` (a signal, or a part that failed for good), the request loop
 drains and replies, the remaining parts are cancelled, NATS is drained.
+A signal exits 0 whatever state NATS is in; a part that failed exits 1.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from emailrelay import api, looplag, tracing
 from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
+from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.config import Settings
+from emailrelay.deadline import Deadline
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
@@ -44,8 +49,8 @@ from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
-from emailrelay.metrics import TRACKING_WRITE_FAILURES
-from emailrelay.server import Handler, RequestServer
+from emailrelay.metrics import REQUESTS_EXPIRED, TRACKING_WRITE_FAILURES
+from emailrelay.server import Handler, RequestServer, bounded_by_deadline
 from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
 from emailrelay.store.pending import PendingTrackingWrites
@@ -77,21 +82,48 @@ def run(settings: Settings) -> int:
 
 
 async def _run_with_asyncio_loop(settings: Settings, http_socket: socket.socket) -> int:
-    async with trio_asyncio.open_loop():
-        try:
-            async with connected_to_nats(settings) as nats:
-                return await serve(settings, nats, http_socket=http_socket)
-        except NatsUnavailable as exc:
-            log.error("giving up: %s after %gs", exc, settings.nats_connect_timeout)
-            return EXIT_FAILURE
+    lifecycle = Lifecycle()
+    async with trio_asyncio.open_loop(), anyio.create_task_group() as tg:
+        # Signals are watched before NATS is reached: SIGTERM while the
+        # first connect is still retrying is a normal stop too.
+        tg.start_soon(_watch_signals, lifecycle)
+        code = await _connect_and_serve(settings, lifecycle, http_socket)
+        tg.cancel_scope.cancel()
+    return code
+
+
+async def _connect_and_serve(
+    settings: Settings, lifecycle: Lifecycle, http_socket: socket.socket
+) -> int:
+    nats: NatsConnection | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def connect() -> None:
+            nonlocal nats
+            try:
+                nats = await NatsConnection.connect(
+                    settings.nats_urls,
+                    settings.nats_creds,
+                    give_up_after=settings.nats_connect_timeout,
+                )
+            except NatsUnavailable as exc:
+                log.error("giving up: %s after %gs", exc, settings.nats_connect_timeout)
+                lifecycle.fail("nats connect")
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(connect)
+        await lifecycle.stopping.wait()
+        tg.cancel_scope.cancel()
+    if nats is None:
+        # Stopped by a signal before NATS was reached, or never reached it.
+        return EXIT_FAILURE if lifecycle.failure else EXIT_OK
+    async with drained_on_exit(nats):
+        return await serve(settings, nats, lifecycle, http_socket=http_socket)
 
 
 @asynccontextmanager
-async def connected_to_nats(settings: Settings) -> AsyncIterator[NatsConnection]:
-    """The NATS connection, drained on the way out (the trio-asyncio loop must be open)."""
-    nats = await NatsConnection.connect(
-        settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
-    )
+async def drained_on_exit(nats: NatsConnection) -> AsyncIterator[NatsConnection]:
     try:
         yield nats
     finally:
@@ -101,12 +133,26 @@ async def connected_to_nats(settings: Settings) -> AsyncIterator[NatsConnection]
             await nats.drain()
 
 
+@asynccontextmanager
+async def connected_to_nats(settings: Settings) -> AsyncIterator[NatsConnection]:
+    """The NATS connection, drained on the way out (the trio-asyncio loop must be open)."""
+    nats = await NatsConnection.connect(
+        settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
+    )
+    async with drained_on_exit(nats):
+        yield nats
+
+
 @dataclass
 class Lifecycle:
-    """How the parts agree to stop: anyone may ask, the first reason is kept."""
+    """How the parts agree to stop: anyone may ask, the first reason is kept.
+
+    ``hurry`` is called when waiting for in-flight requests is pointless (a
+    second signal, or a NATS connection that can carry no reply any more)."""
 
     stopping: anyio.Event = field(default_factory=anyio.Event)
     failure: str | None = None
+    hurry: Callable[[], None] = lambda: None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -128,12 +174,17 @@ class Lifecycle:
 async def serve(
     settings: Settings,
     nats: NatsConnection,
+    lifecycle: Lifecycle | None = None,
     *,
     http_socket: socket.socket | None = None,
     tracking: TrackingStore | None = None,
 ) -> int:
-    """``http_socket``: the HTTP port already bound (else the health server binds
-    PORT itself); ``tracking``: a store the caller opened (else opened here)."""
+    """Serve until stopped; the exit code. Without a ``lifecycle`` of the
+    caller's, signals are watched here. ``http_socket``: the HTTP port already
+    bound (else the health server binds PORT itself); ``tracking``: a store
+    the caller opened (else opened here)."""
+    watch_signals = lifecycle is None
+    lifecycle = lifecycle or Lifecycle()
     if tracking is None:
         tracking = await open_tracking_store(nats, settings)
     sqs: SqsClient | None = None
@@ -157,13 +208,24 @@ async def serve(
         tracking=tracing.traced_tracking(tracking),
         on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         pending=pending,
+        on_expired=REQUESTS_EXPIRED.inc,
     )
     service = ServiceStats([])
-    requests = RequestServer(nats, settings.max_in_flight, stats=service)
-    lifecycle = Lifecycle()
+    requests = RequestServer(
+        nats,
+        settings.max_in_flight,
+        stats=service,
+        max_backlog=settings.max_backlog,
+        send_timeout=settings.send_timeout,
+    )
+    lifecycle.hurry = requests.cut_off
+    watchdog = LoopWatchdog()
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, lifecycle, tg.cancel_scope)
+            if watch_signals:
+                tg.start_soon(_watch_signals, lifecycle)
+            tg.start_soon(watchdog.run)
+            tg.start_soon(_stop_when_nats_closes, nats, lifecycle)
             tg.start_soon(looplag.watch_loop_lag)
             tg.start_soon(
                 lifecycle.supervise, "pending tracking writes", pending.write_when_possible
@@ -177,6 +239,7 @@ async def serve(
                     lambda: nats.is_connected,
                     lifecycle.stopping,
                     sock=http_socket,
+                    is_alive=watchdog.alive,
                 ),
             )
             if sqs is not None and tracking is not None:
@@ -216,22 +279,37 @@ async def serve(
     return EXIT_OK
 
 
-async def _watch_signals(lifecycle: Lifecycle, everything: anyio.CancelScope) -> None:
+async def _watch_signals(lifecycle: Lifecycle) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if not lifecycle.stopping.is_set():
                 log.info("%s received; draining", signal.Signals(signum).name)
                 lifecycle.stop()
             else:
-                log.warning("second signal; stopping now without waiting for in-flight requests")
-                everything.cancel()
+                log.warning("second signal; cutting off in-flight requests now")
+                lifecycle.hurry()
+
+
+async def _stop_when_nats_closes(nats: NatsConnection, lifecycle: Lifecycle) -> None:
+    """A connection nats-py will not reconnect can carry no request and no
+    reply: stop (exit 1) so that the orchestrator starts a fresh process.
+    In-flight work is cut off at once: its replies could not be sent."""
+    reason = await nats.wait_closed_for_good()
+    log.error("NATS connection closed for good; shutting down", extra={"error": reason})
+    lifecycle.hurry()
+    lifecycle.fail("nats connection")
 
 
 def query_routes(tracking: TrackingStore, nats: NatsConnection) -> dict[str, Handler]:
-    """Status and analytics: served whenever the KV store is."""
+    """Status and analytics: served whenever the KV store is; a query still
+    running at its deadline (or cut off at shutdown) answers ``internal error``."""
     return {
-        api.GET_EMAIL_STATUS_SUBJECT: GetEmailStatusHandler(tracking, lambda: nats.max_payload),
-        api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT: GetEngagementAnalyticsHandler(tracking),
+        api.GET_EMAIL_STATUS_SUBJECT: bounded_by_deadline(
+            GetEmailStatusHandler(tracking, lambda: nats.max_payload), api.ERR_INTERNAL
+        ),
+        api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT: bounded_by_deadline(
+            GetEngagementAnalyticsHandler(tracking), api.ERR_INTERNAL
+        ),
     }
 
 
@@ -309,7 +387,7 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
 class _DisabledSender:
     """Never called: with EMAIL_ENABLED=false the handler answers before sending."""
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
         raise AssertionError("sending is disabled")
 
 

@@ -22,6 +22,7 @@ crosses into it in one place, :class:`_AsyncioCalls`.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar
@@ -215,6 +216,11 @@ class _AsyncioCalls:
 # --- The client ----------------------------------------------------------------
 
 
+def _deadline_ms(timeout: float) -> str:
+    """The :data:`emailrelay.api.DEADLINE_HEADER` value: now + ``timeout``, Unix ms."""
+    return str(int((time.time() + timeout) * 1000))
+
+
 async def _quiet(*args: object) -> None:
     """nats-py's default callbacks log tracebacks; a client reports through exceptions."""
 
@@ -318,7 +324,12 @@ class EmailRelayClient:
             raise RuntimeError("use the client inside `async with EmailRelayClient.connect(...)`")
         try:
             msg = await self._calls(
-                self._nc.request, subject, json.dumps(payload).encode(), timeout=self.timeout
+                self._nc.request,
+                subject,
+                json.dumps(payload).encode(),
+                timeout=self.timeout,
+                # The relay starts no work for us after we stop waiting.
+                headers={api.DEADLINE_HEADER: _deadline_ms(self.timeout)},
             )
         except nats.errors.NoRespondersError:
             raise RelayUnavailable(

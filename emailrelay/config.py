@@ -165,6 +165,7 @@ class Settings(BaseModel):
     max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = Field(
         default=256, alias="MAX_IN_FLIGHT"
     )
+    max_backlog: Annotated[int, Field(ge=1, le=100_000)] = Field(default=256, alias="MAX_BACKLOG")
     send_timeout: Seconds = Field(default=30.0, alias="SEND_TIMEOUT")
     shutdown_grace_seconds: Seconds = Field(default=25.0, alias="SHUTDOWN_GRACE_SECONDS")
 

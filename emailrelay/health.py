@@ -23,9 +23,12 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def health_app(is_ready: Callable[[], bool]) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """A minimal ASGI app: liveness is "the process answers", readiness is
-    "NATS is connected" (a relay cut off from NATS cannot take requests);
+def health_app(
+    is_ready: Callable[[], bool], is_alive: Callable[[], bool] = lambda: True
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """A minimal ASGI app: liveness is "the process answers and its asyncio
+    side completes round trips" (:mod:`emailrelay.bridge.watchdog`), readiness
+    is "NATS is connected" (a relay cut off from NATS cannot take requests);
     ``/metrics`` is every metric of :mod:`emailrelay.metrics`."""
     metrics_app = make_asgi_app()
 
@@ -47,7 +50,7 @@ def health_app(is_ready: Callable[[], bool]) -> Callable[[Scope, Receive, Send],
         if method not in ("GET", "HEAD"):
             status, body = 405, b"method not allowed\n"
         elif path == "/livez":
-            status, body = 200, b"ok\n"
+            status, body = (200, b"ok\n") if is_alive() else (503, b"asyncio loop stalled\n")
         elif path == "/readyz":
             status, body = (200, b"ok\n") if is_ready() else (503, b"nats not connected\n")
         else:
@@ -95,6 +98,7 @@ async def serve_health(
     stopping: anyio.Event,
     on_bound: Callable[[list[str]], None] = lambda binds: None,
     sock: socket.socket | None = None,
+    is_alive: Callable[[], bool] = lambda: True,
 ) -> None:
     """Serve until ``stopping`` is set; ``on_bound`` gets the bound URLs (port 0 = any).
     ``sock`` (from :func:`bind_http_socket`) is used instead of binding
@@ -109,7 +113,7 @@ async def serve_health(
         binds: list[str] = await tg.start(
             partial(
                 serve,
-                cast("ASGIFramework", health_app(is_ready)),
+                cast("ASGIFramework", health_app(is_ready, is_alive)),
                 config,
                 shutdown_trigger=stopping.wait,
             )

@@ -79,3 +79,16 @@ EVENT_LOOP_LAG_SECONDS = Gauge(
     "timer fired because something held the loop (anything above 0.1 s stalls "
     "every request and /livez alike).",
 )
+REQUEST_BACKLOG = Gauge(
+    "emailrelay_request_backlog",
+    "Requests received and waiting for a handler (beyond MAX_IN_FLIGHT); bounded by MAX_BACKLOG.",
+)
+REQUEST_INTAKE_PAUSED = Gauge(
+    "emailrelay_request_intake_paused",
+    "1 while the backlog is full and this replica has left the queue group, else 0.",
+)
+REQUESTS_EXPIRED = Counter(
+    "emailrelay_requests_expired",
+    "Send requests whose deadline (Emailrelay-Deadline, else receipt + SEND_TIMEOUT) "
+    "passed before the provider accepted the message; answered email delivery failed.",
+)

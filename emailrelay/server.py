@@ -1,13 +1,25 @@
 """The NATS subscription loop: requests in, one reply out for each.
 
-nats-py's callback hands every message to a memory channel; one task reads
-the channel and starts a handler per message, at most ``max_in_flight`` at
-once (beyond that the channel fills, the callback waits, and nats-py buffers:
-a burst waits, nothing is dropped unanswered).
+nats-py's callback hands every message over at once (it never waits), with
+its deadline (:mod:`emailrelay.deadline`), to a backlog; one task takes
+requests from the backlog and starts a handler for each, at most
+``max_in_flight`` at once.
+
+The backlog is bounded. When ``max_backlog`` requests wait, the subscriptions
+are paused: this replica leaves the queue group, so nats-server routes the
+next requests to the other replicas (with none left, callers get "no
+responders" at once rather than waiting out their timeout). Once the backlog
+is down to half, they are resumed. The requests already on their way when a
+pause begins still arrive; past twice the bound they are answered at once
+with the subject's failure reply, never handled later.
 
 Stopping (SIGTERM, or a fatal failure elsewhere) drains the subscriptions
-first, which delivers what nats-py already buffered, then lets every handler
-finish and reply within the grace period.
+first, which delivers what nats-py already buffered, then lets the backlog
+and every handler finish within the grace period. When the grace runs out
+the requests are cut off (:meth:`RequestServer.cut_off`): those still waiting
+are answered with the failure reply, and the running ones see their deadline
+pass, so a send that has not reached the provider stops and answers
+``email delivery failed``.
 """
 
 from __future__ import annotations
@@ -18,26 +30,51 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from emailrelay import api, tracing
 from emailrelay.bridge.nats import IncomingRequest, NatsConnection, RequestSubscription
+from emailrelay.deadline import Deadline, request_deadline
 from emailrelay.discovery import error_headers
 from emailrelay.handlers.replies import error_reply
-from emailrelay.metrics import REQUEST_SECONDS, REQUESTS, REQUESTS_IN_FLIGHT
+from emailrelay.metrics import (
+    REQUEST_BACKLOG,
+    REQUEST_INTAKE_PAUSED,
+    REQUEST_SECONDS,
+    REQUESTS,
+    REQUESTS_IN_FLIGHT,
+)
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], Awaitable[bytes]]
+Handler = Callable[[bytes, Deadline], Awaitable[bytes]]
+"""Request body and its deadline in, reply body out."""
+
+CUT_OFF_SECONDS = 6.0
+"""How long handlers may still take once cut off: a send that had handed its
+message over waits for the provider's final reply (bounded by the SMTP
+timeout, see emailrelay.bridge.smtp), and tracking gets its chance to store or
+queue the record. Whatever is still running after that is cancelled unanswered."""
+
+REPLY_TIMEOUT = 5.0
+"""A reply publish is a write into nats-py's buffer; this only bounds the odd stall."""
+
+RESUME_RETRY_SECONDS = 1.0
 
 
 class RequestStats(Protocol):
     """Per-subject counters (the ``$SRV.STATS`` answer, see emailrelay.discovery)."""
 
     def record(self, subject: str, elapsed_ns: int, error: str | None) -> None: ...
+
+
+@dataclass(eq=False)
+class _Waiting:
+    request: IncomingRequest
+    deadline: Deadline
 
 
 class RequestServer:
@@ -48,17 +85,34 @@ class RequestServer:
     """
 
     def __init__(
-        self, nats: NatsConnection, max_in_flight: int, stats: RequestStats | None = None
+        self,
+        nats: NatsConnection,
+        max_in_flight: int,
+        stats: RequestStats | None = None,
+        *,
+        max_backlog: int | None = None,
+        send_timeout: float = 30.0,
     ) -> None:
         self._nats = nats
         self._max_in_flight = max_in_flight
+        self._max_backlog = max_backlog if max_backlog is not None else max_in_flight
+        self._send_timeout = send_timeout
         self._stats = stats
         self._routes: dict[str, Handler] = {}
         self._subscriptions: list[RequestSubscription] = []
-        self._send, self._receive = anyio.create_memory_object_stream[IncomingRequest](
-            max_in_flight
-        )
+        # Unbounded channels: the bound is kept by pausing the subscriptions
+        # and, past twice the bound, by answering at once (see _deliver).
+        self._send, self._receive = anyio.create_memory_object_stream[_Waiting](math.inf)
+        self._refuse, self._refusals = anyio.create_memory_object_stream[IncomingRequest](math.inf)
+        self._waiting = 0
+        self._deadlines: set[Deadline] = set()
+        self._paused = False
+        self._intake_changed = anyio.Event()
+        self._intake_scope = anyio.CancelScope()
+        self._intake_lock = anyio.Lock()
         self._stopping = False
+        self._cut_off = False
+        self._done = anyio.Event()
 
     @property
     def subjects(self) -> list[str]:
@@ -70,39 +124,198 @@ class RequestServer:
             return False
         for subject, handler in routes.items():
             self._routes[subject] = handler
-            self._subscriptions.append(
-                await self._nats.subscribe_requests(subject, api.QUEUE_GROUP, self._send)
-            )
+            subscription = await self._nats.queue_subscribe(subject, api.QUEUE_GROUP, self._deliver)
+            self._subscriptions.append(subscription)
+            if self._paused:
+                await subscription.pause()
         log.info("serving requests", extra={"subjects": sorted(routes), "queue": api.QUEUE_GROUP})
         return True
 
+    def cut_off(self) -> None:
+        """End the work for every request now: waiting ones are answered with
+        their failure reply, running ones see their deadline pass."""
+        if self._cut_off:
+            return
+        self._cut_off = True
+        self._intake_scope.cancel()
+        for deadline in list(self._deadlines):
+            deadline.cut_off()
+
     async def serve(self, stopping: anyio.Event, grace: float) -> None:
-        """Handle requests until ``stopping``; then drain and let handlers
-        finish within ``grace`` seconds."""
-        handlers_scope = anyio.CancelScope()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                _dispatch,
-                self._receive,
-                self._routes,
-                self._max_in_flight,
-                handlers_scope,
-                self._stats,
-            )
-            await stopping.wait()
-            self._stopping = True
-            started = time.monotonic()
-            handlers_scope.deadline = anyio.current_time() + grace
-            for subscription in self._subscriptions:
-                await subscription.drain()
-            self._send.close()
+        """Handle requests until ``stopping``; then drain, let handlers finish
+        within ``grace`` seconds, and cut off what is left."""
+        async with anyio.create_task_group() as helpers:
+            helpers.start_soon(self._regulate_intake)
+            helpers.start_soon(self._answer_refusals)
+            async with anyio.create_task_group() as work:
+                work.start_soon(self._dispatch)
+                await stopping.wait()
+                started = time.monotonic()
+                self._stopping = True
+                self._intake_changed.set()
+                async with self._intake_lock:
+                    for subscription in self._subscriptions:
+                        await subscription.drain()
+                self._send.close()
+                with anyio.move_on_after(grace - (time.monotonic() - started)):
+                    await self._done.wait()
+                cut_off = not self._done.is_set()
+                if cut_off:
+                    log.warning(
+                        "shutdown grace expired; cutting off requests",
+                        extra={"backlog": self._waiting, "in_flight": len(self._deadlines)},
+                    )
+                    self.cut_off()
+                    with anyio.move_on_after(CUT_OFF_SECONDS):
+                        await self._done.wait()
+                work.cancel_scope.cancel()
+            self._refuse.close()
         log.info(
             "stopped serving requests",
-            extra={
-                "drain_seconds": round(time.monotonic() - started, 3),
-                "cut_off": handlers_scope.cancel_called,
-            },
+            extra={"drain_seconds": round(time.monotonic() - started, 3), "cut_off": cut_off},
         )
+
+    # --- intake (runs on the asyncio side: never blocks) -------------------
+
+    def _deliver(self, request: IncomingRequest) -> None:
+        deadline = request_deadline(
+            request.headers, request.received_at, request.received_wall, self._send_timeout
+        )
+        if self._cut_off or self._waiting >= 2 * self._max_backlog:
+            self._refuse.send_nowait(request)
+            return
+        try:
+            self._send.send_nowait(_Waiting(request, deadline))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._refuse.send_nowait(request)
+            return
+        self._deadlines.add(deadline)
+        self._waiting += 1
+        REQUEST_BACKLOG.set(self._waiting)
+        if self._waiting >= self._max_backlog and not self._paused:
+            self._intake_changed.set()
+
+    async def _regulate_intake(self) -> None:
+        """Pause the subscriptions while the backlog is full; resume at half."""
+        while not self._stopping:
+            await self._intake_changed.wait()
+            self._intake_changed = anyio.Event()
+            async with self._intake_lock:
+                if self._stopping:
+                    return
+                await self._pause_or_resume()
+
+    async def _pause_or_resume(self) -> None:
+        if not self._paused and self._waiting >= self._max_backlog:
+            self._paused = True
+            REQUEST_INTAKE_PAUSED.set(1)
+            log.warning(
+                "request backlog full; pausing intake (other replicas take the requests)",
+                extra={"backlog": self._waiting, "max_backlog": self._max_backlog},
+            )
+            for subscription in self._subscriptions:
+                await subscription.pause()
+        elif self._paused and self._waiting <= self._max_backlog // 2:
+            try:
+                for subscription in self._subscriptions:
+                    await subscription.resume()
+            except Exception as exc:
+                log.warning("resuming intake failed; trying again", extra={"error": repr(exc)})
+                await anyio.sleep(RESUME_RETRY_SECONDS)
+                self._intake_changed.set()
+                return
+            self._paused = False
+            REQUEST_INTAKE_PAUSED.set(0)
+            log.info("request backlog drained; intake resumed", extra={"backlog": self._waiting})
+
+    async def _answer_refusals(self) -> None:
+        async with self._refusals:
+            async for request in self._refusals:
+                error = _failure_for(request.subject)
+                await _respond(request, error_reply(error), error)
+                self._count(request.subject, 0, error)
+
+    # --- handling ------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        limiter = anyio.CapacityLimiter(self._max_in_flight or math.inf)
+        holding: _Waiting | None = None
+        try:
+            async with anyio.create_task_group() as handlers:
+                with self._intake_scope:
+                    async for waiting in self._receive:
+                        holding = waiting
+                        await limiter.acquire_on_behalf_of(waiting)
+                        holding = None
+                        self._taken(waiting)
+                        handlers.start_soon(self._handle, waiting, limiter)
+                # Cut off: what still waits is answered, never handled.
+                if holding is not None:
+                    self._taken(holding)
+                    self._refuse_waiting(holding)
+                while True:
+                    try:
+                        waiting = self._receive.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    self._taken(waiting)
+                    self._refuse_waiting(waiting)
+        finally:
+            self._receive.close()
+            self._done.set()
+
+    def _taken(self, waiting: _Waiting) -> None:
+        self._waiting -= 1
+        REQUEST_BACKLOG.set(self._waiting)
+        if self._paused and self._waiting <= self._max_backlog // 2:
+            self._intake_changed.set()
+
+    def _refuse_waiting(self, waiting: _Waiting) -> None:
+        self._deadlines.discard(waiting.deadline)
+        self._refuse.send_nowait(waiting.request)
+
+    async def _handle(self, waiting: _Waiting, limiter: anyio.CapacityLimiter) -> None:
+        request, deadline = waiting.request, waiting.deadline
+        started = time.perf_counter_ns()
+        REQUESTS_IN_FLIGHT.inc()
+        try:
+            with tracing.server_span(request.subject, request.headers) as span:
+                try:
+                    reply = await self._routes[request.subject](request.data, deadline)
+                except Exception:
+                    # Never let internal exception text reach a caller.
+                    log.exception("handler failed", extra={"subject": request.subject})
+                    reply = error_reply(api.ERR_INTERNAL)
+                error = contract_error(reply)
+                if error is not None:
+                    tracing.set_error(span, error)
+                await _respond(request, reply, error)
+            self._count(request.subject, time.perf_counter_ns() - started, error)
+        finally:
+            self._deadlines.discard(deadline)
+            REQUESTS_IN_FLIGHT.dec()
+            limiter.release_on_behalf_of(waiting)
+
+    def _count(self, subject: str, elapsed_ns: int, error: str | None) -> None:
+        REQUESTS.labels(subject, _outcome(error)).inc()
+        REQUEST_SECONDS.labels(subject).observe(elapsed_ns / 1e9)
+        if self._stats is not None:
+            self._stats.record(subject, elapsed_ns, error)
+
+
+async def _respond(request: IncomingRequest, reply: bytes, error: str | None) -> None:
+    try:
+        with anyio.fail_after(REPLY_TIMEOUT):
+            await request.respond(reply, None if error is None else error_headers(error))
+    except Exception as exc:
+        log.warning("reply not sent", extra={"subject": request.subject, "error": repr(exc)})
+
+
+def _failure_for(subject: str) -> str:
+    """The reply to a request that is answered without being handled: for a
+    send, "not sent" (``email delivery failed``, safe to retry); for a query,
+    ``internal error``."""
+    return api.ERR_DELIVERY_FAILED if subject == api.SEND_EMAIL_SUBJECT else api.ERR_INTERNAL
 
 
 async def serve_requests(
@@ -119,54 +332,16 @@ async def serve_requests(
     await server.serve(stopping, grace)
 
 
-async def _dispatch(
-    requests: MemoryObjectReceiveStream[IncomingRequest],
-    routes: Mapping[str, Handler],
-    max_in_flight: int,
-    scope: anyio.CancelScope,
-    stats: RequestStats | None,
-) -> None:
-    limiter = anyio.CapacityLimiter(max_in_flight if max_in_flight else math.inf)
-    with scope:
-        async with anyio.create_task_group() as handlers, requests:
-            async for request in requests:
-                await limiter.acquire_on_behalf_of(request)
-                handlers.start_soon(_handle, request, routes[request.subject], limiter, stats)
+def bounded_by_deadline(handler: Callable[[bytes], Awaitable[bytes]], failure: str) -> Handler:
+    """A handler without deadlines of its own (a query: safe to stop
+    anywhere), ended at the request's deadline with ``failure``."""
 
+    async def handle(data: bytes, deadline: Deadline) -> bytes:
+        with deadline.scope():
+            return await handler(data)
+        return error_reply(failure)
 
-async def _handle(
-    request: IncomingRequest,
-    handler: Handler,
-    limiter: anyio.CapacityLimiter,
-    stats: RequestStats | None,
-) -> None:
-    started = time.perf_counter_ns()
-    REQUESTS_IN_FLIGHT.inc()
-    try:
-        with tracing.server_span(request.subject, request.headers) as span:
-            try:
-                reply = await handler(request.data)
-            except Exception:
-                # Never let internal exception text reach a caller.
-                log.exception("handler failed", extra={"subject": request.subject})
-                reply = error_reply(api.ERR_INTERNAL)
-            error = contract_error(reply)
-            if error is not None:
-                tracing.set_error(span, error)
-            try:
-                await request.respond(reply, None if error is None else error_headers(error))
-            except Exception as exc:
-                log.warning(
-                    "reply not sent", extra={"subject": request.subject, "error": repr(exc)}
-                )
-        elapsed_ns = time.perf_counter_ns() - started
-        REQUESTS.labels(request.subject, _outcome(error)).inc()
-        REQUEST_SECONDS.labels(request.subject).observe(elapsed_ns / 1e9)
-        if stats is not None:
-            stats.record(request.subject, elapsed_ns, error)
-    finally:
-        REQUESTS_IN_FLIGHT.dec()
-        limiter.release_on_behalf_of(request)
+    return handle
 
 
 _ERROR_REPLY = re.compile(rb'\{\s*"error"\s*:')

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from emailrelay import __version__, api
 
 if TYPE_CHECKING:
+    from emailrelay.deadline import Deadline
     from emailrelay.handlers.send import Sender, TrackingWriter
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ class _TracedSender:
     def __init__(self, sender: Sender) -> None:
         self._sender = sender
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
         with span("smtp send", {"emailrelay.smtp.bytes": str(len(message))}):
-            await self._sender.send(sender, recipient, message)
+            await self._sender.send(sender, recipient, message, deadline)
 
 
 class _TracedTracking:

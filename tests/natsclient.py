@@ -109,18 +109,32 @@ class SyncNats:
 
     # request/reply
 
-    def request(self, subject: str, payload: Payload, timeout: float = 10.0) -> bytes:
+    def request(
+        self,
+        subject: str,
+        payload: Payload,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
         """Send one request and return the raw reply body."""
 
         async def go() -> bytes:
-            msg = await self.nc.request(subject, encode_payload(payload), timeout=timeout)
+            msg = await self.nc.request(
+                subject, encode_payload(payload), timeout=timeout, headers=headers
+            )
             return msg.data
 
         return self._run(go(), timeout=timeout + 5)
 
-    def request_json(self, subject: str, payload: Payload, timeout: float = 10.0) -> Any:
+    def request_json(
+        self,
+        subject: str,
+        payload: Payload,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """Send one request and return the JSON-decoded reply."""
-        return json.loads(self.request(subject, payload, timeout=timeout))
+        return json.loads(self.request(subject, payload, timeout=timeout, headers=headers))
 
     def request_many(
         self,

@@ -10,7 +10,6 @@ import email.policy
 import json
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -18,6 +17,7 @@ import pytest
 
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
+from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.handlers.send import SendEmailHandler, SendRules, TrackingWriter
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
@@ -52,8 +52,11 @@ class Sent:
 class FakeSender:
     sent: list[Sent] = field(default_factory=list)
     failure: Exception | None = None
+    delay: float = 0.0
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+        if self.delay:
+            await anyio.sleep(self.delay)
         if self.failure is not None:
             raise self.failure
         self.sent.append(Sent(sender, recipient, message))
@@ -556,17 +559,31 @@ async def test_missing_bucket_goes_to_the_pending_writes_without_retrying() -> N
     assert len(relay.pending.writes) == 1
 
 
-async def test_tracking_deadline_already_passed_goes_straight_to_pending() -> None:
+async def test_request_deadline_passed_during_the_send_hands_tracking_straight_to_pending() -> None:
     relay = make_relay(pending=FakePending())
-    record = api.TrackingRecord(
-        group_id="g",
-        email_id=str(uuid.uuid4()),
-        to="jane@example.com",
-        subject="Hi",
-        sent_at=datetime.now(UTC),
-    )
-    deadline = anyio.current_time() - 1
-    await relay.handler._write_tracking(relay.tracking, record, deadline=deadline)
+    relay.sender.delay = 0.2
+    data = json.dumps(request()).encode()
+    reply = json.loads(await relay.handler(data, Deadline.after(0.1)))
+    assert "error" not in reply
     assert relay.tracking.records == []
     assert relay.pending is not None
-    assert [d.record for d in relay.pending.writes] == [record]
+    assert [d.record.email_id for d in relay.pending.writes] == [reply["email_id"]]
+
+
+# deadlines
+
+
+async def test_send_past_its_deadline_is_not_sent_and_counts_as_expired() -> None:
+    sender, expired = FakeSender(), []
+    handler = SendEmailHandler(RULES, sender, None, on_expired=lambda: expired.append(None))
+    reply = json.loads(await handler(json.dumps(VALID).encode(), Deadline.after(-1)))
+    assert reply == error(api.ERR_DELIVERY_FAILED)
+    assert (sender.sent, len(expired)) == ([], 1)
+
+
+async def test_deadline_passing_during_the_send_counts_as_expired() -> None:
+    sender, expired = FakeSender(failure=DeadlinePassed("late")), []
+    handler = SendEmailHandler(RULES, sender, None, on_expired=lambda: expired.append(None))
+    reply = json.loads(await handler(json.dumps(VALID).encode(), Deadline.after(60)))
+    assert reply == error(api.ERR_DELIVERY_FAILED)
+    assert len(expired) == 1

@@ -16,6 +16,7 @@ import trio_asyncio
 
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.config import SmtpTlsMode
+from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure, SendFailure
 from emailrelay.mail.pool import Connection, SmtpPool
 from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
@@ -392,3 +393,26 @@ def test_auto_tls_mode_is_implicit_only_on_the_smtps_ports(
         timeout=5.0,
     )
     assert target.implicit_tls is implicit
+
+
+# the request's deadline
+
+
+async def test_nothing_starts_once_the_deadline_has_passed(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(smtp))
+    with pytest.raises(DeadlinePassed):
+        await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(-1))
+    await pool.aclose()
+    assert (smtp.connections, smtp.mail_times) == (0, [])
+
+
+async def test_acceptance_after_the_deadline_passed_during_data_counts_as_sent(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.latency = 1.0  # the final reply to DATA comes after the deadline
+    pool = make_pool(endpoint(smtp))
+    await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(0.3))
+    await pool.aclose()
+    assert len(smtp.messages) == 1

@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from emailrelay import api, tracing
+from emailrelay.deadline import Deadline
 from tests.conftest import RelayFactory
 from tests.natsclient import SyncNats
 from tests.servers.relay import REPO_ROOT
@@ -169,7 +170,7 @@ async def test_traced_sender_and_tracking_spans_are_children_of_the_request(
     spans: InMemorySpanExporter,
 ) -> None:
     class Sender:
-        async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        async def send(self, sender: str, recipient: str, message: bytes, deadline: Any) -> None:
             await trio.lowlevel.checkpoint()
 
     class Tracking:
@@ -187,7 +188,7 @@ async def test_traced_sender_and_tracking_spans_are_children_of_the_request(
     )
 
     with tracing.server_span(api.SEND_EMAIL_SUBJECT, {}):
-        await sender.send("a@b.example", "c@d.example", b"message")
+        await sender.send("a@b.example", "c@d.example", b"message", Deadline.never())
         await tracking.create_record(record)
         await tracking.append_to_group("g", "e")
 

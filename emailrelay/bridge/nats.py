@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,20 @@ DRAIN_TIMEOUT = 5
 """Seconds nats-py may take to drain the whole connection at shutdown."""
 
 
+MAX_KEY_LENGTH = 3584
+"""Longest KV key this bridge passes to nats-py. A key travels in a subject
+(the JetStream direct-get subject carries it whole), and a protocol line
+longer than the server's ``max_control_line`` (4 KiB by default) makes
+nats-server answer ``-ERR 'Maximum Control Line Exceeded'`` and drop the
+connection; nats-py, like the Go client, treats any such server error as
+final and closes the connection for good instead of reconnecting. The keys
+emailrelay builds stay far below this (docs/contract.md); this is the last
+guard, so that no caller-supplied string can cut a replica off NATS: 3.5 KiB
+leaves 512 bytes of the default line for the verb, the subject prefix (the
+longest is ``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.``), the reply inbox
+and the sizes."""
+
+
 class NatsUnavailable(Exception):
     """No NATS server could be reached before the connect deadline."""
 
@@ -46,6 +61,10 @@ class IncomingRequest:
     headers: Mapping[str, str]
     reply: str
     _connection: NatsConnection = field(repr=False)
+    received_at: float = field(default_factory=time.monotonic)
+    """When nats-py handed the message over, on the monotonic clock."""
+    received_wall: float = field(default_factory=time.time)
+    """The same instant as Unix time (to read a caller's deadline header)."""
 
     async def respond(self, data: bytes, headers: Mapping[str, str] | None = None) -> None:
         if not self.reply:
@@ -53,24 +72,90 @@ class IncomingRequest:
         await self._connection.publish(self.reply, data, headers)
 
 
-class RequestSubscription:
-    """A queue subscription whose messages arrive on a trio channel."""
+Deliver = Callable[[IncomingRequest], None]
+"""Takes a request from nats-py's callback; must not block (it runs on the
+asyncio side, one message at a time per subscription)."""
 
-    def __init__(self, subscription: _NatsSubscription) -> None:
-        self._subscription = subscription
+
+class RequestSubscription:
+    """A (queue) subscription whose messages go to a callback.
+
+    It can be paused and resumed: while paused this process is not a member
+    of the queue group, so nats-server routes the subject's requests to the
+    other replicas (or, when none is left, callers get "no responders" at
+    once instead of waiting out their timeout)."""
+
+    def __init__(
+        self,
+        client: Client,
+        subject: str,
+        queue: str,
+        callback: Callable[[Msg], Any],
+        pending_msgs_limit: int,
+    ) -> None:
+        self._client = client
+        self._subject = subject
+        self._queue = queue
+        self._callback = callback
+        self._pending_msgs_limit = pending_msgs_limit
+        self._subscription: _NatsSubscription | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._subscription is not None
+
+    async def resume(self) -> None:
+        """Subscribe (again); raises :class:`NatsClosed` on a closed connection."""
+        if self._subscription is not None:
+            return
+        try:
+            self._subscription = await aio(self._client.subscribe)(
+                self._subject,
+                queue=self._queue,
+                cb=self._callback,
+                pending_msgs_limit=self._pending_msgs_limit,
+                pending_bytes_limit=0 if self._pending_msgs_limit == 0 else _PENDING_BYTES_LIMIT,
+            )
+        except nats.errors.ConnectionClosedError as exc:
+            raise NatsClosed(str(exc)) from exc
+
+    async def pause(self) -> None:
+        """Leave the subject; the messages already on their way are still
+        delivered to the callback first (see :meth:`drain`)."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await _drain_subscription(self._client, subscription)
 
     async def drain(self) -> None:
-        """Stop taking new messages; deliver the ones already buffered first.
+        """Stop taking new messages; deliver the ones already buffered first."""
+        await self.pause()
 
-        Shielded from cancellation: a drain ends with a PING/PONG flush, and
-        nats-py leaves a cancelled flush's future in its PONG queue, where the
-        next PONG fails the connection's read loop (InvalidStateError). nats-py
-        bounds the flush itself."""
-        with anyio.CancelScope(shield=True):
-            try:
-                await aio(self._subscription.drain)()
-            except nats.errors.Error as exc:
-                log.warning("draining a subscription failed", extra={"error": repr(exc)})
+
+async def _drain_subscription(client: Client, subscription: _NatsSubscription) -> None:
+    """Drain: UNSUB, a PING/PONG round trip so that everything the server sent
+    before the UNSUB has arrived, then wait until the callback took it.
+
+    Shielded from cancellation: nats-py leaves a cancelled flush's future in
+    its PONG queue, where the next PONG fails the connection's read loop
+    (InvalidStateError). nats-py bounds the flush itself. While disconnected
+    nothing more can arrive and the flush could only time out, so then the
+    subscription is just dropped (the server forgets it with the connection)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            if client.is_connected:
+                await aio(subscription.drain)()
+            elif not client.is_closed:
+                await aio(subscription.unsubscribe)()
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("draining a subscription failed", extra={"error": repr(exc)})
+
+
+_PENDING_MSGS_LIMIT = 65536
+_PENDING_BYTES_LIMIT = 64 * 1024 * 1024
+
+
+class NatsClosed(Exception):
+    """The NATS connection is closed for good: nats-py will not reconnect."""
 
 
 @dataclass
@@ -81,9 +166,15 @@ class _Closing:
 
 
 class NatsConnection:
-    def __init__(self, client: Client, closing: _Closing | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        closing: _Closing | None = None,
+        closed: anyio.Event | None = None,
+    ) -> None:
         self._client = client
         self._closing = closing or _Closing()
+        self._closed = closed or anyio.Event()
 
     @classmethod
     async def connect(
@@ -110,6 +201,13 @@ class NatsConnection:
         async def on_reconnected() -> None:
             log.info("nats: reconnected")
 
+        # Set from the asyncio side: trio-asyncio runs its callbacks inside
+        # trio, so a trio event may be set there.
+        closed = anyio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
         options: dict[str, Any] = {
             "servers": list(servers),
             "name": name,
@@ -121,6 +219,7 @@ class NatsConnection:
             "error_cb": on_error,
             "disconnected_cb": on_disconnected,
             "reconnected_cb": on_reconnected,
+            "closed_cb": on_closed,
         }
         if creds is not None:
             options["user_credentials"] = str(creds)
@@ -129,11 +228,27 @@ class NatsConnection:
             client = await aio(nats.connect)(**options)
         if client is None:
             raise NatsUnavailable(f"no NATS server reachable at {', '.join(servers)}")
-        return cls(client, closing)
+        return cls(client, closing, closed)
 
     @property
     def is_connected(self) -> bool:
         return bool(self._client.is_connected)
+
+    async def wait_closed_for_good(self) -> str:
+        """Return once the connection is closed and nats-py will not reconnect,
+        unless this process closed it (:meth:`drain`); the reason.
+
+        Reconnecting covers a lost connection, but nats-py (like the Go
+        client) closes for good on any protocol error the server reports
+        (``-ERR``, such as ``maximum control line exceeded``): a relay in that
+        state can never serve again, so it has to stop and be restarted."""
+        while not self._client.is_closed:
+            # nats-py skips its closed callback on some paths: look again each second.
+            with anyio.move_on_after(1):
+                await self._closed.wait()
+        if self._closing.requested:
+            await anyio.sleep_forever()
+        return repr(self._client.last_error)
 
     @property
     def max_payload(self) -> int:
@@ -152,31 +267,51 @@ class NatsConnection:
 
         nats-py runs one callback at a time per subscription, so the callback
         only hands over: without waiting when the channel has room, else by
-        awaiting the trio side (backpressure: nats-py buffers meanwhile, and
-        its pending limits are lifted so a burst waits rather than drops).
+        awaiting the trio side (backpressure: nats-py buffers meanwhile, its
+        pending limits lifted: discovery requests are few and small).
         """
 
         async def hand_over(msg: Msg) -> None:
-            request = IncomingRequest(
-                subject=msg.subject,
-                data=msg.data,
-                headers=dict(msg.headers or {}),
-                reply=msg.reply,
-                _connection=self,
-            )
+            request = self._incoming(msg)
             try:
                 channel.send_nowait(request)
             except anyio.WouldBlock:
                 await trio_asyncio.trio_as_aio(channel.send)(request)
 
-        subscription = await aio(self._client.subscribe)(
-            subject,
-            queue=queue,
-            cb=hand_over,
-            pending_msgs_limit=0,  # 0 = unbounded in nats-py
-            pending_bytes_limit=0,
+        subscription = RequestSubscription(self._client, subject, queue, hand_over, 0)
+        await subscription.resume()
+        return subscription
+
+    async def queue_subscribe(
+        self, subject: str, queue: str, deliver: Deliver
+    ) -> RequestSubscription:
+        """Subscribe in ``queue``; ``deliver`` takes every message at once.
+
+        ``deliver`` never blocks, so nats-py's own buffer holds at most what
+        one socket read brought in; its limits (:data:`_PENDING_MSGS_LIMIT`,
+        64 MiB) are a backstop, not the backlog bound (that is the caller's,
+        see emailrelay.server). Were they ever reached, nats-py would drop the
+        excess (a slow-consumer error): such a request never reaches a
+        handler, so it is never sent; its caller times out.
+        """
+
+        async def hand_over(msg: Msg) -> None:
+            deliver(self._incoming(msg))
+
+        subscription = RequestSubscription(
+            self._client, subject, queue, hand_over, _PENDING_MSGS_LIMIT
         )
-        return RequestSubscription(subscription)
+        await subscription.resume()
+        return subscription
+
+    def _incoming(self, msg: Msg) -> IncomingRequest:
+        return IncomingRequest(
+            subject=msg.subject,
+            data=msg.data,
+            headers=dict(msg.headers or {}),
+            reply=msg.reply,
+            _connection=self,
+        )
 
     async def key_value(self, bucket: str) -> JetStreamKeyValue | None:
         """The bucket, or ``None`` when it does not exist. Raises
@@ -207,15 +342,24 @@ class NatsConnection:
         return JetStreamKeyValue(kv, self._client)
 
     async def drain(self) -> None:
-        """Flush what is pending and close; safe to call on a closed client."""
+        """Flush what is pending and close; safe to call on a closed client.
+
+        Never raises: it runs on the way out, whatever state NATS is in. While
+        disconnected there is nothing to drain into, so the client is just
+        closed (and closing a dead transport may fail: that is no news)."""
         if self._client.is_closed:
             return
         self._closing.requested = True
+        if self._client.is_connected:
+            try:
+                await aio(self._client.drain)()
+                return
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                log.warning("nats: drain failed; closing", extra={"error": repr(exc)})
         try:
-            await aio(self._client.drain)()
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("nats: drain failed; closing", extra={"error": repr(exc)})
             await aio(self._client.close)()
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            log.info("nats: closed", extra={"error": repr(exc)})
 
 
 _KV_TIMEOUT = 5.0
@@ -293,6 +437,8 @@ class JetStreamKeyValue:
             return False
 
     async def get(self, key: str) -> Entry | None:
+        if len(key) > MAX_KEY_LENGTH:
+            return None  # never written (see create/update), so not there
         try:
             with anyio.fail_after(_KV_TIMEOUT):
                 entry = await aio(self._kv.get)(key)
@@ -307,6 +453,7 @@ class JetStreamKeyValue:
         return Entry(value=entry.value or b"", revision=int(entry.revision or 0))
 
     async def create(self, key: str, value: bytes) -> int:
+        _check_key_length(key)
         try:
             with anyio.fail_after(_KV_TIMEOUT):
                 return int(await aio(self._kv.create)(key, value))
@@ -318,6 +465,7 @@ class JetStreamKeyValue:
             raise StoreError(f"create failed: {exc!r}") from exc
 
     async def update(self, key: str, value: bytes, last: int) -> int:
+        _check_key_length(key)
         try:
             with anyio.fail_after(_KV_TIMEOUT):
                 return int(await aio(self._kv.update)(key, value, last=last))
@@ -349,6 +497,11 @@ class JetStreamKeyValue:
                 f"{what} failed: bucket {bucket} was re-created with other settings"
             )
         return StoreError(f"{what} failed: {exc!r}")
+
+
+def _check_key_length(key: str) -> None:
+    if len(key) > MAX_KEY_LENGTH:
+        raise StoreError(f"key of {len(key)} characters is longer than {MAX_KEY_LENGTH}")
 
 
 _STREAM_NOT_FOUND = 10059  # JetStream API error code

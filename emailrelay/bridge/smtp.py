@@ -3,6 +3,14 @@
 Every failure is classified on the asyncio side, where the phase is known:
 before the message is handed over anything may be retried (subject to the
 reply class); after it, a missing final reply is ambiguous and never retried.
+
+Cancellation (a request's deadline, the shutdown cut-off) ends the envelope
+(MAIL, RCPT) at once: nothing was handed over, the connection is dropped,
+the provider has nothing to deliver. The DATA phase is not cut short: once
+DATA is sent the provider may accept the message at any moment, so the
+relay waits (at most :data:`DATA_REPLY_WAIT` seconds more) for its final
+reply and reports what it said, rather than answer "failed" for a message
+that went out and invite a second one.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import ssl
 from dataclasses import dataclass
 
 import aiosmtplib
+import anyio
 import trio_asyncio
 
 from emailrelay.addresses import redact
@@ -27,6 +36,11 @@ from emailrelay.mail.errors import (
 aio = trio_asyncio.aio_as_trio
 
 IMPLICIT_TLS_PORTS = (465, 2465)
+
+DATA_REPLY_WAIT = 5.0
+"""Once cancelled during DATA, how much longer to wait for the provider's
+final reply; beyond it the outcome is unknown and the cancellation stands
+(the connection is dropped)."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +92,34 @@ class SmtpConnection:
         return bool(self._smtp.is_connected)
 
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
-        await aio(_send)(self._smtp, sender, recipient, message)
+        await aio(_envelope)(self._smtp, sender, recipient)
+        data: asyncio.Task[None] = await aio(_start_data)(self._smtp, message)
+        try:
+            await aio(_outcome)(data)
+        except anyio.get_cancelled_exc_class():
+            # Cancelled during DATA: find out whether the provider took it.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(DATA_REPLY_WAIT):
+                await aio(_outcome)(data)
+            if not data.done():
+                data.cancel()
+                raise
+            # The provider answered: report what it said (a success stands,
+            # and the cancellation is raised again at the caller's next
+            # checkpoint, after the caller has taken note).
+            data.result()
 
     async def close(self) -> None:
         await aio(_close)(self._smtp)
 
     def abort(self) -> None:
-        """Drop the connection without a goodbye (its state is unknown)."""
+        """Drop the connection without a goodbye (its state is unknown).
+
+        ``transport.abort()`` discards what is still unsent, where a plain
+        close would flush it: a message not yet fully written then never
+        reaches the provider, so "not sent" stays true."""
+        transport = self._smtp.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
         self._smtp.close()
 
 
@@ -139,7 +174,7 @@ async def _greet(smtp: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
         raise TransientFailure(f"connecting failed: {exc.__class__.__name__}: {exc}") from exc
 
 
-async def _send(smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes) -> None:
+async def _envelope(smtp: aiosmtplib.SMTP, sender: str, recipient: str) -> None:
     try:
         await smtp.mail(sender)
         await smtp.rcpt(recipient)
@@ -148,6 +183,9 @@ async def _send(smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: byt
     except (aiosmtplib.SMTPException, OSError) as exc:
         # A pooled connection the server closed while idle ends up here.
         raise TransientFailure(f"connection lost before DATA: {exc.__class__.__name__}") from exc
+
+
+async def _data(smtp: aiosmtplib.SMTP, message: bytes) -> None:
     try:
         await smtp.data(message)
     except aiosmtplib.SMTPResponseException as exc:
@@ -157,6 +195,15 @@ async def _send(smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: byt
         raise AmbiguousFailure(
             f"no final reply after the message was handed over: {exc.__class__.__name__}"
         ) from exc
+
+
+async def _start_data(smtp: aiosmtplib.SMTP, message: bytes) -> asyncio.Task[None]:
+    return asyncio.ensure_future(_data(smtp, message))
+
+
+async def _outcome(task: asyncio.Task[None]) -> None:
+    """Wait for ``task``; cancelling the wait leaves the task running."""
+    await asyncio.shield(task)
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:

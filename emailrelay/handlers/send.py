@@ -22,6 +22,7 @@ from emailrelay.addresses import (
     redact,
     strip_line_breaks,
 )
+from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.handlers.replies import error_reply, parse_request, reply
 from emailrelay.mail.errors import SendFailure
 from emailrelay.mail.message import OutgoingEmail, build_message
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class Sender(Protocol):
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
-        """Deliver or raise :class:`~emailrelay.mail.errors.SendFailure`."""
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+        """Deliver or raise :class:`~emailrelay.mail.errors.SendFailure`;
+        start nothing after ``deadline`` (raise
+        :class:`~emailrelay.deadline.DeadlinePassed`)."""
         ...
 
 
@@ -75,6 +78,7 @@ class SendEmailHandler:
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         on_tracking_failure: Callable[[], None] = lambda: None,
         pending: PendingTracking | None = None,
+        on_expired: Callable[[], None] = lambda: None,
     ) -> None:
         self._rules = rules
         self._sender = sender
@@ -83,12 +87,16 @@ class SendEmailHandler:
         self._new_id = new_id
         self._on_tracking_failure = on_tracking_failure
         self._pending = pending
+        self._on_expired = on_expired
 
     def start_tracking(self, tracking: TrackingWriter) -> None:
         """Record sends from now on (the KV store became available after start)."""
         self._tracking = tracking
 
-    async def __call__(self, data: bytes) -> bytes:
+    async def __call__(self, data: bytes, deadline: Deadline | None = None) -> bytes:
+        """One request; ``deadline`` is when its caller stops waiting (none:
+        no limit of its own, the sender's ``SEND_TIMEOUT`` still applies)."""
+        deadline = deadline or Deadline.never()
         request = parse_request(data, api.SendEmailRequest)
         if request is None or len(request.group_id.encode()) > api.MAX_GROUP_ID_BYTES:
             return error_reply(api.ERR_INVALID_PAYLOAD)
@@ -148,8 +156,20 @@ class SendEmailHandler:
             "group_id": email.group_id,
             "to": redact(recipient.address),
         }
+        if deadline.expired:
+            # The caller has left (or is about to): a message sent now would be
+            # answered to nobody, and a caller that retries would send it twice.
+            self._on_expired()
+            log.info("deadline passed before sending; not sent", extra=context)
+            return error_reply(api.ERR_DELIVERY_FAILED)
         try:
-            await self._sender.send(sender.address, recipient.address, build_message(email))
+            await self._sender.send(
+                sender.address, recipient.address, build_message(email), deadline
+            )
+        except DeadlinePassed as exc:
+            self._on_expired()
+            log.warning("email delivery failed", extra={**context, "reason": exc.reason})
+            return error_reply(api.ERR_DELIVERY_FAILED)
         except SendFailure as exc:
             log.warning("email delivery failed", extra={**context, "reason": exc.reason})
             return error_reply(api.ERR_DELIVERY_FAILED)
@@ -164,26 +184,21 @@ class SendEmailHandler:
                 subject=request.subject,
                 sent_at=datetime.now(UTC),
             )
-            await self._write_tracking(tracking, record)
+            await self._write_tracking(tracking, record, deadline)
         return reply(api.SendEmailReply(email_id=email.email_id, group_id=email.group_id))
 
     async def _write_tracking(
-        self,
-        tracking: TrackingWriter,
-        record: api.TrackingRecord,
-        deadline: float | None = None,
+        self, tracking: TrackingWriter, record: api.TrackingRecord, deadline: Deadline
     ) -> None:
-        """Store the record, then index it, retrying a failing store until
-        ``deadline`` (an ``anyio.current_time()`` instant; default: now +
-        ``tracking_deadline``). What is not stored by then is handed to the
-        pending writes, which finish it once the store is back. Either way the
-        email is out, so the caller gets its success (an error would invite a
-        duplicate send)."""
-        if deadline is None:
-            deadline = anyio.current_time() + self._tracking_deadline
+        """Store the record, then index it, retrying a failing store while the
+        request's time allows: until its deadline (``deadline.scope()`` also ends
+        at once when the shutdown grace cuts requests off), ``tracking_deadline``
+        at most. What is not stored by then is handed to the pending writes,
+        which finish it once the store is back. Either way the email is out, so
+        the caller gets its success (an error would invite a duplicate send)."""
         record_stored = False
         delay = 0.05
-        with anyio.move_on_at(deadline):
+        with deadline.scope(), anyio.move_on_after(self._tracking_deadline):
             while True:
                 try:
                     if not record_stored:

@@ -5,6 +5,11 @@ failure, and are recycled after ``max_messages`` messages or ``max_age``
 seconds (Amazon SES recommends not holding one connection for long). Transient
 failures are retried with jittered exponential backoff until the per-send
 deadline; permanent and ambiguous ones are not.
+
+The per-send deadline is the earlier of ``send_timeout`` and the request's
+own (:class:`~emailrelay.deadline.Deadline`): no transaction, and no retry,
+starts after it. A message whose DATA phase began before it still gets the
+provider's answer (see emailrelay.bridge.smtp), and that answer counts.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Protocol
 
 import anyio
 
+from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.mail.errors import AmbiguousFailure, SendFailure, TransientFailure
 from emailrelay.metrics import SMTP_CONNECTIONS, SMTP_REPLIES, SMTP_SEND_SECONDS
 
@@ -28,6 +34,14 @@ class Connection(Protocol):
     async def send(self, sender: str, recipient: str, message: bytes) -> None: ...
     async def close(self) -> None: ...
     def abort(self) -> None: ...
+
+
+@dataclass
+class _Outcome:
+    """Set the moment the provider accepts, so that a cancellation arriving
+    just after cannot turn a delivered message into a failure."""
+
+    accepted: bool = False
 
 
 @dataclass
@@ -58,21 +72,30 @@ class SmtpPool:
         self._backoff_max = backoff_max
         self.open_connections = 0
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline | None = None
+    ) -> None:
         """Deliver one message, or raise :class:`SendFailure`.
 
-        The whole call, retries included, takes at most ``send_timeout``."""
-        try:
-            with anyio.fail_after(self._send_timeout):
-                await self._send_with_retries(sender, recipient, message)
-        except TimeoutError:
-            raise SendFailure(f"no success within SEND_TIMEOUT ({self._send_timeout:g}s)") from None
+        The whole call, retries included, ends at ``send_timeout`` or at
+        ``deadline``, whichever comes first."""
+        deadline = deadline or Deadline.never()
+        outcome = _Outcome()
+        with deadline.scope(), anyio.move_on_after(self._send_timeout):
+            await self._send_with_retries(sender, recipient, message, outcome)
+        if outcome.accepted:
+            return
+        if deadline.expired:
+            raise DeadlinePassed("the request's deadline passed before the provider accepted it")
+        raise SendFailure(f"no success within SEND_TIMEOUT ({self._send_timeout:g}s)")
 
-    async def _send_with_retries(self, sender: str, recipient: str, message: bytes) -> None:
+    async def _send_with_retries(
+        self, sender: str, recipient: str, message: bytes, outcome: _Outcome
+    ) -> None:
         delay = self._backoff_initial
         while True:
             try:
-                await self._send_once(sender, recipient, message)
+                await self._send_once(sender, recipient, message, outcome)
                 return
             except TransientFailure as exc:
                 log.info("smtp: transient failure; retrying", extra={"reason": exc.reason})
@@ -80,12 +103,22 @@ class SmtpPool:
             await anyio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, self._backoff_max)
 
-    async def _send_once(self, sender: str, recipient: str, message: bytes) -> None:
+    async def _send_once(
+        self, sender: str, recipient: str, message: bytes, outcome: _Outcome
+    ) -> None:
         async with self._slots:
             pooled = await self._checkout()
+            try:
+                # No transaction starts once the deadline has passed, however
+                # the wait for a slot or a connection went.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                self._idle.append(pooled)
+                raise
             started = time.monotonic()
             try:
                 await pooled.connection.send(sender, recipient, message)
+                outcome.accepted = True
             except SendFailure as exc:
                 SMTP_REPLIES.labels(_failure_class(exc)).inc()
                 await self._discard(pooled)

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Self
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import stop_process
 from tests.servers.nats import NatsServer
@@ -160,6 +161,15 @@ class RelayProcess:
         """GET ``path`` on the relay's HTTP port (loopback, no proxies)."""
         with httpx.Client(base_url=self.base_url, trust_env=False, timeout=timeout) as client:
             return client.get(path)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from ``/metrics`` (0 when not written yet)."""
+        text = self.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def readyz_status(self) -> int | None:
         """Status of ``GET /readyz``, or None when nothing answers."""

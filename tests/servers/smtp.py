@@ -170,6 +170,7 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        self.owner._record_mail()
         reply = self.owner._take_reply("MAIL")
         if reply is not None:
             return reply
@@ -278,6 +279,7 @@ class SmtpServer:
         self._rejected: list[ReceivedMessage] = []
         self._auth_attempts: list[AuthAttempt] = []
         self._connections = 0
+        self._mail_times: list[float] = []
         self._open: set[_RecordingSMTP] = set()
         self._scripts: dict[Command, _Script] = {}
         self._controller: _Controller | None = None
@@ -341,8 +343,15 @@ class SmtpServer:
             self._rejected.clear()
             self._auth_attempts.clear()
             self._connections = 0
+            self._mail_times.clear()
 
     # observations
+
+    @property
+    def mail_times(self) -> list[float]:
+        """Unix time of every MAIL command (a transaction starting), since the last ``reset()``."""
+        with self._lock:
+            return list(self._mail_times)
 
     @property
     def messages(self) -> list[ReceivedMessage]:
@@ -535,6 +544,10 @@ class SmtpServer:
     def _take_reply(self, command: Command) -> str | None:
         with self._lock:
             return self._scripts[command].take()
+
+    def _record_mail(self) -> None:
+        with self._lock:
+            self._mail_times.append(time.time())
 
     def _record(self, message: ReceivedMessage, *, accepted: bool) -> None:
         with self._lock:

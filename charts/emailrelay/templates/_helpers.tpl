@@ -158,6 +158,7 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "SES_ENGAGEMENT_SQS_QUEUE_URL" $ses.engagementSqsQueueUrl)
   (list "SES_EVENT_MAX_RECEIVES" $ses.eventMaxReceives)
   (list "MAX_IN_FLIGHT" $limits.maxInFlight)
+  (list "MAX_BACKLOG" $limits.maxBacklog)
   (list "SEND_TIMEOUT" $limits.sendTimeout)
   (list "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds)
   (list "LOG_LEVEL" $log.level)

@@ -1,0 +1,39 @@
+"""A bounded backlog: when MAX_BACKLOG requests wait, the relay leaves the
+queue group (the requests go to other replicas; with none left, callers get
+"no responders" at once) and comes back once half of it has drained.
+
+The memory bound under a sustained overload is proven in
+tests/faults/test_backlog.py (``nox -s faults``)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import nats.errors
+import pytest
+
+from emailrelay import api
+from tests.conftest import RelayFactory
+from tests.natsclient import SyncNats
+from tests.servers.smtp import SmtpServer
+from tests.waiting import wait_until
+
+VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
+PAUSED = "emailrelay_request_intake_paused"
+
+
+def test_full_backlog_leaves_the_queue_group_until_half_has_drained(
+    relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
+) -> None:
+    smtp.latency = 1.0
+    relay = relay_factory({"MAX_IN_FLIGHT": "1", "MAX_BACKLOG": "2"})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(nats_client.request_many, api.SEND_EMAIL_SUBJECT, [VALID] * 3, 3, 30.0)
+        wait_until(lambda: relay.metric(PAUSED) == 1, message="intake not paused")
+        assert relay.metric("emailrelay_request_backlog") == 2
+        with pytest.raises(nats.errors.NoRespondersError):
+            nats_client.request(api.SEND_EMAIL_SUBJECT, VALID, timeout=5)
+        assert all("email_id" in reply for reply in first.result(timeout=30))
+    wait_until(lambda: relay.metric(PAUSED) == 0, message="intake not resumed")
+    assert "email_id" in nats_client.request_json(api.SEND_EMAIL_SUBJECT, VALID)
+    assert len(smtp.messages) == 4
