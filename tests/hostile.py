@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from emailrelay.addresses import parse_mailbox
+from emailrelay.deadline import Deadline
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
@@ -62,7 +63,7 @@ class KeyRecordingKeyValue(MemoryKeyValue):
 class RecordingSender:
     messages: list[bytes] = field(default_factory=list)
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
         self.messages.append(message)
 
 
