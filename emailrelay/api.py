@@ -99,10 +99,12 @@ class SendEmailRequest(_Request):
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
 
-MAX_GROUP_ID_BYTES = 1024
+MAX_GROUP_ID_BYTES = 16 * 1024
 """A longer ``group_id`` (UTF-8) is an ``invalid request payload``: the record
-keeps the id whole, so it must be bounded for the record to fit its bucket.
-No id the replaced relay could store is longer than 942 bytes (docs/contract.md)."""
+keeps the id whole, so it must be bounded for the record to fit its 64 KiB
+bucket value. Ids too long to be a KV key (over 962 characters) still work:
+their key is hashed. No id the replaced relay could store is longer than 942
+bytes (docs/contract.md)."""
 
 
 class SendEmailReply(BaseModel):
