@@ -41,11 +41,10 @@ from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.config import Settings
-from emailrelay.deadline import Deadline
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
-from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.handlers.send import NoSender, NoTracking, SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
@@ -204,8 +203,8 @@ async def serve(
     pending = PendingTrackingWrites()
     send_handler = SendEmailHandler(
         rules=send_rules(settings),
-        sender=tracing.traced_sender(pool if pool is not None else _DisabledSender()),
-        tracking=tracing.traced_tracking(tracking),
+        sender=tracing.traced_sender(pool if pool is not None else NoSender()),
+        tracking=NoTracking() if tracking is None else tracing.traced_tracking(tracking),
         on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         pending=pending,
         on_expired=REQUESTS_EXPIRED.inc,
@@ -341,7 +340,7 @@ async def _track_once_available(
         delay = min(delay * 2, TRACKING_RETRY_MAX)
         tracking = await open_tracking_store(nats, settings)
         if tracking is not None:
-            send_handler.start_tracking(tracing.traced_tracking(tracking) or tracking)
+            send_handler.start_tracking(tracing.traced_tracking(tracking))
             await _add_routes(requests, service, query_routes(tracking, nats))
             return
 
@@ -382,13 +381,6 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
         max_age=settings.smtp_connection_max_age,
         send_timeout=settings.send_timeout,
     )
-
-
-class _DisabledSender:
-    """Never called: with EMAIL_ENABLED=false the handler answers before sending."""
-
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
-        raise AssertionError("sending is disabled")
 
 
 async def open_tracking_store(nats: NatsConnection, settings: Settings) -> TrackingStore | None:
