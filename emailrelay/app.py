@@ -27,17 +27,16 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
 import trio
-import trio_asyncio
 
 from emailrelay import api, looplag, tracing
 from emailrelay.addresses import parse_mailbox
-from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
+from emailrelay.bridge.loop import asyncio_loop
+from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_exit
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.config import Settings
@@ -82,7 +81,7 @@ def run(settings: Settings) -> int:
 
 async def _run_with_asyncio_loop(settings: Settings, http_socket: socket.socket) -> int:
     lifecycle = Lifecycle()
-    async with trio_asyncio.open_loop(), anyio.create_task_group() as tg:
+    async with asyncio_loop(), anyio.create_task_group() as tg:
         # Signals are watched before NATS is reached: SIGTERM while the
         # first connect is still retrying is a normal stop too.
         tg.start_soon(_watch_signals, lifecycle)
@@ -119,27 +118,6 @@ async def _connect_and_serve(
         return EXIT_FAILURE if lifecycle.failure else EXIT_OK
     async with drained_on_exit(nats):
         return await serve(settings, nats, lifecycle, http_socket=http_socket)
-
-
-@asynccontextmanager
-async def drained_on_exit(nats: NatsConnection) -> AsyncIterator[NatsConnection]:
-    try:
-        yield nats
-    finally:
-        # nats-py bounds the drain (DRAIN_TIMEOUT) and then closes; cancelling
-        # it from outside would leave asyncio tasks failing inside the loop.
-        with anyio.CancelScope(shield=True):
-            await nats.drain()
-
-
-@asynccontextmanager
-async def connected_to_nats(settings: Settings) -> AsyncIterator[NatsConnection]:
-    """The NATS connection, drained on the way out (the trio-asyncio loop must be open)."""
-    nats = await NatsConnection.connect(
-        settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
-    )
-    async with drained_on_exit(nats):
-        yield nats
 
 
 @dataclass
