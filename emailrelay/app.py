@@ -27,8 +27,6 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import anyio
 import trio
@@ -53,6 +51,7 @@ from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
 from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
+from emailrelay.supervision import Backoff, Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -118,34 +117,6 @@ async def _connect_and_serve(
         return EXIT_FAILURE if lifecycle.failure else EXIT_OK
     async with drained_on_exit(nats):
         return await serve(settings, nats, lifecycle, http_socket=http_socket)
-
-
-@dataclass
-class Lifecycle:
-    """How the parts agree to stop: anyone may ask, the first reason is kept.
-
-    ``hurry`` is called when waiting for in-flight requests is pointless (a
-    second signal, or a NATS connection that can carry no reply any more)."""
-
-    stopping: anyio.Event = field(default_factory=anyio.Event)
-    failure: str | None = None
-    hurry: Callable[[], None] = lambda: None
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def fail(self, part: str) -> None:
-        if self.failure is None:
-            self.failure = part
-        self.stopping.set()
-
-    async def supervise(self, part: str, run_part: Callable[[], Awaitable[None]]) -> None:
-        """Run a part; if it fails, ask everything to stop (non-zero exit)."""
-        try:
-            await run_part()
-        except Exception:
-            log.exception("fatal failure; shutting down", extra={"part": part})
-            self.fail(part)
 
 
 async def serve(
@@ -312,10 +283,11 @@ async def _track_once_available(
     electing its JetStream leader, buckets an operator has yet to declare):
     look again, with backoff, and start tracking and answering status and
     analytics as soon as they are there, without a restart."""
-    delay = 1.0
+    backoff = Backoff(initial=1.0, maximum=TRACKING_RETRY_MAX)
+    attempt = 0
     while True:
-        await anyio.sleep(delay)
-        delay = min(delay * 2, TRACKING_RETRY_MAX)
+        attempt += 1
+        await backoff.sleep(attempt)
         tracking = await open_tracking_store(nats, settings)
         if tracking is not None:
             send_handler.start_tracking(tracing.traced_tracking(tracking))

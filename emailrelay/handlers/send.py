@@ -8,7 +8,6 @@ it out: the send, then the tracking writes, then the reply. ``NoSender`` and
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -30,6 +29,7 @@ from emailrelay.handlers.send_decision import (
 from emailrelay.mail.errors import SendFailure
 from emailrelay.mail.message import build_message
 from emailrelay.store.kv import BucketMissing
+from emailrelay.supervision import Backoff
 
 __all__ = [
     "NoPending",
@@ -173,7 +173,8 @@ class SendEmailHandler:
         which finish it once the store is back. Either way the email is out, so
         the caller gets its success (an error would invite a duplicate send)."""
         record_stored = False
-        delay = 0.05
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        attempt = 0
         with deadline.scope(), anyio.move_on_after(self._tracking_deadline):
             while True:
                 try:
@@ -198,8 +199,8 @@ class SendEmailHandler:
                         "tracking write failed; retrying",
                         extra={"email_id": record.email_id, "error": repr(exc)},
                     )
-                await anyio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, 2.0)
+                attempt += 1
+                await backoff.sleep(attempt)
         if self._pending.add(record, tracking, record_stored=record_stored):
             log.warning(
                 "tracking write pending; stored once the KV store answers",
