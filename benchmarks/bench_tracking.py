@@ -35,6 +35,7 @@ from emailrelay import api
 from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.nats import JetStreamKeyValue, NatsConnection
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
+from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.tracking import TrackingStore
@@ -123,7 +124,7 @@ async def send_rate(store: TrackingStore, group_for: Callable[[int], str]) -> fl
         request = {"to": f"u{n}@example.org", "subject": "s", "html": "h", "text": "t"}
         request["group_id"] = group_for(n)
         async with limiter:
-            reply = json.loads(await handler(json.dumps(request).encode()))
+            reply = json.loads(encode_reply(await handler(json.dumps(request).encode())))
         assert reply.get("email_id"), reply
 
     start = time.perf_counter()

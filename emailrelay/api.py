@@ -78,6 +78,40 @@ ERR_DELIVERY_OUTCOME_UNKNOWN = "email delivery outcome unknown"
 ERR_RECIPIENT_SUPPRESSED = "recipient suppressed"
 ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset"
 
+CONTRACT_ERRORS = frozenset(
+    {
+        ERR_INVALID_PAYLOAD,
+        ERR_SEND_FIELDS_REQUIRED,
+        ERR_INVALID_TO,
+        ERR_INVALID_FROM,
+        ERR_FROM_DOMAIN_NOT_ALLOWED,
+        ERR_INVALID_REPLY_TO,
+        ERR_REPLY_TO_DOMAIN_NOT_ALLOWED,
+        ERR_DELIVERY_FAILED,
+        ERR_STATUS_ID_REQUIRED,
+        ERR_STATUS_ONE_ID_ONLY,
+        ERR_GROUP_ID_REQUIRED,
+        ERR_NOT_FOUND,
+        ERR_INTERNAL,
+        ERR_GROUP_TOO_LARGE,
+    }
+)
+"""Every error string of the contract (a small fixed set: safe as a metric label)."""
+
+SERVICE_ERROR_CODES = {
+    ERR_NOT_FOUND: "404",
+    ERR_DELIVERY_FAILED: "502",
+    ERR_INTERNAL: "500",
+}
+"""HTTP-like ``Nats-Service-Error-Code`` values, as NATS services use them:
+no such record (404), the provider refused (502), anything else of ours (500);
+every other error is the caller's mistake (400, see :func:`service_error_code`)."""
+
+
+def service_error_code(error: str) -> str:
+    """The ``Nats-Service-Error-Code`` for a contract error string."""
+    return SERVICE_ERROR_CODES.get(error, "400")
+
 
 # --- Models ------------------------------------------------------------------
 
@@ -163,7 +197,16 @@ class EngagementAnalyticsReply(BaseModel):
 
 
 class ErrorReply(BaseModel):
+    """The reply to a request that failed: ``{"error": <one of the ERR_* strings>}``.
+
+    Handlers return it as a value (never raise it); the server knows an error
+    reply by this type and adds the NATS service error headers."""
+
     error: str
+
+    @property
+    def service_code(self) -> str:
+        return service_error_code(self.error)
 
 
 class OpenEvent(BaseModel):

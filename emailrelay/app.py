@@ -27,25 +27,21 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import anyio
 import trio
-import trio_asyncio
 
 from emailrelay import api, looplag, tracing
 from emailrelay.addresses import parse_mailbox
-from emailrelay.bridge.nats import NatsConnection, NatsUnavailable
+from emailrelay.bridge.loop import asyncio_loop
+from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_exit
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.config import Settings
-from emailrelay.deadline import Deadline
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
-from emailrelay.handlers.send import SendEmailHandler, SendRules
+from emailrelay.handlers.send import NoSender, NoTracking, SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
@@ -55,6 +51,7 @@ from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
 from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
+from emailrelay.supervision import Backoff, Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ def run(settings: Settings) -> int:
 
 async def _run_with_asyncio_loop(settings: Settings, http_socket: socket.socket) -> int:
     lifecycle = Lifecycle()
-    async with trio_asyncio.open_loop(), anyio.create_task_group() as tg:
+    async with asyncio_loop(), anyio.create_task_group() as tg:
         # Signals are watched before NATS is reached: SIGTERM while the
         # first connect is still retrying is a normal stop too.
         tg.start_soon(_watch_signals, lifecycle)
@@ -122,55 +119,6 @@ async def _connect_and_serve(
         return await serve(settings, nats, lifecycle, http_socket=http_socket)
 
 
-@asynccontextmanager
-async def drained_on_exit(nats: NatsConnection) -> AsyncIterator[NatsConnection]:
-    try:
-        yield nats
-    finally:
-        # nats-py bounds the drain (DRAIN_TIMEOUT) and then closes; cancelling
-        # it from outside would leave asyncio tasks failing inside the loop.
-        with anyio.CancelScope(shield=True):
-            await nats.drain()
-
-
-@asynccontextmanager
-async def connected_to_nats(settings: Settings) -> AsyncIterator[NatsConnection]:
-    """The NATS connection, drained on the way out (the trio-asyncio loop must be open)."""
-    nats = await NatsConnection.connect(
-        settings.nats_urls, settings.nats_creds, give_up_after=settings.nats_connect_timeout
-    )
-    async with drained_on_exit(nats):
-        yield nats
-
-
-@dataclass
-class Lifecycle:
-    """How the parts agree to stop: anyone may ask, the first reason is kept.
-
-    ``hurry`` is called when waiting for in-flight requests is pointless (a
-    second signal, or a NATS connection that can carry no reply any more)."""
-
-    stopping: anyio.Event = field(default_factory=anyio.Event)
-    failure: str | None = None
-    hurry: Callable[[], None] = lambda: None
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def fail(self, part: str) -> None:
-        if self.failure is None:
-            self.failure = part
-        self.stopping.set()
-
-    async def supervise(self, part: str, run_part: Callable[[], Awaitable[None]]) -> None:
-        """Run a part; if it fails, ask everything to stop (non-zero exit)."""
-        try:
-            await run_part()
-        except Exception:
-            log.exception("fatal failure; shutting down", extra={"part": part})
-            self.fail(part)
-
-
 async def serve(
     settings: Settings,
     nats: NatsConnection,
@@ -204,8 +152,8 @@ async def serve(
     pending = PendingTrackingWrites()
     send_handler = SendEmailHandler(
         rules=send_rules(settings),
-        sender=tracing.traced_sender(pool if pool is not None else _DisabledSender()),
-        tracking=tracing.traced_tracking(tracking),
+        sender=tracing.traced_sender(pool if pool is not None else NoSender()),
+        tracking=NoTracking() if tracking is None else tracing.traced_tracking(tracking),
         on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         pending=pending,
         on_expired=REQUESTS_EXPIRED.inc,
@@ -335,13 +283,14 @@ async def _track_once_available(
     electing its JetStream leader, buckets an operator has yet to declare):
     look again, with backoff, and start tracking and answering status and
     analytics as soon as they are there, without a restart."""
-    delay = 1.0
+    backoff = Backoff(initial=1.0, maximum=TRACKING_RETRY_MAX)
+    attempt = 0
     while True:
-        await anyio.sleep(delay)
-        delay = min(delay * 2, TRACKING_RETRY_MAX)
+        attempt += 1
+        await backoff.sleep(attempt)
         tracking = await open_tracking_store(nats, settings)
         if tracking is not None:
-            send_handler.start_tracking(tracing.traced_tracking(tracking) or tracking)
+            send_handler.start_tracking(tracing.traced_tracking(tracking))
             await _add_routes(requests, service, query_routes(tracking, nats))
             return
 
@@ -382,13 +331,6 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
         max_age=settings.smtp_connection_max_age,
         send_timeout=settings.send_timeout,
     )
-
-
-class _DisabledSender:
-    """Never called: with EMAIL_ENABLED=false the handler answers before sending."""
-
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
-        raise AssertionError("sending is disabled")
 
 
 async def open_tracking_store(nats: NatsConnection, settings: Settings) -> TrackingStore | None:

@@ -16,24 +16,24 @@ answering (no responders, a timeout, NATS unreachable) raises
 
 nats-py is asyncio-only. Under trio the client opens a trio-asyncio loop for
 the length of its ``async with`` block (or reuses one already open) and
-crosses into it in one place, :class:`_AsyncioCalls`.
+crosses into it in one place, :class:`emailrelay.bridge.loop.AsyncioCalls`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 import nats.errors
-import sniffio
 from nats.aio.client import Client
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from emailrelay import api
+from emailrelay.bridge.loop import AsyncioCalls
 
 DEFAULT_SERVERS = "nats://localhost:4222"
 DEFAULT_TIMEOUT = 10.0
@@ -184,53 +184,6 @@ def _as_model(reply: bytes, model: type[ModelT]) -> ModelT:
         raise UnexpectedReply(f"reply is not a {model.__name__}: {exc}") from None
 
 
-# --- The asyncio crossing ------------------------------------------------------
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class _AsyncioCalls:
-    """Runs nats-py coroutines from the caller's event loop.
-
-    Under asyncio they are awaited directly. Under trio they go through
-    ``trio_asyncio.aio_as_trio`` on a trio-asyncio loop: the one already open
-    (the relay's own, say), else one opened here for the client's lifetime.
-    """
-
-    def __init__(self) -> None:
-        self._on_trio = False
-        self._loop_context: Any = None
-
-    async def open(self) -> None:
-        self._on_trio = sniffio.current_async_library() == "trio"
-        if not self._on_trio:
-            return
-        import trio_asyncio
-
-        if trio_asyncio.current_loop.get() is None:
-            self._loop_context = trio_asyncio.open_loop()
-            await self._loop_context.__aenter__()
-
-    async def close(self) -> None:
-        if self._loop_context is not None:
-            context, self._loop_context = self._loop_context, None
-            # Closed as a clean exit even when the caller's block failed: the
-            # caller's exception then propagates as itself, not wrapped in the
-            # loop's nursery's ExceptionGroup.
-            await context.__aexit__(None, None, None)
-
-    async def __call__(
-        self, function: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        if self._on_trio:
-            import trio_asyncio
-
-            result: T = await trio_asyncio.aio_as_trio(function)(*args, **kwargs)
-            return result
-        return await function(*args, **kwargs)
-
-
 # --- The client ----------------------------------------------------------------
 
 
@@ -267,7 +220,7 @@ class EmailRelayClient:
         self.connect_timeout = connect_timeout
         self.name = name
         self._nc: Client | None = None
-        self._calls = _AsyncioCalls()
+        self._calls = AsyncioCalls()
 
     @classmethod
     def connect(

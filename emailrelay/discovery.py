@@ -44,23 +44,10 @@ STATS_RESPONSE_TYPE = "io.nats.micro.v1.stats_response"
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
-# HTTP-like codes, as NATS services use them: the caller's mistake (400), no
-# such record (404), the provider refused (502), anything else of ours (500).
-_ERROR_CODES = {
-    api.ERR_NOT_FOUND: "404",
-    api.ERR_DELIVERY_FAILED: "502",
-    api.ERR_INTERNAL: "500",
-}
 
-
-def error_code(error: str) -> str:
-    """The ``Nats-Service-Error-Code`` for a contract error string."""
-    return _ERROR_CODES.get(error, "400")
-
-
-def error_headers(error: str) -> dict[str, str]:
+def error_headers(error: api.ErrorReply) -> dict[str, str]:
     """Headers for an error reply; its body stays the contract's ``{"error": ...}``."""
-    return {ERROR_HEADER: error, ERROR_CODE_HEADER: error_code(error)}
+    return {ERROR_HEADER: error.error, ERROR_CODE_HEADER: error.service_code}
 
 
 def endpoint_name(subject: str) -> str:
@@ -148,7 +135,7 @@ class ServiceStats:
         if error is not None:
             endpoint.num_errors += 1
             # The NATS clients write "<code>:<description>".
-            endpoint.last_error = f"{error_code(error)}:{error}"
+            endpoint.last_error = f"{api.service_error_code(error)}:{error}"
 
     def _identity(self, response_type: str) -> dict[str, Any]:
         return {

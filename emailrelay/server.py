@@ -24,10 +24,8 @@ pass, so a send that has not reached the provider stops and answers
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from emailrelay import api, tracing
 from emailrelay.bridge.nats import IncomingRequest, NatsConnection, RequestSubscription
 from emailrelay.deadline import Deadline, request_deadline
 from emailrelay.discovery import error_headers
-from emailrelay.handlers.replies import error_reply
+from emailrelay.handlers.replies import Reply, encode_reply, error_reply
 from emailrelay.metrics import (
     REQUEST_BACKLOG,
     REQUEST_INTAKE_PAUSED,
@@ -50,8 +48,8 @@ from emailrelay.metrics import (
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes, Deadline], Awaitable[bytes]]
-"""Request body and its deadline in, reply body out."""
+Handler = Callable[[bytes, Deadline], Awaitable[Reply]]
+"""Request body and its deadline in, a typed reply out (encoded here, once)."""
 
 CUT_OFF_SECONDS = 6.0
 """How long handlers may still take once cut off: a send that had handed its
@@ -113,10 +111,6 @@ class RequestServer:
         self._stopping = False
         self._cut_off = False
         self._done = anyio.Event()
-
-    @property
-    def subjects(self) -> list[str]:
-        return list(self._routes)
 
     async def add_routes(self, routes: Mapping[str, Handler]) -> bool:
         """Subscribe to more subjects; ``False`` once stopping (nothing added)."""
@@ -231,8 +225,8 @@ class RequestServer:
     async def _answer_refusals(self) -> None:
         async with self._refusals:
             async for request in self._refusals:
-                error = _failure_for(request.subject)
-                await _respond(request, error_reply(error), error)
+                error = error_reply(_failure_for(request.subject))
+                await _respond(request, error)
                 self._count(request.subject, 0, error)
 
     # --- handling ------------------------------------------------------------
@@ -286,27 +280,28 @@ class RequestServer:
                     # Never let internal exception text reach a caller.
                     log.exception("handler failed", extra={"subject": request.subject})
                     reply = error_reply(api.ERR_INTERNAL)
-                error = contract_error(reply)
+                error = reply if isinstance(reply, api.ErrorReply) else None
                 if error is not None:
-                    tracing.set_error(span, error)
-                await _respond(request, reply, error)
+                    tracing.set_error(span, error.error)
+                await _respond(request, reply)
             self._count(request.subject, time.perf_counter_ns() - started, error)
         finally:
             self._deadlines.discard(deadline)
             REQUESTS_IN_FLIGHT.dec()
             limiter.release_on_behalf_of(waiting)
 
-    def _count(self, subject: str, elapsed_ns: int, error: str | None) -> None:
+    def _count(self, subject: str, elapsed_ns: int, error: api.ErrorReply | None) -> None:
         REQUESTS.labels(subject, _outcome(error)).inc()
         REQUEST_SECONDS.labels(subject).observe(elapsed_ns / 1e9)
         if self._stats is not None:
-            self._stats.record(subject, elapsed_ns, error)
+            self._stats.record(subject, elapsed_ns, None if error is None else error.error)
 
 
-async def _respond(request: IncomingRequest, reply: bytes, error: str | None) -> None:
+async def _respond(request: IncomingRequest, reply: Reply) -> None:
+    headers = error_headers(reply) if isinstance(reply, api.ErrorReply) else None
     try:
         with anyio.fail_after(REPLY_TIMEOUT):
-            await request.respond(reply, None if error is None else error_headers(error))
+            await request.respond(encode_reply(reply), headers)
     except Exception as exc:
         log.warning("reply not sent", extra={"subject": request.subject, "error": repr(exc)})
 
@@ -332,11 +327,11 @@ async def serve_requests(
     await server.serve(stopping, grace)
 
 
-def bounded_by_deadline(handler: Callable[[bytes], Awaitable[bytes]], failure: str) -> Handler:
+def bounded_by_deadline(handler: Callable[[bytes], Awaitable[Reply]], failure: str) -> Handler:
     """A handler without deadlines of its own (a query: safe to stop
     anywhere), ended at the request's deadline with ``failure``."""
 
-    async def handle(data: bytes, deadline: Deadline) -> bytes:
+    async def handle(data: bytes, deadline: Deadline) -> Reply:
         with deadline.scope():
             return await handler(data)
         return error_reply(failure)
@@ -344,25 +339,8 @@ def bounded_by_deadline(handler: Callable[[bytes], Awaitable[bytes]], failure: s
     return handle
 
 
-_ERROR_REPLY = re.compile(rb'\{\s*"error"\s*:')
-_CONTRACT_ERRORS = frozenset(
-    value for name, value in vars(api).items() if name.startswith("ERR_") and isinstance(value, str)
-)
-
-
-def contract_error(reply: bytes) -> str | None:
-    """The error string of an error reply (``{"error": ...}``), else ``None``."""
-    if not _ERROR_REPLY.match(reply):
-        return None
-    try:
-        error = json.loads(reply).get("error")
-    except ValueError:
-        return None
-    return error if isinstance(error, str) else None
-
-
-def _outcome(error: str | None) -> str:
+def _outcome(error: api.ErrorReply | None) -> str:
     """A metric label: ``ok`` or a contract error string (a small fixed set)."""
     if error is None:
         return "ok"
-    return error if error in _CONTRACT_ERRORS else "other error"
+    return error.error if error.error in api.CONTRACT_ERRORS else "other error"

@@ -146,11 +146,9 @@ def traced_sender(sender: Sender) -> Sender:
     return _TracedSender(sender) if enabled else sender
 
 
-def traced_tracking(tracking: TrackingWriter | None) -> TrackingWriter | None:
+def traced_tracking(tracking: TrackingWriter) -> TrackingWriter:
     """``tracking`` with each KV write in a child span; itself when tracing is off."""
-    if tracking is None or not enabled:
-        return tracking
-    return _TracedTracking(tracking)
+    return _TracedTracking(tracking) if enabled else tracking
 
 
 _installed_provider: Any = None

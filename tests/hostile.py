@@ -5,12 +5,13 @@ remembers every key it was asked for (to prove what would reach a subject)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from emailrelay.addresses import parse_mailbox
 from emailrelay.deadline import Deadline
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
+from emailrelay.handlers.replies import Reply, encode_reply
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.kv import Entry
@@ -74,9 +75,9 @@ class Handlers:
     records: KeyRecordingKeyValue
     groups: KeyRecordingKeyValue
     sender: RecordingSender
-    send: SendEmailHandler
-    status: GetEmailStatusHandler
-    analytics: GetEngagementAnalyticsHandler
+    send: Callable[[bytes], Awaitable[bytes]]
+    status: Callable[[bytes], Awaitable[bytes]]
+    analytics: Callable[[bytes], Awaitable[bytes]]
 
     @property
     def keys_asked(self) -> list[str]:
@@ -91,10 +92,19 @@ def handlers(rules: SendRules = RULES) -> Handlers:
         records=records,
         groups=groups,
         sender=sender,
-        send=SendEmailHandler(rules, sender, store),
-        status=GetEmailStatusHandler(store, lambda: NATS_MAX_PAYLOAD),
-        analytics=GetEngagementAnalyticsHandler(store),
+        send=encoded(SendEmailHandler(rules, sender, store)),
+        status=encoded(GetEmailStatusHandler(store, lambda: NATS_MAX_PAYLOAD)),
+        analytics=encoded(GetEngagementAnalyticsHandler(store)),
     )
+
+
+def encoded(handler: Callable[[bytes], Awaitable[Reply]]) -> Callable[[bytes], Awaitable[bytes]]:
+    """``handler`` answering the body the request loop would put on the wire."""
+
+    async def handle(data: bytes) -> bytes:
+        return encode_reply(await handler(data))
+
+    return handle
 
 
 def padded_to_max_payload(request: dict[str, str], field_name: str, unit: str = "x ") -> bytes:

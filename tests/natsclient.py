@@ -17,12 +17,13 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import nats
-import trio_asyncio
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError
+
+from emailrelay.bridge.loop import AsyncioCalls, separate_asyncio_loop
 
 T = TypeVar("T")
 
@@ -58,9 +59,7 @@ class SyncNats:
         name: str = "emailrelay-tests",
     ) -> None:
         self.url = url
-        # Explicitly a selector loop: once trio_asyncio is imported,
-        # asyncio.new_event_loop() returns its loop, which cannot run in a thread.
-        self._loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
+        self._loop = separate_asyncio_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="sync-nats-loop", daemon=True
         )
@@ -281,11 +280,15 @@ class SyncNats:
 @contextlib.asynccontextmanager
 async def silent_subscriber(url: str, subject: str) -> AsyncIterator[None]:
     """A plain nats-py subscriber on ``subject`` that never answers (under trio)."""
-    async with trio_asyncio.open_loop():
-        nc = await trio_asyncio.aio_as_trio(nats.connect)(url)
+    calls = AsyncioCalls()
+    await calls.open()
+    try:
+        nc = await calls(nats.connect, url)
         try:
-            await trio_asyncio.aio_as_trio(nc.subscribe)(subject)
-            await trio_asyncio.aio_as_trio(nc.flush)()
+            await calls(nc.subscribe, subject)
+            await calls(nc.flush)
             yield
         finally:
-            await trio_asyncio.aio_as_trio(nc.close)()
+            await calls(nc.close)
+    finally:
+        await calls.close()

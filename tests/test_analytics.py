@@ -12,6 +12,7 @@ import pytest
 
 from emailrelay import api
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
+from emailrelay.handlers.replies import encode_reply
 from emailrelay.store.tracking import TrackingStore
 from tests.fakes import MemoryKeyValue
 from tests.natsclient import SyncNats
@@ -34,7 +35,9 @@ async def test_unreadable_record_batches_are_skipped_not_an_error() -> None:
         records.put(f"e{n}", json.dumps({**body, "sent_at": "2024-05-01T10:00:00Z"}).encode())
         await store.append_to_group("g", f"e{n}")
     records.failing_keys.add("e0")  # the first batch of 250 cannot be read
-    reply = json.loads(await GetEngagementAnalyticsHandler(store)(b'{"group_id": "g"}'))
+    reply = json.loads(
+        encode_reply(await GetEngagementAnalyticsHandler(store)(b'{"group_id": "g"}'))
+    )
     assert reply["total_sent"] == 300
     assert reply["delivered"] == 0
 
@@ -44,7 +47,9 @@ async def test_unreadable_group_index_is_an_internal_error() -> None:
     store = TrackingStore(records, groups)
     await store.append_to_group("g", "e1")
     groups.closed = True
-    reply = json.loads(await GetEngagementAnalyticsHandler(store)(b'{"group_id": "g"}'))
+    reply = json.loads(
+        encode_reply(await GetEngagementAnalyticsHandler(store)(b'{"group_id": "g"}'))
+    )
     assert reply == {"error": api.ERR_INTERNAL}
 
 

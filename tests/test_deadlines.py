@@ -17,10 +17,10 @@ import anyio
 import nats
 import pytest
 import trio
-import trio_asyncio
 from nats.aio.msg import Msg
 
 from emailrelay import api
+from emailrelay.bridge.loop import AsyncioCalls
 from emailrelay.client import EmailRelayClient
 from emailrelay.deadline import CLOCK_SKEW_ALLOWANCE, Deadline, request_deadline
 from tests.conftest import RelayFactory
@@ -141,14 +141,18 @@ async def recording_responder(url: str, subject: str) -> AsyncIterator[list[Msg]
         received.append(msg)
         await msg.respond(b'{"email_id": "e", "group_id": "g"}')
 
-    async with trio_asyncio.open_loop():
-        nc = await trio_asyncio.aio_as_trio(nats.connect)(url)
+    calls = AsyncioCalls()
+    await calls.open()
+    try:
+        nc = await calls(nats.connect, url)
         try:
-            await trio_asyncio.aio_as_trio(nc.subscribe)(subject, cb=answer)
-            await trio_asyncio.aio_as_trio(nc.flush)()
+            await calls(nc.subscribe, subject, cb=answer)
+            await calls(nc.flush)
             yield received
         finally:
-            await trio_asyncio.aio_as_trio(nc.close)()
+            await calls(nc.close)
+    finally:
+        await calls.close()
 
 
 def deadline_of(msg: Msg) -> float:

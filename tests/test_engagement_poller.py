@@ -13,15 +13,11 @@ import pytest
 import trio
 
 from emailrelay.api import TrackingRecord
-from emailrelay.engagement.poller import (
-    EventHandler,
-    PollerAborted,
-    PollerSettings,
-    ReceiveBackoff,
-    poll_engagement_events,
-)
+from emailrelay.engagement.handler import EventHandler
+from emailrelay.engagement.poller import PollerAborted, PollerSettings, poll_engagement_events
 from emailrelay.sqs import SqsError, SqsMessage
 from emailrelay.store.kv import StoreError
+from emailrelay.supervision import Backoff as ReceiveBackoff
 from tests.test_engagement_events import EMAIL_ID, ses_event, sns_body
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from emailrelay import api
 from emailrelay.addresses import redact
+from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.logs import MAX_EXTRA_CHARS, JsonFormatter, TextFormatter, shorten
 from emailrelay.store.tracking import TrackingStore
@@ -56,7 +57,7 @@ async def test_a_status_store_error_logs_shortened_ids(caplog: pytest.LogCapture
     groups.closed = True
     handler = GetEmailStatusHandler(TrackingStore(records, groups), lambda: 1024 * 1024)
     reply = await handler(json.dumps({"group_id": "g" * 100_000}).encode())
-    assert json.loads(reply) == {"error": api.ERR_INTERNAL}
+    assert json.loads(encode_reply(reply)) == {"error": api.ERR_INTERNAL}
     (logged,) = [r for r in caplog.records if "store error" in r.getMessage()]
     assert len(logged.__dict__["group_id"]) < 100
 

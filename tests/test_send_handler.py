@@ -18,7 +18,8 @@ import pytest
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
 from emailrelay.deadline import Deadline, DeadlinePassed
-from emailrelay.handlers.send import SendEmailHandler, SendRules, TrackingWriter
+from emailrelay.handlers.replies import encode_reply
+from emailrelay.handlers.send import NoTracking, SendEmailHandler, SendRules, TrackingWriter
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
 
@@ -122,7 +123,7 @@ class Relay:
 
     async def send(self, request: Any) -> dict[str, Any]:
         data = request if isinstance(request, bytes) else json.dumps(request).encode()
-        reply: dict[str, Any] = json.loads(await self.handler(data))
+        reply: dict[str, Any] = json.loads(encode_reply(await self.handler(data)))
         return reply
 
 
@@ -138,7 +139,7 @@ def make_relay(
     handler = SendEmailHandler(
         rules,
         sender,
-        store if tracking else None,
+        store if tracking else NoTracking(),
         tracking_deadline=tracking_deadline,
         on_tracking_failure=lambda: failures.append(None),
         pending=pending,
@@ -563,7 +564,7 @@ async def test_request_deadline_passed_during_the_send_hands_tracking_straight_t
     relay = make_relay(pending=FakePending())
     relay.sender.delay = 0.2
     data = json.dumps(request()).encode()
-    reply = json.loads(await relay.handler(data, Deadline.after(0.1)))
+    reply = json.loads(encode_reply(await relay.handler(data, Deadline.after(0.1))))
     assert "error" not in reply
     assert relay.tracking.records == []
     assert relay.pending is not None
@@ -575,15 +576,15 @@ async def test_request_deadline_passed_during_the_send_hands_tracking_straight_t
 
 async def test_send_past_its_deadline_is_not_sent_and_counts_as_expired() -> None:
     sender, expired = FakeSender(), []
-    handler = SendEmailHandler(RULES, sender, None, on_expired=lambda: expired.append(None))
-    reply = json.loads(await handler(json.dumps(VALID).encode(), Deadline.after(-1)))
+    handler = SendEmailHandler(RULES, sender, NoTracking(), on_expired=lambda: expired.append(None))
+    reply = json.loads(encode_reply(await handler(json.dumps(VALID).encode(), Deadline.after(-1))))
     assert reply == error(api.ERR_DELIVERY_FAILED)
     assert (sender.sent, len(expired)) == ([], 1)
 
 
 async def test_deadline_passing_during_the_send_counts_as_expired() -> None:
     sender, expired = FakeSender(failure=DeadlinePassed("late")), []
-    handler = SendEmailHandler(RULES, sender, None, on_expired=lambda: expired.append(None))
-    reply = json.loads(await handler(json.dumps(VALID).encode(), Deadline.after(60)))
+    handler = SendEmailHandler(RULES, sender, NoTracking(), on_expired=lambda: expired.append(None))
+    reply = json.loads(encode_reply(await handler(json.dumps(VALID).encode(), Deadline.after(60))))
     assert reply == error(api.ERR_DELIVERY_FAILED)
     assert len(expired) == 1

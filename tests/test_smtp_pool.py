@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
-import trio_asyncio
 
+from emailrelay.bridge.loop import asyncio_loop as open_asyncio_loop
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.config import SmtpTlsMode
 from emailrelay.deadline import Deadline, DeadlinePassed
@@ -34,7 +34,7 @@ CREDENTIALS = (TLS_SMTP_USERNAME, TLS_SMTP_PASSWORD)
 @pytest.fixture
 async def asyncio_loop() -> AsyncIterator[None]:
     """The trio-asyncio loop aiosmtplib needs, open for the test."""
-    async with trio_asyncio.open_loop():
+    async with open_asyncio_loop():
         yield
 
 

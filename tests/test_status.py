@@ -12,6 +12,7 @@ import pytest
 from nats.js.api import StorageType
 
 from emailrelay import api
+from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
@@ -48,7 +49,7 @@ async def handler_with_group(size: int, max_reply: int = 1024 * 1024) -> GetEmai
 
 
 async def ask(handler: GetEmailStatusHandler, **request: Any) -> Any:
-    return json.loads(await handler(json.dumps(request).encode()))
+    return json.loads(encode_reply(await handler(json.dumps(request).encode())))
 
 
 async def test_reply_over_the_payload_limit_asks_for_paging() -> None:

@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,6 +369,28 @@ _KV_TIMEOUT = 5.0
 _GET_MANY_CONCURRENCY = 32  # single gets in flight when batch gets are not available
 
 
+@asynccontextmanager
+async def drained_on_exit(nats: NatsConnection) -> AsyncIterator[NatsConnection]:
+    try:
+        yield nats
+    finally:
+        # nats-py bounds the drain (DRAIN_TIMEOUT) and then closes; cancelling
+        # it from outside would leave asyncio tasks failing inside the loop.
+        with anyio.CancelScope(shield=True):
+            await nats.drain()
+
+
+@asynccontextmanager
+async def connected_to_nats(
+    servers: Sequence[str], creds: Path | None, give_up_after: float
+) -> AsyncIterator[NatsConnection]:
+    """The NATS connection, drained on the way out (inside
+    :func:`emailrelay.bridge.loop.asyncio_loop`)."""
+    nats = await NatsConnection.connect(servers, creds, give_up_after=give_up_after)
+    async with drained_on_exit(nats):
+        yield nats
+
+
 class JetStreamKeyValue:
     """:class:`emailrelay.store.kv.KeyValue` over a nats-py KV bucket.
 
@@ -380,6 +403,7 @@ class JetStreamKeyValue:
     def __init__(self, kv: _NatsKeyValue, client: Client | None = None) -> None:
         self._kv = kv
         self._client = client
+        self._bucket = _BucketInternals.of(kv)
 
     async def get_many(self, keys: Sequence[str]) -> Mapping[str, Entry]:
         """One JetStream batch direct get (``multi_last``, nats-server 2.11+,
@@ -388,9 +412,7 @@ class JetStreamKeyValue:
             return {}
         if self._batch_get_available():
             assert self._client is not None
-            # nats-py's KeyValue keeps its stream and subject prefix private.
-            stream: str = self._kv._stream
-            prefix: str = self._kv._pre
+            stream, prefix = self._bucket.stream, self._bucket.prefix
             try:
                 with anyio.fail_after(_KV_TIMEOUT):
                     found = await aio(_direct_get_last)(
@@ -428,7 +450,7 @@ class JetStreamKeyValue:
         return entries
 
     def _batch_get_available(self) -> bool:
-        if self._client is None or not getattr(self._kv, "_direct", False):
+        if self._client is None or not self._bucket.direct:
             return False
         try:
             version = self._client.connected_server_version
@@ -444,7 +466,9 @@ class JetStreamKeyValue:
                 entry = await aio(self._kv.get)(key)
         except nats.js.errors.KeyNotFoundError as exc:  # also deleted and purged keys
             if _stream_is_missing(exc):
-                raise BucketMissing(f"get failed: bucket {self._kv._name} does not exist") from exc
+                raise BucketMissing(
+                    f"get failed: bucket {self._bucket.name} does not exist"
+                ) from exc
             return None
         except nats.errors.NoRespondersError as exc:  # a direct get nobody serves
             raise await self._classify("get", exc) from exc
@@ -492,21 +516,47 @@ class JetStreamKeyValue:
         restart). Ask JetStream which; only its "stream not found" (or a
         stream re-created with other settings than this handle was opened
         with) makes :class:`BucketMissing`, everything else stays transient."""
-        bucket: str = self._kv._name
+        bucket = self._bucket.name
         try:
             with anyio.fail_after(_KV_TIMEOUT):
-                info = await aio(self._kv._js.stream_info)(self._kv._stream)
+                info = await aio(self._bucket.js.stream_info)(self._bucket.stream)
         except nats.js.errors.NotFoundError as info_exc:
             if info_exc.err_code == _STREAM_NOT_FOUND:
                 return BucketMissing(f"{what} failed: bucket {bucket} does not exist")
             return StoreError(f"{what} failed: {exc!r}")
         except (nats.errors.Error, TimeoutError):
             return StoreError(f"{what} failed: {exc!r}")
-        if bool(info.config.allow_direct) != bool(getattr(self._kv, "_direct", False)):
+        if bool(info.config.allow_direct) != self._bucket.direct:
             return BucketMissing(
                 f"{what} failed: bucket {bucket} was re-created with other settings"
             )
         return StoreError(f"{what} failed: {exc!r}")
+
+
+@dataclass(frozen=True)
+class _BucketInternals:
+    """What nats-py's ``KeyValue`` knows about its bucket but keeps private
+    (nats-py 2.x): the bucket and stream names, the subject prefix of its
+    keys, whether direct gets are allowed, and its JetStream context. The
+    batch get and the "is the bucket gone?" question need them; this is the
+    one place that reads nats-py's private fields, so a nats-py upgrade that
+    renames them breaks here, at open, and nowhere else."""
+
+    name: str
+    stream: str
+    prefix: str
+    direct: bool
+    js: Any
+
+    @classmethod
+    def of(cls, kv: _NatsKeyValue) -> _BucketInternals:
+        return cls(
+            name=kv._name,
+            stream=kv._stream,
+            prefix=kv._pre,
+            direct=bool(getattr(kv, "_direct", False)),
+            js=kv._js,
+        )
 
 
 def _check_key_length(key: str) -> None:
@@ -534,6 +584,30 @@ def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:
     return isinstance(cause, nats.js.errors.APIError) and cause.err_code == _STREAM_NOT_FOUND
 
 
+@dataclass(frozen=True)
+class BatchEnd:
+    """The last message of a batch direct get: ``204`` (all sent), ``404``
+    (none of the subjects has a message), anything else a failure."""
+
+    status: str
+
+
+def decode_batch_get_reply(
+    headers: Mapping[str, str] | None, data: bytes
+) -> tuple[str, Entry] | BatchEnd | None:
+    """One message of a ``multi_last`` batch direct-get reply (ADR-31): a
+    subject's last entry, the end of the batch, or ``None`` for a key whose
+    last operation deleted or purged it (absent, as a single get says)."""
+    headers = headers or {}
+    status = headers.get("Status")
+    if status:
+        return BatchEnd(status)
+    if headers.get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    subject = headers.get("Nats-Subject", "")
+    return subject, Entry(value=data, revision=int(headers.get("Nats-Sequence", "0")))
+
+
 class _BatchGetFailed(nats.errors.Error):
     def __init__(self, status: str) -> None:
         super().__init__(f"batch get answered status {status}")
@@ -548,16 +622,13 @@ async def _direct_get_last(client: Client, stream: str, subjects: list[str]) -> 
     found: dict[str, Entry] = {}
 
     async def on_reply(msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status:
+        part = decode_batch_get_reply(msg.headers, msg.data)
+        if isinstance(part, BatchEnd):
             if not done.done():
-                done.set_result(status)
-            return
-        if headers.get("KV-Operation") in ("DEL", "PURGE"):
-            return
-        subject = headers.get("Nats-Subject", "")
-        found[subject] = Entry(value=msg.data, revision=int(headers.get("Nats-Sequence", "0")))
+                done.set_result(part.status)
+        elif part is not None:
+            subject, entry = part
+            found[subject] = entry
 
     inbox = client.new_inbox()
     subscription = await client.subscribe(

@@ -27,6 +27,7 @@ from typing import Self
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from emailrelay.api import TRACKING_HEADER
+from emailrelay.bridge.loop import separate_asyncio_loop
 
 LOOPBACK = "127.0.0.1"
 
@@ -96,8 +97,7 @@ class CaptureServer:
         self.directory = directory
         self.port = port
         self._handler = _Handler(directory, on_message)
-        # A plain selector loop of its own: trio-asyncio replaces new_event_loop in trio code.
-        self._loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop()
+        self._loop = separate_asyncio_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="smtp-capture", daemon=True
         )

@@ -33,7 +33,8 @@ from emailrelay.bridge.nats import IncomingRequest, NatsConnection
 from emailrelay.dev.capture import CapturedMessage
 from emailrelay.dev.eventqueue import DevEventQueue
 from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
-from emailrelay.engagement.poller import PollerSettings, RecordUpdater, poll_engagement_events
+from emailrelay.engagement.handler import RecordUpdater
+from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 
 log = logging.getLogger(__name__)
 

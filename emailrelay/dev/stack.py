@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 import trio
-import trio_asyncio
 
 from emailrelay import api, app
-from emailrelay.bridge.nats import NatsUnavailable
+from emailrelay.bridge.loop import asyncio_loop
+from emailrelay.bridge.nats import NatsUnavailable, connected_to_nats
 from emailrelay.cli import command_name
 from emailrelay.client import EmailRelayClient, EmailRelayError, RelayUnavailable
 from emailrelay.config import ConfigError, Settings, load_settings
@@ -229,9 +229,11 @@ async def _run_relay(
     lock: StateDirLock,
     http_socket: socket.socket,
 ) -> int:
-    async with trio_asyncio.open_loop():
+    async with asyncio_loop():
         try:
-            async with app.connected_to_nats(settings) as nats:
+            async with connected_to_nats(
+                settings.nats_urls, settings.nats_creds, settings.nats_connect_timeout
+            ) as nats:
                 # The relay creates missing buckets itself; opening them here first
                 # proves JetStream and both buckets are there before anyone sends.
                 tracking = await app.open_tracking_store(nats, settings)

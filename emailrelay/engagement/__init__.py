@@ -1,15 +1,10 @@
-"""SES engagement events from SQS: parsing and applying them (:mod:`.events`)
-and the long-polling loop that feeds them to the tracking store (:mod:`.poller`)."""
+"""SES engagement events from SQS: parsing and applying them (:mod:`.events`),
+what one message does to the store (:mod:`.handler`), and the long-polling
+loop that feeds them to the tracking store (:mod:`.poller`)."""
 
 from .events import EngagementEvent, EventKind, Skipped, apply_event, parse_message
-from .poller import (
-    DEFAULT_CONCURRENCY,
-    EventHandler,
-    PollerAborted,
-    PollerSettings,
-    ReceiveBackoff,
-    poll_engagement_events,
-)
+from .handler import EventHandler
+from .poller import DEFAULT_CONCURRENCY, PollerAborted, PollerSettings, poll_engagement_events
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -18,7 +13,6 @@ __all__ = [
     "EventKind",
     "PollerAborted",
     "PollerSettings",
-    "ReceiveBackoff",
     "Skipped",
     "apply_event",
     "parse_message",

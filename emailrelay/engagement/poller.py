@@ -13,32 +13,32 @@ after ``max_receives`` receives). Anything else (a store error, a record that
 does not exist yet) stays in the queue and comes back after its visibility
 timeout; applying an event twice changes nothing, so redelivery is safe.
 
-Receive failures back off exponentially (1 s, 2 s, 4 s ... capped at 30 s;
-each gap between half and all of that); the third failure in a row raises
-:class:`PollerAborted`, which shuts the service down.
+Receive failures back off exponentially (:class:`emailrelay.supervision.Backoff`:
+1 s, then 2 s, each gap between half and all of that); the third failure in a
+row raises :class:`PollerAborted`, which shuts the service down.
+:class:`emailrelay.engagement.handler.EventHandler` decides what each message
+does to the store; this module is only the loop.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from emailrelay.api import TrackingRecord
-from emailrelay.engagement.events import EngagementEvent, Skipped, apply_event, parse_message
-from emailrelay.metrics import SQS_EVENT_LAG_SECONDS, SQS_EVENTS, SQS_RECEIVE_ERRORS
+from emailrelay.engagement.handler import DELETING, EventHandler, Outcome, RecordUpdater
+from emailrelay.metrics import SQS_EVENTS, SQS_RECEIVE_ERRORS
 from emailrelay.sqs import SqsError, SqsMessage
-from emailrelay.store.kv import StoreError
+from emailrelay.supervision import Backoff, start_bounded
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,6 @@ class MessageQueue(Protocol):
     async def delete_messages(self, messages: Iterable[SqsMessage]) -> list[str]: ...
 
 
-class RecordUpdater(Protocol):
-    """The part of :class:`emailrelay.store.tracking.TrackingStore` the poller uses."""
-
-    async def update_record(
-        self, email_id: str, change: Callable[[TrackingRecord], bool]
-    ) -> TrackingRecord | None: ...
-
-
 @dataclass(frozen=True)
 class PollerSettings:
     max_receives: int = 5
@@ -80,38 +72,6 @@ class PollerSettings:
     summary_interval: float = 60.0
     delete_linger: float = 0.1
     """Seconds a delete batch waits to fill up to ten messages."""
-
-
-@dataclass
-class ReceiveBackoff:
-    """Gaps after consecutive receive failures: nominal ``initial * 2**(n-1)``,
-    capped at ``maximum``, jittered into ``[nominal/2, nominal]`` so replicas
-    do not retry in step yet never retry sooner than half the nominal delay."""
-
-    initial: float = 1.0
-    maximum: float = 30.0
-    uniform: Callable[[float, float], float] = random.uniform
-
-    def nominal(self, failures: int) -> float:
-        return min(self.maximum, self.initial * 2.0 ** max(0, failures - 1))
-
-    def delay(self, failures: int) -> float:
-        nominal = self.nominal(failures)
-        jittered = float(self.uniform(nominal / 2, nominal))
-        return min(nominal, max(nominal / 2, jittered))
-
-
-class Outcome:
-    """Metric outcomes (the ``outcome`` label of ``emailrelay_sqs_events``)."""
-
-    APPLIED = "applied"  # the record changed; deleted
-    DUPLICATE = "duplicate"  # nothing to change (replay, or a later first-wins event); deleted
-    SKIPPED = "skipped"  # can never apply (malformed, unknown type, no header); deleted
-    DELETED = "deleted"  # the record never appeared within max_receives; deleted
-    RETRY = "retry"  # left in the queue for redelivery
-
-
-_DELETING = {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.SKIPPED, Outcome.DELETED}
 
 
 @dataclass
@@ -131,96 +91,20 @@ class _Summary:
         return counts
 
 
-class EventHandler:
-    """Applies one SQS message to the store; returns the outcome (never raises
-    for a bad message or a failing store)."""
-
-    def __init__(
-        self,
-        store: RecordUpdater,
-        max_receives: int,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
-    ) -> None:
-        self._store = store
-        self._max_receives = max_receives
-        self._now = now
-
-    async def handle(self, message: SqsMessage) -> tuple[str, str]:
-        """(event type label, outcome) for ``message``."""
-        parsed = parse_message(message.body, message.message_id)
-        if isinstance(parsed, Skipped):
-            log.info(
-                "SQS message skipped: %s",
-                parsed.reason,
-                extra={"sqs_message_id": message.message_id, "reason": parsed.label},
-            )
-            return parsed.label, Outcome.SKIPPED
-        outcome = await self._apply(parsed, message)
-        log.debug(
-            "SES event %s",
-            outcome,
-            extra={
-                "email_id": parsed.email_id,
-                "event_type": parsed.kind.value,
-                "sqs_message_id": message.message_id,
-                "outcome": outcome,
-            },
-        )
-        return parsed.kind.value, outcome
-
-    async def _apply(self, event: EngagementEvent, message: SqsMessage) -> str:
-        now = self._now()
-        if event.published_at is not None:
-            SQS_EVENT_LAG_SECONDS.observe(max(0.0, (now - event.published_at).total_seconds()))
-        context = {
-            "email_id": event.email_id,
-            "event_type": event.kind.value,
-            "sqs_message_id": message.message_id,
-            "receive_count": message.receive_count,
-        }
-        changed = False
-
-        def change(record: TrackingRecord) -> bool:
-            nonlocal changed
-            # Called again on a fresh read after a revision conflict.
-            changed = apply_event(record, event, now)
-            return changed
-
-        try:
-            stored = await self._store.update_record(event.email_id, change)
-        except StoreError as exc:
-            log.warning(
-                "event left for redelivery: the store failed",
-                extra={**context, "error": repr(exc)},
-            )
-            return Outcome.RETRY
-        if stored is None:
-            if message.receive_count <= self._max_receives:
-                log.info("event left for redelivery: no such record yet", extra=context)
-                return Outcome.RETRY
-            log.warning(
-                "event dropped: no record for its email after %d receives",
-                message.receive_count,
-                extra=context,
-            )
-            return Outcome.DELETED
-        return Outcome.APPLIED if changed else Outcome.DUPLICATE
-
-
 async def poll_engagement_events(
     queue: MessageQueue,
     store: RecordUpdater,
     settings: PollerSettings = PollerSettings(),
     *,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    backoff: ReceiveBackoff | None = None,
+    backoff: Backoff | None = None,
 ) -> None:
     """Run until cancelled; raise :class:`PollerAborted` after
     ``failures_before_abort`` consecutive receive failures."""
     handler = EventHandler(store, settings.max_receives)
     summary = _Summary()
     if backoff is None:
-        backoff = ReceiveBackoff(settings.backoff_initial, settings.backoff_max)
+        backoff = Backoff(settings.backoff_initial, settings.backoff_max)
     limiter = anyio.CapacityLimiter(settings.concurrency)
     done_send, done_receive = anyio.create_memory_object_stream[SqsMessage](math.inf)
     log.info("polling SQS for SES events", extra={"concurrency": settings.concurrency})
@@ -250,7 +134,7 @@ async def _receive_loop(
     summary: _Summary,
     tg: TaskGroup,
     sleep: Callable[[float], Awaitable[None]],
-    backoff: ReceiveBackoff,
+    backoff: Backoff,
 ) -> None:
     failures = 0
     while True:
@@ -283,33 +167,34 @@ async def _receive_loop(
             continue
         failures = 0
         for message in messages:
-            # Take a slot before starting, so at most one received batch waits.
-            await limiter.acquire_on_behalf_of(message)
-            tg.start_soon(_handle_one, handler, message, limiter, done, summary)
+            # A slot before each start, so at most one received batch waits.
+            await start_bounded(
+                tg,
+                limiter,
+                functools.partial(_handle_one, handler, done=done, summary=summary),
+                message,
+            )
 
 
 async def _handle_one(
     handler: EventHandler,
     message: SqsMessage,
-    limiter: anyio.CapacityLimiter,
+    *,
     done: MemoryObjectSendStream[SqsMessage],
     summary: _Summary,
 ) -> None:
     try:
-        try:
-            label, outcome = await handler.handle(message)
-        except Exception:
-            # A bug must not stop the poller; the message comes back (and ends in the DLQ).
-            log.exception(
-                "handling an SQS message failed", extra={"sqs_message_id": message.message_id}
-            )
-            label, outcome = "other", Outcome.RETRY
-        SQS_EVENTS.labels(label, outcome).inc()
-        summary.outcomes[outcome] += 1
-        if outcome in _DELETING:
-            done.send_nowait(message)
-    finally:
-        limiter.release_on_behalf_of(message)
+        label, outcome = await handler.handle(message)
+    except Exception:
+        # A bug must not stop the poller; the message comes back (and ends in the DLQ).
+        log.exception(
+            "handling an SQS message failed", extra={"sqs_message_id": message.message_id}
+        )
+        label, outcome = "other", Outcome.RETRY
+    SQS_EVENTS.labels(label, outcome).inc()
+    summary.outcomes[outcome] += 1
+    if outcome in DELETING:
+        done.send_nowait(message)
 
 
 async def _delete_done(

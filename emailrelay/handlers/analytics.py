@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from emailrelay import api
-from emailrelay.handlers.replies import error_reply, parse_request, reply
+from emailrelay.handlers.replies import Reply, error_reply, parse_request
 from emailrelay.handlers.status import TrackingReader
 from emailrelay.logs import shorten
 from emailrelay.store.kv import StoreError
@@ -23,7 +23,7 @@ class GetEngagementAnalyticsHandler:
     def __init__(self, tracking: TrackingReader) -> None:
         self._tracking = tracking
 
-    async def __call__(self, data: bytes) -> bytes:
+    async def __call__(self, data: bytes) -> Reply:
         request = parse_request(data, api.GetEngagementAnalyticsRequest)
         if request is None:
             return error_reply(api.ERR_INVALID_PAYLOAD)
@@ -47,13 +47,11 @@ class GetEngagementAnalyticsHandler:
                 opened += record.open_count
                 unique_opened += record.opened or record.open_count > 0
                 failed += record.failed
-        return reply(
-            api.EngagementAnalyticsReply(
-                group_id=request.group_id,
-                total_sent=len(ids),
-                delivered=delivered,
-                opened=opened,
-                unique_opened=unique_opened,
-                failed=failed,
-            )
+        return api.EngagementAnalyticsReply(
+            group_id=request.group_id,
+            total_sent=len(ids),
+            delivered=delivered,
+            opened=opened,
+            unique_opened=unique_opened,
+            failed=failed,
         )

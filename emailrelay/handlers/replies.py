@@ -1,9 +1,15 @@
-"""Request decoding and reply encoding shared by every handler."""
+"""Request decoding and reply encoding shared by every handler.
+
+A handler returns a typed :data:`Reply`; the request loop
+(:mod:`emailrelay.server`) encodes it once, with :func:`encode_reply`, and
+knows an error by its type (:class:`emailrelay.api.ErrorReply`)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -39,9 +45,34 @@ def parse_request(data: bytes, model: type[RequestT]) -> RequestT | None:
         return None
 
 
-def reply(model: BaseModel) -> bytes:
-    return model.model_dump_json(by_alias=True).encode()
+@dataclass(frozen=True)
+class EncodedRecords:
+    """A group's records, answered as one JSON array. Each record is already
+    encoded: the status handler measured it against the reply limit as it
+    read it, and encoding the largest replies twice would double their cost."""
+
+    records: Sequence[bytes]
 
 
-def error_reply(message: str) -> bytes:
-    return reply(api.ErrorReply(error=message))
+Reply: TypeAlias = (
+    api.ErrorReply
+    | api.SendEmailReply
+    | api.TrackingRecord
+    | api.EngagementAnalyticsReply
+    | EncodedRecords
+)
+"""What a handler answers: a contract model, or an error value."""
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """The reply body on the wire."""
+    if isinstance(reply, EncodedRecords):
+        return b"[" + b",".join(reply.records) + b"]"
+    if isinstance(reply, api.TrackingRecord):
+        # As stored: shortened to the record budget, times with a Z suffix.
+        return reply.to_json()
+    return reply.model_dump_json(by_alias=True).encode()
+
+
+def error_reply(error: str) -> api.ErrorReply:
+    return api.ErrorReply(error=error)

@@ -1,32 +1,46 @@
-"""``lfx.email-service.send_email``: the contract's checks, in its order, then
-the send, then the tracking writes, then the reply."""
+"""``lfx.email-service.send_email``: the effects of a decision.
+
+What a request asks for is decided by the pure
+:func:`emailrelay.handlers.send_decision.decide_send`; this handler carries
+it out: the send, then the tracking writes, then the reply. ``NoSender`` and
+``NoTracking`` stand for "sending is off" and "no KV store"."""
 
 from __future__ import annotations
 
 import logging
-import random
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 import anyio
 
 from emailrelay import api
-from emailrelay.addresses import (
-    Mailbox,
-    domain_is_listed,
-    domain_is_within,
-    parse_mailbox,
-    redact,
-    strip_line_breaks,
-)
+from emailrelay.addresses import redact
 from emailrelay.deadline import Deadline, DeadlinePassed
-from emailrelay.handlers.replies import error_reply, parse_request, reply
+from emailrelay.handlers.replies import Reply, error_reply
+from emailrelay.handlers.send_decision import (
+    SKIPPED_REPLY,
+    NewIds,
+    Send,
+    SendRules,
+    Skip,
+    decide_send,
+)
 from emailrelay.mail.errors import SendFailure
-from emailrelay.mail.message import OutgoingEmail, build_message
+from emailrelay.mail.message import build_message
 from emailrelay.store.kv import BucketMissing
+from emailrelay.supervision import Backoff
+
+__all__ = [
+    "NoPending",
+    "NoSender",
+    "NoTracking",
+    "PendingTracking",
+    "SendEmailHandler",
+    "SendRules",
+    "Sender",
+    "TrackingWriter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +66,31 @@ class PendingTracking(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class SendRules:
-    """The parts of the configuration that decide what a send request may do."""
+class NoSender:
+    """EMAIL_ENABLED=false: the decision skips every request before a send,
+    so this is never asked; if it were, the caller hears "not sent"."""
 
-    email_enabled: bool
-    default_from: Mailbox
-    default_from_display_name: str
-    allowed_from_domains: tuple[str, ...]
-    allowed_reply_to_domains: tuple[str, ...]
-    allowed_recipient_domains: tuple[str, ...]
-    configuration_set: str | None = None
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+        raise SendFailure("sending is disabled (EMAIL_ENABLED=false)")
 
 
-_SKIPPED = api.SendEmailReply(email_id="", group_id="")
+class NoTracking:
+    """No KV store (yet): sends are not recorded."""
+
+    async def create_record(self, record: api.TrackingRecord) -> None:
+        return None
+
+    async def append_to_group(self, group_id: str, email_id: str) -> None:
+        return None
+
+
+class NoPending:
+    """Nowhere to keep a failed tracking write: it counts as failed for good."""
+
+    def add(
+        self, record: api.TrackingRecord, writer: TrackingWriter, *, record_stored: bool
+    ) -> bool:
+        return False
 
 
 class SendEmailHandler:
@@ -73,9 +98,10 @@ class SendEmailHandler:
         self,
         rules: SendRules,
         sender: Sender,
-        tracking: TrackingWriter | None,
+        tracking: TrackingWriter,
         tracking_deadline: float = 10.0,
-        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_ids: Callable[[], NewIds] = NewIds.random,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tracking_failure: Callable[[], None] = lambda: None,
         pending: PendingTracking | None = None,
         on_expired: Callable[[], None] = lambda: None,
@@ -84,77 +110,33 @@ class SendEmailHandler:
         self._sender = sender
         self._tracking = tracking
         self._tracking_deadline = tracking_deadline
-        self._new_id = new_id
+        self._new_ids = new_ids
+        self._now = now
         self._on_tracking_failure = on_tracking_failure
-        self._pending = pending
+        self._pending = pending if pending is not None else NoPending()
         self._on_expired = on_expired
 
     def start_tracking(self, tracking: TrackingWriter) -> None:
         """Record sends from now on (the KV store became available after start)."""
         self._tracking = tracking
 
-    async def __call__(self, data: bytes, deadline: Deadline | None = None) -> bytes:
+    async def __call__(self, data: bytes, deadline: Deadline | None = None) -> Reply:
         """One request; ``deadline`` is when its caller stops waiting (none:
         no limit of its own, the sender's ``SEND_TIMEOUT`` still applies)."""
-        deadline = deadline or Deadline.never()
-        request = parse_request(data, api.SendEmailRequest)
-        if request is None or len(request.group_id.encode()) > api.MAX_GROUP_ID_BYTES:
-            return error_reply(api.ERR_INVALID_PAYLOAD)
-        if not (request.to and request.subject and request.html and request.text):
-            return error_reply(api.ERR_SEND_FIELDS_REQUIRED)
+        decision = decide_send(data, self._rules, self._new_ids(), self._now())
+        if isinstance(decision, Skip):
+            log.info(decision.reason, extra={"to": decision.to})
+            return SKIPPED_REPLY
+        if isinstance(decision, Send):
+            return await self._send(decision, deadline or Deadline.never())
+        return decision
 
-        rules = self._rules
-        to_value = strip_line_breaks(request.to)
-        recipient = parse_mailbox(to_value)
-        if rules.allowed_recipient_domains and (
-            recipient is None
-            or not domain_is_within(recipient.domain, rules.allowed_recipient_domains)
-        ):
-            log.info(
-                "recipient outside SMTP_ALLOWED_RECIPIENT_DOMAINS; skipped",
-                extra={"to": redact(to_value)},
-            )
-            return reply(_SKIPPED)
-        if recipient is None:
-            return error_reply(api.ERR_INVALID_TO)
-
-        sender = rules.default_from
-        if request.from_:
-            parsed_from = parse_mailbox(strip_line_breaks(request.from_))
-            if parsed_from is None:
-                return error_reply(api.ERR_INVALID_FROM)
-            if not domain_is_listed(parsed_from.domain, rules.allowed_from_domains):
-                return error_reply(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
-            sender = parsed_from
-
-        reply_to = None
-        if request.reply_to:
-            reply_to = parse_mailbox(strip_line_breaks(request.reply_to))
-            if reply_to is None:
-                return error_reply(api.ERR_INVALID_REPLY_TO)
-            if not domain_is_within(reply_to.domain, rules.allowed_reply_to_domains):
-                return error_reply(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
-
-        if not rules.email_enabled:
-            log.info("EMAIL_ENABLED is false; not sending", extra={"to": redact(recipient.address)})
-            return reply(_SKIPPED)
-
-        email = OutgoingEmail(
-            email_id=self._new_id(),
-            group_id=request.group_id or str(uuid.uuid4()),
-            sender=sender,
-            sender_display_name=request.from_display_name or rules.default_from_display_name,
-            recipient=recipient,
-            reply_to=reply_to,
-            subject=request.subject,
-            text=request.text,
-            html=request.html,
-            configuration_set=rules.configuration_set,
-        )
+    async def _send(self, decision: Send, deadline: Deadline) -> Reply:
+        email = decision.email
         context = {
             "email_id": email.email_id,
             "group_id": email.group_id,
-            "to": redact(recipient.address),
+            "to": redact(email.recipient.address),
         }
         if deadline.expired:
             # The caller has left (or is about to): a message sent now would be
@@ -164,7 +146,7 @@ class SendEmailHandler:
             return error_reply(api.ERR_DELIVERY_FAILED)
         try:
             await self._sender.send(
-                sender.address, recipient.address, build_message(email), deadline
+                email.sender.address, email.recipient.address, build_message(email), deadline
             )
         except DeadlinePassed as exc:
             self._on_expired()
@@ -175,17 +157,11 @@ class SendEmailHandler:
             return error_reply(api.ERR_DELIVERY_FAILED)
         log.info("email sent", extra=context)
 
-        tracking = self._tracking
-        if tracking is not None:
-            record = api.TrackingRecord(
-                group_id=email.group_id,
-                email_id=email.email_id,
-                to=to_value,
-                subject=request.subject,
-                sent_at=datetime.now(UTC),
-            )
-            await self._write_tracking(tracking, record, deadline)
-        return reply(api.SendEmailReply(email_id=email.email_id, group_id=email.group_id))
+        # Without a store there is nothing to write and nothing to retry (a
+        # deadline passing inside the retry loop would count a no-op as lost).
+        if not isinstance(self._tracking, NoTracking):
+            await self._write_tracking(self._tracking, decision.record, deadline)
+        return api.SendEmailReply(email_id=email.email_id, group_id=email.group_id)
 
     async def _write_tracking(
         self, tracking: TrackingWriter, record: api.TrackingRecord, deadline: Deadline
@@ -197,7 +173,8 @@ class SendEmailHandler:
         which finish it once the store is back. Either way the email is out, so
         the caller gets its success (an error would invite a duplicate send)."""
         record_stored = False
-        delay = 0.05
+        backoff = Backoff(initial=0.05, maximum=2.0)
+        attempt = 0
         with deadline.scope(), anyio.move_on_after(self._tracking_deadline):
             while True:
                 try:
@@ -222,11 +199,9 @@ class SendEmailHandler:
                         "tracking write failed; retrying",
                         extra={"email_id": record.email_id, "error": repr(exc)},
                     )
-                await anyio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, 2.0)
-        if self._pending is not None and self._pending.add(
-            record, tracking, record_stored=record_stored
-        ):
+                attempt += 1
+                await backoff.sleep(attempt)
+        if self._pending.add(record, tracking, record_stored=record_stored):
             log.warning(
                 "tracking write pending; stored once the KV store answers",
                 extra={"email_id": record.email_id, "group_id": record.group_id},

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from emailrelay import api
-from emailrelay.handlers.replies import error_reply, parse_request
+from emailrelay.handlers.replies import EncodedRecords, Reply, error_reply, parse_request
 from emailrelay.logs import shorten
 from emailrelay.store.keys import is_valid_key
 from emailrelay.store.kv import StoreError
@@ -48,7 +48,7 @@ class GetEmailStatusHandler:
         self._tracking = tracking
         self._max_reply_bytes = max_reply_bytes
 
-    async def __call__(self, data: bytes) -> bytes:
+    async def __call__(self, data: bytes) -> Reply:
         request = parse_request(data, api.GetEmailStatusRequest)
         if request is None:
             return error_reply(api.ERR_INVALID_PAYLOAD)
@@ -65,7 +65,7 @@ class GetEmailStatusHandler:
         try:
             if request.email_id:
                 record = await self._tracking.get_record(request.email_id)
-                return error_reply(api.ERR_NOT_FOUND) if record is None else record.to_json()
+                return error_reply(api.ERR_NOT_FOUND) if record is None else record
             return await self._group_reply(request)
         except ReplyTooLarge:
             return error_reply(api.ERR_GROUP_TOO_LARGE)
@@ -80,7 +80,7 @@ class GetEmailStatusHandler:
             )
             return error_reply(api.ERR_INTERNAL)
 
-    async def _group_reply(self, request: api.GetEmailStatusRequest) -> bytes:
+    async def _group_reply(self, request: api.GetEmailStatusRequest) -> Reply:
         if request.limit or request.offset:
             limit = request.limit or api.MAX_STATUS_PAGE
             ids = await self._tracking.group_ids_slice(request.group_id, request.offset, limit)
@@ -98,4 +98,4 @@ class GetEmailStatusHandler:
                 if size > budget:
                     raise ReplyTooLarge
                 parts.append(encoded)
-        return b"[" + b",".join(parts) + b"]"
+        return EncodedRecords(parts)

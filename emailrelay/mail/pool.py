@@ -15,7 +15,6 @@ provider's answer (see emailrelay.bridge.smtp), and that answer counts.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import anyio
 from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.mail.errors import AmbiguousFailure, SendFailure, TransientFailure
 from emailrelay.metrics import SMTP_CONNECTIONS, SMTP_REPLIES, SMTP_SEND_SECONDS
+from emailrelay.supervision import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,17 @@ class SmtpPool:
     async def _send_with_retries(
         self, sender: str, recipient: str, message: bytes, outcome: _Outcome
     ) -> None:
-        delay = self._backoff_initial
+        # Jittered, so a burst of retries does not hit the server in step.
+        backoff = Backoff(self._backoff_initial, self._backoff_max)
+        attempt = 0
         while True:
             try:
                 await self._send_once(sender, recipient, message, outcome)
                 return
             except TransientFailure as exc:
                 log.info("smtp: transient failure; retrying", extra={"reason": exc.reason})
-            # Full jitter keeps a burst of retries from hitting the server in step.
-            await anyio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, self._backoff_max)
+            attempt += 1
+            await backoff.sleep(attempt)
 
     async def _send_once(
         self, sender: str, recipient: str, message: bytes, outcome: _Outcome

@@ -17,7 +17,6 @@ last try and logs the email ids it could not store.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +24,7 @@ import anyio
 
 from emailrelay.api import TrackingRecord
 from emailrelay.metrics import TRACKING_PENDING, TRACKING_PENDING_DROPPED
+from emailrelay.supervision import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -180,5 +180,4 @@ class PendingTrackingWrites:
             TRACKING_PENDING.dec()
 
     async def _back_off(self, failed_passes: int) -> None:
-        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(failed_passes, 16))
-        await anyio.sleep(random.uniform(ceiling / 2, ceiling))
+        await Backoff(self._backoff_initial, self._backoff_max).sleep(failed_passes + 1)

@@ -1,0 +1,116 @@
+"""What one SQS message does to the tracking store: parse it (pure,
+:mod:`.events`), apply it to its record (pure, :func:`.events.apply_event`)
+through the store's revision-checked update, and name the outcome, which
+decides whether the poller (:mod:`.poller`) deletes the message."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+from emailrelay.api import TrackingRecord
+from emailrelay.engagement.events import EngagementEvent, Skipped, apply_event, parse_message
+from emailrelay.metrics import SQS_EVENT_LAG_SECONDS
+from emailrelay.sqs import SqsMessage
+from emailrelay.store.kv import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class RecordUpdater(Protocol):
+    """The part of :class:`emailrelay.store.tracking.TrackingStore` the poller uses."""
+
+    async def update_record(
+        self, email_id: str, change: Callable[[TrackingRecord], bool]
+    ) -> TrackingRecord | None: ...
+
+
+class Outcome:
+    """Metric outcomes (the ``outcome`` label of ``emailrelay_sqs_events``)."""
+
+    APPLIED = "applied"  # the record changed; deleted
+    DUPLICATE = "duplicate"  # nothing to change (replay, or a later first-wins event); deleted
+    SKIPPED = "skipped"  # can never apply (malformed, unknown type, no header); deleted
+    DELETED = "deleted"  # the record never appeared within max_receives; deleted
+    RETRY = "retry"  # left in the queue for redelivery
+
+
+DELETING = {Outcome.APPLIED, Outcome.DUPLICATE, Outcome.SKIPPED, Outcome.DELETED}
+
+
+class EventHandler:
+    """Applies one SQS message to the store; returns the outcome (never raises
+    for a bad message or a failing store)."""
+
+    def __init__(
+        self,
+        store: RecordUpdater,
+        max_receives: int,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._max_receives = max_receives
+        self._now = now
+
+    async def handle(self, message: SqsMessage) -> tuple[str, str]:
+        """(event type label, outcome) for ``message``."""
+        parsed = parse_message(message.body, message.message_id)
+        if isinstance(parsed, Skipped):
+            log.info(
+                "SQS message skipped: %s",
+                parsed.reason,
+                extra={"sqs_message_id": message.message_id, "reason": parsed.label},
+            )
+            return parsed.label, Outcome.SKIPPED
+        outcome = await self._apply(parsed, message)
+        log.debug(
+            "SES event %s",
+            outcome,
+            extra={
+                "email_id": parsed.email_id,
+                "event_type": parsed.kind.value,
+                "sqs_message_id": message.message_id,
+                "outcome": outcome,
+            },
+        )
+        return parsed.kind.value, outcome
+
+    async def _apply(self, event: EngagementEvent, message: SqsMessage) -> str:
+        now = self._now()
+        if event.published_at is not None:
+            SQS_EVENT_LAG_SECONDS.observe(max(0.0, (now - event.published_at).total_seconds()))
+        context = {
+            "email_id": event.email_id,
+            "event_type": event.kind.value,
+            "sqs_message_id": message.message_id,
+            "receive_count": message.receive_count,
+        }
+        changed = False
+
+        def change(record: TrackingRecord) -> bool:
+            nonlocal changed
+            # Called again on a fresh read after a revision conflict.
+            changed = apply_event(record, event, now)
+            return changed
+
+        try:
+            stored = await self._store.update_record(event.email_id, change)
+        except StoreError as exc:
+            log.warning(
+                "event left for redelivery: the store failed",
+                extra={**context, "error": repr(exc)},
+            )
+            return Outcome.RETRY
+        if stored is None:
+            if message.receive_count <= self._max_receives:
+                log.info("event left for redelivery: no such record yet", extra=context)
+                return Outcome.RETRY
+            log.warning(
+                "event dropped: no record for its email after %d receives",
+                message.receive_count,
+                extra=context,
+            )
+            return Outcome.DELETED
+        return Outcome.APPLIED if changed else Outcome.DUPLICATE

@@ -1,0 +1,140 @@
+"""What a ``send_email`` request asks for, decided without doing any of it.
+
+:func:`decide_send` applies the contract's checks in the contract's order and
+answers one of three things: :class:`Send` (the email and its tracking
+record), :class:`Skip` (answer success with empty ids, send nothing) or a
+contract error (:class:`emailrelay.api.ErrorReply`). It touches no socket,
+clock or random source: the new ids and the time come in as arguments, so
+every rule is a plain function call in the tests (tests/test_send_decision.py).
+The effects (the send, then the tracking writes) are in
+:mod:`emailrelay.handlers.send`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from emailrelay import api
+from emailrelay.addresses import (
+    Mailbox,
+    domain_is_listed,
+    domain_is_within,
+    parse_mailbox,
+    redact,
+    strip_line_breaks,
+)
+from emailrelay.handlers.replies import error_reply, parse_request
+from emailrelay.mail.message import OutgoingEmail
+
+
+@dataclass(frozen=True)
+class SendRules:
+    """The parts of the configuration that decide what a send request may do."""
+
+    email_enabled: bool
+    default_from: Mailbox
+    default_from_display_name: str
+    allowed_from_domains: tuple[str, ...]
+    allowed_reply_to_domains: tuple[str, ...]
+    allowed_recipient_domains: tuple[str, ...]
+    configuration_set: str | None = None
+
+
+@dataclass(frozen=True)
+class NewIds:
+    """The ids a request gets if it is sent: its ``email_id``, and the
+    ``group_id`` used when the request names none."""
+
+    email_id: str
+    group_id: str
+
+    @classmethod
+    def random(cls) -> NewIds:
+        return cls(str(uuid.uuid4()), str(uuid.uuid4()))
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``email``; once it is out, store ``record``."""
+
+    email: OutgoingEmail
+    record: api.TrackingRecord
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Answer success with empty ids and send nothing (a rule says so)."""
+
+    reason: str
+    """The log line that says which rule."""
+    to: str
+    """The recipient, redacted, for that log line."""
+
+
+SKIPPED_REPLY = api.SendEmailReply(email_id="", group_id="")
+
+Decision = Send | Skip | api.ErrorReply
+
+
+def decide_send(request: bytes, rules: SendRules, new_ids: NewIds, now: datetime) -> Decision:
+    """The contract's checks on the request body, in the contract's order
+    (docs/contract.md): payload, required fields, recipient allowlist,
+    ``to``, ``from``, ``reply_to``, then ``EMAIL_ENABLED``. ``now`` becomes
+    the record's ``sent_at``."""
+    parsed = parse_request(request, api.SendEmailRequest)
+    if parsed is None or len(parsed.group_id.encode()) > api.MAX_GROUP_ID_BYTES:
+        return error_reply(api.ERR_INVALID_PAYLOAD)
+    if not (parsed.to and parsed.subject and parsed.html and parsed.text):
+        return error_reply(api.ERR_SEND_FIELDS_REQUIRED)
+
+    to_value = strip_line_breaks(parsed.to)
+    recipient = parse_mailbox(to_value)
+    if rules.allowed_recipient_domains and (
+        recipient is None or not domain_is_within(recipient.domain, rules.allowed_recipient_domains)
+    ):
+        return Skip("recipient outside SMTP_ALLOWED_RECIPIENT_DOMAINS; skipped", redact(to_value))
+    if recipient is None:
+        return error_reply(api.ERR_INVALID_TO)
+
+    sender = rules.default_from
+    if parsed.from_:
+        parsed_from = parse_mailbox(strip_line_breaks(parsed.from_))
+        if parsed_from is None:
+            return error_reply(api.ERR_INVALID_FROM)
+        if not domain_is_listed(parsed_from.domain, rules.allowed_from_domains):
+            return error_reply(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
+        sender = parsed_from
+
+    reply_to = None
+    if parsed.reply_to:
+        reply_to = parse_mailbox(strip_line_breaks(parsed.reply_to))
+        if reply_to is None:
+            return error_reply(api.ERR_INVALID_REPLY_TO)
+        if not domain_is_within(reply_to.domain, rules.allowed_reply_to_domains):
+            return error_reply(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
+
+    if not rules.email_enabled:
+        return Skip("EMAIL_ENABLED is false; not sending", redact(recipient.address))
+
+    email = OutgoingEmail(
+        email_id=new_ids.email_id,
+        group_id=parsed.group_id or new_ids.group_id,
+        sender=sender,
+        sender_display_name=parsed.from_display_name or rules.default_from_display_name,
+        recipient=recipient,
+        reply_to=reply_to,
+        subject=parsed.subject,
+        text=parsed.text,
+        html=parsed.html,
+        configuration_set=rules.configuration_set,
+    )
+    record = api.TrackingRecord(
+        group_id=email.group_id,
+        email_id=email.email_id,
+        to=to_value,
+        subject=parsed.subject,
+        sent_at=now,
+    )
+    return Send(email, record)
