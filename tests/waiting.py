@@ -6,6 +6,7 @@ deadline passes, and then fail with a message that says what did not happen.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -15,10 +16,22 @@ LOOPBACK = "127.0.0.1"
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports. Picked while all are held: two calls of
+    :func:`free_port` in a row may get the same port back, and a server given
+    it twice (client and monitor port) fails to start."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind((LOOPBACK, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_until(

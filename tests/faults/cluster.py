@@ -15,14 +15,14 @@ from typing import Self
 
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
-from tests.waiting import LOOPBACK, free_port, wait_until
+from tests.waiting import LOOPBACK, free_ports, wait_until
 
 CLUSTER_NAME = "faults"
 
 
 class NatsCluster:
     def __init__(self, size: int = 3) -> None:
-        route_ports = [free_port() for _ in range(size)]
+        route_ports = free_ports(size)
         routes = [f"nats://{LOOPBACK}:{port}" for port in route_ports]
         self.nodes: dict[str, NatsServer] = {}
         for n, port in enumerate(route_ports):

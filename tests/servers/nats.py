@@ -18,7 +18,7 @@ import httpx
 
 from emailrelay.dev.natsserver import nats_server_binary
 from tests.servers import stop_process
-from tests.waiting import LOOPBACK, free_port, wait_for_port_closed, wait_until
+from tests.waiting import LOOPBACK, free_ports, wait_for_port_closed, wait_until
 
 
 class NatsServer:
@@ -38,8 +38,9 @@ class NatsServer:
         startup_timeout: float = 20.0,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.port = port if port is not None else free_port()
-        self.monitor_port = monitor_port if monitor_port is not None else free_port()
+        spare_ports = free_ports(2)
+        self.port = port if port is not None else spare_ports[0]
+        self.monitor_port = monitor_port if monitor_port is not None else spare_ports[1]
         self.jetstream = jetstream
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args
