@@ -14,7 +14,7 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The test suite, against real nats-server, SMTP and SQS servers it starts itself."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-m", "not scale and not faults", *session.posargs)
+    session.run("pytest", "-m", "not scale and not faults and not packaging", *session.posargs)
 
 
 @nox.session
@@ -30,6 +30,14 @@ def faults(session: nox.Session) -> None:
     5,000-payload storm of hostile requests. Prints the figures it measured at the end."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "faults", "--durations=20", *session.posargs)
+
+
+@nox.session
+def packaging(session: nox.Session) -> None:
+    """The lean install: `pip install <this repository>` with no extras into a fresh
+    virtualenv holds the client alone, which works against a real relay."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "packaging", "--durations=5", *session.posargs)
 
 
 @nox.session

@@ -47,6 +47,17 @@ TRACKING_HEADER = "X-LFX-TRACKING-ID"
 
 SES_CONFIGURATION_SET_HEADER = "X-SES-CONFIGURATION-SET"
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+"""Request header (an addition): the same as the ``idempotency_key`` field."""
+
+IDEMPOTENCY_BUCKET = "email-idempotency"
+"""Key: SHA-256 of a caller's idempotency key (base64url); value: the
+reservation and, once known, the reply (see emailrelay.store.idempotency)."""
+
+SUPPRESSIONS_BUCKET = "email-suppressions"
+"""Key: SHA-256 of a lower-cased recipient address (base64url); value: why
+and since when it is suppressed (see emailrelay.store.suppressions)."""
+
 # --- Error strings (the whole reply is ``{"error": <string>}``) -------------
 
 ERR_INVALID_PAYLOAD = "invalid request payload"
@@ -62,6 +73,9 @@ ERR_STATUS_ONE_ID_ONLY = "only one of email_id or group_id may be set"
 ERR_GROUP_ID_REQUIRED = "group_id is required"
 ERR_NOT_FOUND = "not found"
 ERR_INTERNAL = "internal error"
+ERR_IDEMPOTENCY_KEY_REUSED = "idempotency key reused with a different request"
+ERR_DELIVERY_OUTCOME_UNKNOWN = "email delivery outcome unknown"
+ERR_RECIPIENT_SUPPRESSED = "recipient suppressed"
 ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset"
 
 CONTRACT_ERRORS = frozenset(

@@ -44,7 +44,20 @@ def command_name() -> str:
 DEFAULT_NATS_URL = "nats://localhost:4222"
 
 
+def _lacks_extra(command: str, extra: str) -> bool:
+    """True, with one line on stderr, when a lean install (the client alone)
+    runs a command that needs ``emailrelay[extra]``; checked before the import."""
+    from emailrelay.installed import install_hint
+
+    hint = install_hint(command, extra)
+    if hint is not None:
+        print(hint, file=sys.stderr)
+    return hint is not None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if _lacks_extra("serve", "server"):
+        return EXIT_USAGE
     from emailrelay.app import run
     from emailrelay.config import ConfigError, load_settings
     from emailrelay.logs import configure_logging
@@ -65,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
+    if _lacks_extra("dev", "dev"):
+        return EXIT_USAGE
     from emailrelay.dev import DevOptions, run_dev
 
     return run_dev(

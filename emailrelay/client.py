@@ -100,6 +100,21 @@ class DeliveryFailed(EmailRelayError):
     """``email delivery failed``: the SMTP provider did not accept the message."""
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    """``idempotency key reused with a different request``: the key already
+    belongs to another request; use a new key for a new email."""
+
+
+class DeliveryOutcomeUnknown(EmailRelayError):
+    """``email delivery outcome unknown``: the first send with this
+    idempotency key may have been delivered; not retried, the caller decides."""
+
+
+class RecipientSuppressed(EmailRelayError):
+    """``recipient suppressed``: the address hard-bounced or complained (only
+    where an operator set ``SUPPRESSION_ENABLED=true``)."""
+
+
 class NotFound(EmailRelayError):
     """``not found``: no such email or group."""
 
@@ -134,6 +149,9 @@ ERRORS: dict[str, type[EmailRelayError]] = {
     api.ERR_NOT_FOUND: NotFound,
     api.ERR_INTERNAL: InternalError,
     api.ERR_GROUP_TOO_LARGE: GroupTooLarge,
+    api.ERR_IDEMPOTENCY_KEY_REUSED: IdempotencyKeyReused,
+    api.ERR_DELIVERY_OUTCOME_UNKNOWN: DeliveryOutcomeUnknown,
+    api.ERR_RECIPIENT_SUPPRESSED: RecipientSuppressed,
 }
 """Contract error string -> the exception raised for it."""
 

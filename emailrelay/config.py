@@ -167,6 +167,14 @@ class Settings(BaseModel):
     )
     max_backlog: Annotated[int, Field(ge=1, le=100_000)] = Field(default=256, alias="MAX_BACKLOG")
     send_timeout: Seconds = Field(default=30.0, alias="SEND_TIMEOUT")
+    smtp_max_send_rate: Annotated[float, Field(ge=0, le=100_000)] = Field(
+        default=0.0, alias="SMTP_MAX_SEND_RATE"
+    )
+    """Messages per second per process (emailrelay.mail.rate); 0 = unlimited."""
+    idempotency_ttl: Seconds = Field(default=24 * 3600.0, alias="IDEMPOTENCY_TTL")
+    """How long an idempotency key is remembered (emailrelay.store.idempotency)."""
+    suppression_enabled: Bool = Field(default=False, alias="SUPPRESSION_ENABLED")
+    """Refuse suppressed recipients (emailrelay.store.suppressions)."""
     shutdown_grace_seconds: Seconds = Field(default=25.0, alias="SHUTDOWN_GRACE_SECONDS")
 
     # Engagement events

@@ -65,6 +65,14 @@ class MemoryKeyValue:
         self.batch_gets += 1
         return {key: self.entries[key] for key in keys if key in self.entries}
 
+    async def keys(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        if self.missing:
+            raise BucketMissing("bucket deleted")
+        if self.closed:
+            raise StoreError("store closed")
+        return list(self.entries)
+
     async def create(self, key: str, value: bytes) -> int:
         await anyio.lowlevel.checkpoint()
         self._check(key)

@@ -200,3 +200,36 @@ def test_a_bad_nats_url_is_not_repeated_in_the_error() -> None:
         load_settings({"NATS_URL": "http://user:s3cret@nats.example:4222"})
     assert str(caught.value).startswith("NATS_URL must be nats://, tls://, ws:// or wss:// URLs")
     assert "s3cret" not in str(caught.value)
+
+
+def test_issue_11_settings_default_to_off() -> None:
+    settings = load_settings({})
+    assert settings.smtp_max_send_rate == 0.0
+    assert settings.idempotency_ttl == 24 * 3600.0
+    assert settings.suppression_enabled is False
+
+
+def test_idempotency_ttl_reads_a_duration() -> None:
+    assert load_settings({"IDEMPOTENCY_TTL": "90m"}).idempotency_ttl == 5400.0
+
+
+def test_max_send_rate_reads_a_fraction() -> None:
+    assert load_settings({"SMTP_MAX_SEND_RATE": "12.5"}).smtp_max_send_rate == 12.5
+
+
+def test_suppression_enabled_reads_a_boolean() -> None:
+    assert load_settings({"SUPPRESSION_ENABLED": "t"}).suppression_enabled is True
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"SMTP_MAX_SEND_RATE": "-1"}, "SMTP_MAX_SEND_RATE"),
+        ({"SMTP_MAX_SEND_RATE": "fast"}, "SMTP_MAX_SEND_RATE"),
+        ({"IDEMPOTENCY_TTL": "0"}, "IDEMPOTENCY_TTL"),
+        ({"SUPPRESSION_ENABLED": "yes"}, "SUPPRESSION_ENABLED"),
+    ],
+)
+def test_issue_11_settings_reject_bad_values(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(environ)

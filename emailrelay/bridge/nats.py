@@ -476,6 +476,16 @@ class JetStreamKeyValue:
             raise StoreError(f"get failed: {exc!r}") from exc
         return Entry(value=entry.value or b"", revision=int(entry.revision or 0))
 
+    async def keys(self) -> list[str]:
+        """Every key that holds a value (deleted and purged keys left out)."""
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                return list(await aio(self._kv.keys)())
+        except nats.js.errors.NoKeysError:
+            return []
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"listing keys failed: {exc!r}") from exc
+
     async def create(self, key: str, value: bytes) -> int:
         _check_key_length(key)
         try:

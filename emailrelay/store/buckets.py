@@ -38,10 +38,30 @@ class BucketSpec:
 
     name: str
     max_value_size: int
+    max_age: float = 0.0
+    """Seconds an entry lives after its last write (JetStream ``max_age``);
+    0 keeps entries for ever, as the two tracking buckets do."""
 
 
 RECIPIENTS = BucketSpec(api.RECIPIENTS_BUCKET, 64 * 1024)
 GROUP_INDEX = BucketSpec(api.GROUP_INDEX_BUCKET, 1024 * 1024)
+
+SUPPRESSIONS = BucketSpec(api.SUPPRESSIONS_BUCKET, 16 * 1024)
+"""Kept until an operator removes an address (no ``max_age``): SES itself
+keeps its account-level suppressions until removed. Records are small
+(emailrelay.store.suppressions bounds them far below this)."""
+
+IDEMPOTENCY_MAX_VALUE = 128 * 1024
+"""An entry holds the reply, whose ``group_id`` may be 16 KiB of UTF-8 and
+JSON-escaping can grow control characters sixfold (96 KiB at worst)."""
+
+
+def idempotency_bucket(ttl: float) -> BucketSpec:
+    """``email-idempotency`` with ``IDEMPOTENCY_TTL`` as its ``max_age``: a key
+    is remembered for ``ttl`` seconds after its last write, then JetStream
+    drops it (emailrelay.store.idempotency also treats older entries as gone,
+    so a bucket created without ``max_age`` keeps the same rules)."""
+    return BucketSpec(api.IDEMPOTENCY_BUCKET, IDEMPOTENCY_MAX_VALUE, max_age=ttl)
 
 
 @dataclass(frozen=True)

@@ -57,5 +57,12 @@ class KeyValue(Protocol):
         ...
 
 
+class ListableKeyValue(KeyValue, Protocol):
+    async def keys(self) -> list[str]:
+        """Every key that holds a value, in no particular order. Reads the
+        whole bucket: for management listings, not for the send path."""
+        ...
+
+
 MAX_BATCH_KEYS = 1000
 """JetStream answers a batch get of at most 1,000 subjects (413 beyond)."""

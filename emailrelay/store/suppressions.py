@@ -1,0 +1,186 @@
+"""The suppression list: recipients the relay will not send to again, in the
+KV bucket ``email-suppressions``.
+
+Addresses are compared case-insensitively, as SES's own suppression list
+does: the key is the unpadded base64url SHA-256 of the lower-cased bare
+address, 43 characters of ``[-_a-zA-Z0-9]`` whatever the address holds (any
+Unicode, any length), so every address works and no key nears the subject
+bound (emailrelay.store.keys). The value keeps the address as first seen,
+the reason, the time and a short summary of the SES event (never its
+headers): a few hundred bytes.
+
+The KV port has no delete, so :meth:`SuppressionStore.remove` writes a
+tombstone (``{"removed_at": ...}``) that reads as "not suppressed" and that a
+later :meth:`~SuppressionStore.add` overwrites. Every write is
+revision-checked and retried on conflict (replicas apply bounces
+concurrently).
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import enum
+import hashlib
+import json
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import anyio
+
+from emailrelay.addresses import parse_mailbox, strip_line_breaks
+from emailrelay.api import format_time
+from emailrelay.store.kv import MAX_BATCH_KEYS, Entry, ListableKeyValue, RevisionConflict
+
+MAX_ADDRESS_CHARS = 320
+"""Stored addresses are cut to this (RFC 5321 allows 256 octets for a path;
+the key is made from the whole address, so a cut never merges two)."""
+MAX_DETAIL_CHARS = 256
+"""Each event detail kept is cut to this: the record stays small."""
+MAX_PAGE = 1000
+
+
+class SuppressionReason(enum.StrEnum):
+    BOUNCE = "bounce"
+    """A Permanent bounce named this recipient."""
+    COMPLAINT = "complaint"
+    """The recipient marked a message as spam."""
+    MANUAL = "manual"
+    """An operator added it (CLI, ``suppression.add``)."""
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One suppressed recipient. ``event``: what the SES event said about it
+    (feedback id, SES message id, bounce type and status, complaint type)."""
+
+    address: str
+    reason: SuppressionReason
+    suppressed_at: datetime
+    event: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "address": self.address[:MAX_ADDRESS_CHARS],
+                "reason": self.reason.value,
+                "suppressed_at": format_time(self.suppressed_at),
+                "event": {k[:64]: v[:MAX_DETAIL_CHARS] for k, v in self.event.items()},
+            },
+            separators=(",", ":"),
+        ).encode("ascii")
+
+
+def normalize_address(address: str) -> str:
+    """The form addresses are compared in: the bare address of a mailbox
+    (``Name <a@b>`` -> ``a@b``), lower-cased; text that is not a mailbox is
+    compared as it is, trimmed and lower-cased (it still gets a key)."""
+    cleaned = strip_line_breaks(address).strip()
+    mailbox = parse_mailbox(cleaned)
+    return (mailbox.address if mailbox is not None else cleaned).lower()
+
+
+def suppression_key(address: str) -> str:
+    digest = hashlib.sha256(normalize_address(address).encode("utf-8", "surrogatepass")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+class SuppressionStore:
+    """``email-suppressions`` over the KV port (with key listing, for :meth:`list`).
+
+    Store failures (:class:`~emailrelay.store.kv.StoreError`) pass through:
+    the send path decides whether an unreadable list blocks a send."""
+
+    def __init__(self, kv: ListableKeyValue, conflict_backoff: float = 0.01) -> None:
+        self._kv = kv
+        self._backoff = conflict_backoff
+
+    async def get(self, address: str) -> Suppression | None:
+        entry = await self._kv.get(suppression_key(address))
+        return None if entry is None else _decode(entry)
+
+    async def is_suppressed(self, address: str) -> bool:
+        return await self.get(address) is not None
+
+    async def add(self, suppression: Suppression) -> bool:
+        """Suppress the address; ``False`` when it already was (the first
+        record is kept: it says when and why sending first stopped)."""
+        key = suppression_key(suppression.address)
+        value = suppression.to_json()
+        return await self._write(key, lambda current: None if current is not None else value)
+
+    async def remove(self, address: str, now: datetime | None = None) -> bool:
+        """Allow sending to the address again; ``False`` when it was not suppressed."""
+        tombstone = json.dumps({"removed_at": format_time(now or datetime.now(UTC))}).encode()
+        return await self._write(
+            suppression_key(address),
+            lambda current: tombstone if current is not None else None,
+        )
+
+    async def list(self, limit: int = 100, offset: int = 0) -> builtins.list[Suppression]:
+        """Suppressed addresses ``offset`` to ``offset + limit`` in key order
+        (stable between calls while the list does not change). Reads every
+        key: an operator's listing, not a hot path."""
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise ValueError(f"limit must be 1 to {MAX_PAGE} and offset >= 0")
+        keys = sorted(await self._kv.keys())
+        found: builtins.list[Suppression] = []
+        for start in range(0, len(keys), MAX_BATCH_KEYS):
+            batch = keys[start : start + MAX_BATCH_KEYS]
+            entries = await self._kv.get_many(batch)
+            for key in batch:
+                entry = entries.get(key)
+                suppression = None if entry is None else _decode(entry)
+                if suppression is not None:
+                    found.append(suppression)
+            if len(found) >= offset + limit:
+                break
+        return found[offset : offset + limit]
+
+    async def _write(self, key: str, change: Callable[[Suppression | None], bytes | None]) -> bool:
+        """Read, let ``change(current suppression or None)`` give the new
+        value (``None``: leave it), write it at the read revision; retry a
+        lost race."""
+        delay = self._backoff
+        while True:
+            entry = await self._kv.get(key)
+            current = None if entry is None else _decode(entry)
+            value = change(current)
+            if value is None:
+                return False
+            try:
+                if entry is None:
+                    await self._kv.create(key, value)
+                else:
+                    await self._kv.update(key, value, last=entry.revision)
+            except RevisionConflict:
+                await anyio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 1.0)
+                continue
+            return True
+
+
+def _decode(entry: Entry) -> Suppression | None:
+    """The suppression an entry holds; ``None`` for a tombstone. An entry
+    that does not decode still suppresses (fail safe): its address is then
+    unknown here."""
+    try:
+        value = json.loads(entry.value)
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict) and "removed_at" in value and "reason" not in value:
+        return None
+    if not isinstance(value, dict):
+        value = {}
+    try:
+        event = value.get("event")
+        return Suppression(
+            address=str(value["address"]),
+            reason=SuppressionReason(value["reason"]),
+            suppressed_at=datetime.fromisoformat(value["suppressed_at"]),
+            event={str(k): str(v) for k, v in event.items()} if isinstance(event, dict) else {},
+        )
+    except (KeyError, ValueError, TypeError):
+        return Suppression("", SuppressionReason.MANUAL, datetime.fromtimestamp(0, UTC))
