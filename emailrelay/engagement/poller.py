@@ -13,6 +13,11 @@ after ``max_receives`` receives). Anything else (a store error, a record that
 does not exist yet) stays in the queue and comes back after its visibility
 timeout; applying an event twice changes nothing, so redelivery is safe.
 
+With the suppression list on (``SUPPRESSION_ENABLED=true``), a Permanent
+bounce or a complaint first adds the recipients it names
+(emailrelay.engagement.suppression), whether or not the message carries a
+tracking header; an add that fails keeps the message for redelivery too.
+
 Receive failures back off exponentially (1 s, 2 s, 4 s ... capped at 30 s;
 each gap between half and all of that); the third failure in a row raises
 :class:`PollerAborted`, which shuts the service down.
@@ -34,11 +39,19 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from emailrelay.addresses import redact
 from emailrelay.api import TrackingRecord
 from emailrelay.engagement.events import EngagementEvent, Skipped, apply_event, parse_message
-from emailrelay.metrics import SQS_EVENT_LAG_SECONDS, SQS_EVENTS, SQS_RECEIVE_ERRORS
+from emailrelay.engagement.suppression import suppressions_from_message
+from emailrelay.metrics import (
+    SQS_EVENT_LAG_SECONDS,
+    SQS_EVENTS,
+    SQS_RECEIVE_ERRORS,
+    SUPPRESSIONS_ADDED,
+)
 from emailrelay.sqs import SqsError, SqsMessage
 from emailrelay.store.kv import StoreError
+from emailrelay.store.suppressions import Suppression
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,12 @@ class MessageQueue(Protocol):
     ) -> list[SqsMessage]: ...
 
     async def delete_messages(self, messages: Iterable[SqsMessage]) -> list[str]: ...
+
+
+class SuppressionAdder(Protocol):
+    """The part of :class:`emailrelay.store.suppressions.SuppressionStore` the poller uses."""
+
+    async def add(self, suppression: Suppression) -> bool: ...
 
 
 class RecordUpdater(Protocol):
@@ -140,13 +159,48 @@ class EventHandler:
         store: RecordUpdater,
         max_receives: int,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        suppressions: SuppressionAdder | None = None,
     ) -> None:
         self._store = store
         self._max_receives = max_receives
         self._now = now
+        self._suppressions = suppressions
 
     async def handle(self, message: SqsMessage) -> tuple[str, str]:
         """(event type label, outcome) for ``message``."""
+        suppressed = await self._suppress(message)
+        label, outcome = await self._track(message)
+        if not suppressed and outcome in _DELETING:
+            return label, Outcome.RETRY
+        return label, outcome
+
+    async def _suppress(self, message: SqsMessage) -> bool:
+        """Add the recipients the event suppresses; ``False`` when an add
+        failed (the message must come back)."""
+        if self._suppressions is None:
+            return True
+        for suppression in suppressions_from_message(message.body, self._now()):
+            try:
+                added = await self._suppressions.add(suppression)
+            except StoreError as exc:
+                log.warning(
+                    "event left for redelivery: the suppression list could not be written",
+                    extra={"sqs_message_id": message.message_id, "error": repr(exc)},
+                )
+                return False
+            if added:
+                SUPPRESSIONS_ADDED.labels(suppression.reason.value).inc()
+                log.info(
+                    "recipient suppressed",
+                    extra={
+                        "to": redact(suppression.address),
+                        "reason": suppression.reason.value,
+                        "sqs_message_id": message.message_id,
+                    },
+                )
+        return True
+
+    async def _track(self, message: SqsMessage) -> tuple[str, str]:
         parsed = parse_message(message.body, message.message_id)
         if isinstance(parsed, Skipped):
             log.info(
@@ -214,10 +268,11 @@ async def poll_engagement_events(
     *,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     backoff: ReceiveBackoff | None = None,
+    suppressions: SuppressionAdder | None = None,
 ) -> None:
     """Run until cancelled; raise :class:`PollerAborted` after
     ``failures_before_abort`` consecutive receive failures."""
-    handler = EventHandler(store, settings.max_receives)
+    handler = EventHandler(store, settings.max_receives, suppressions=suppressions)
     summary = _Summary()
     if backoff is None:
         backoff = ReceiveBackoff(settings.backoff_initial, settings.backoff_max)
