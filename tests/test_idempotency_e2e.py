@@ -9,6 +9,8 @@ messages the SMTP server received, the bucket's entries.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ import nats.errors
 import pytest
 
 from emailrelay import api
+from emailrelay.client import EmailRelayClient
 from tests.natsclient import SyncNats
 from tests.servers.nats import NatsServer
 from tests.servers.relay import RelayProcess
@@ -250,3 +253,31 @@ def test_the_entry_holds_no_request_content(caller: SyncNats, smtp: SmtpServer) 
     assert stored
     assert not any(b"Secret subject" in v or key.encode() in v for v in stored)
     assert all(json.loads(v)["v"] == 1 for v in stored)
+
+
+async def test_the_client_sends_once_per_key(
+    own_nats: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
+) -> None:
+    key = new_key()
+    async with EmailRelayClient.connect(servers=own_nats.url) as client:
+        first = await client.send(idempotency_key=key, **REQUEST)
+        again = await client.send(idempotency_key=key, **REQUEST)
+    assert again == first
+    assert tracked_ids(smtp) == [first.email_id]
+
+
+def test_the_cli_sends_once_per_key(
+    own_nats: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
+) -> None:
+    key = new_key()
+    command = [sys.executable, "-m", "emailrelay", "send", "--server", own_nats.url, "--json"]
+    for name, value in REQUEST.items():
+        command += [f"--{name}", value]
+    outputs = [
+        subprocess.run(
+            [*command, "--idempotency-key", key], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert json.loads(outputs[0]) == json.loads(outputs[1])
+    assert len(smtp.messages) == 1
