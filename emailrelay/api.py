@@ -23,6 +23,26 @@ SEND_EMAIL_SUBJECT = "lfx.email-service.send_email"
 GET_EMAIL_STATUS_SUBJECT = "lfx.email-service.get_email_status"
 GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT = "lfx.email-service.get_email_engagement_analytics"
 
+SUPPRESSION_GET_SUBJECT = "lfx.email-service.suppression.get"
+"""An addition, served only where ``SUPPRESSION_ENABLED=true``: one address's
+suppression (:class:`SuppressionAddressRequest` in, :class:`SuppressionEntry`
+out, ``not found`` when it is not suppressed)."""
+SUPPRESSION_LIST_SUBJECT = "lfx.email-service.suppression.list"
+"""An addition: suppressed addresses, paged (:class:`SuppressionListRequest`
+in, :class:`SuppressionListReply` out)."""
+SUPPRESSION_ADD_SUBJECT = "lfx.email-service.suppression.add"
+"""An addition: suppress an address by hand (:class:`SuppressionAddressRequest`
+in, :class:`SuppressionChangeReply` out)."""
+SUPPRESSION_REMOVE_SUBJECT = "lfx.email-service.suppression.remove"
+"""An addition: allow sending to an address again (:class:`SuppressionAddressRequest`
+in, :class:`SuppressionChangeReply` out)."""
+SUPPRESSION_SUBJECTS = (
+    SUPPRESSION_GET_SUBJECT,
+    SUPPRESSION_LIST_SUBJECT,
+    SUPPRESSION_ADD_SUBJECT,
+    SUPPRESSION_REMOVE_SUBJECT,
+)
+
 DEADLINE_HEADER = "Emailrelay-Deadline"
 """Request header: when the caller stops waiting, as absolute Unix time in
 milliseconds (an integer). The relay starts no SMTP transaction after it and
@@ -77,6 +97,8 @@ ERR_IDEMPOTENCY_KEY_REUSED = "idempotency key reused with a different request"
 ERR_DELIVERY_OUTCOME_UNKNOWN = "email delivery outcome unknown"
 ERR_RECIPIENT_SUPPRESSED = "recipient suppressed"
 ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset"
+ERR_ADDRESS_REQUIRED = "address is required"
+ERR_INVALID_ADDRESS = "invalid address"
 
 CONTRACT_ERRORS = frozenset(
     {
@@ -94,6 +116,11 @@ CONTRACT_ERRORS = frozenset(
         ERR_NOT_FOUND,
         ERR_INTERNAL,
         ERR_GROUP_TOO_LARGE,
+        ERR_IDEMPOTENCY_KEY_REUSED,
+        ERR_DELIVERY_OUTCOME_UNKNOWN,
+        ERR_RECIPIENT_SUPPRESSED,
+        ERR_ADDRESS_REQUIRED,
+        ERR_INVALID_ADDRESS,
     }
 )
 """Every error string of the contract (a small fixed set: safe as a metric label)."""
@@ -102,6 +129,7 @@ SERVICE_ERROR_CODES = {
     ERR_NOT_FOUND: "404",
     ERR_DELIVERY_FAILED: "502",
     ERR_INTERNAL: "500",
+    ERR_DELIVERY_OUTCOME_UNKNOWN: "502",
 }
 """HTTP-like ``Nats-Service-Error-Code`` values, as NATS services use them:
 no such record (404), the provider refused (502), anything else of ours (500);
@@ -143,9 +171,16 @@ class SendEmailRequest(_Request):
     from_display_name: StrictStr = ""
     reply_to: StrictStr = ""
     group_id: StrictStr = ""
+    idempotency_key: StrictStr = ""
+    """An addition: at most :data:`MAX_IDEMPOTENCY_KEY_CHARS` characters; the
+    same as the :data:`IDEMPOTENCY_HEADER` header (both set and different is
+    an ``invalid request payload``). A retry with the same key and the same
+    request gets the first reply, and never sends a second message."""
 
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
+
+MAX_IDEMPOTENCY_KEY_CHARS = 256
 
 MAX_GROUP_ID_BYTES = 16 * 1024
 """A longer ``group_id`` (UTF-8) is an ``invalid request payload``: the record
@@ -207,6 +242,51 @@ class ErrorReply(BaseModel):
     @property
     def service_code(self) -> str:
         return service_error_code(self.error)
+
+
+class SuppressionAddressRequest(_Request):
+    """``suppression.get`` / ``.add`` / ``.remove``: one recipient address
+    (compared case-insensitively, ``Name <a@b>`` counts as ``a@b``)."""
+
+    address: StrictStr = ""
+
+
+class SuppressionListRequest(_Request):
+    """``suppression.list``: ``limit`` (1 to :data:`MAX_SUPPRESSION_PAGE`,
+    0 = 100) entries from ``offset``, in a stable order."""
+
+    limit: StrictInt = 0
+    offset: StrictInt = 0
+
+
+MAX_SUPPRESSION_PAGE = 1000
+DEFAULT_SUPPRESSION_PAGE = 100
+
+
+class SuppressionEntry(BaseModel):
+    """One suppressed recipient: the address as first seen, why (``bounce``,
+    ``complaint``, ``manual``), since when, and what the SES event said."""
+
+    address: str
+    reason: str
+    suppressed_at: Timestamp
+    event: dict[str, str] = Field(default_factory=dict)
+
+
+class SuppressionListReply(BaseModel):
+    """A page of the list; ``next_offset`` is ``null`` on the last page."""
+
+    suppressions: list[SuppressionEntry]
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class SuppressionChangeReply(BaseModel):
+    """``changed`` is false when the add or remove found nothing to do."""
+
+    address: str
+    changed: bool
 
 
 class OpenEvent(BaseModel):

@@ -5,6 +5,7 @@
     emailrelay serve
     └── task group (trio, with a trio-asyncio loop open for nats-py and aiosmtplib)
         ├── NATS request subscriptions -> backlog (MAX_BACKLOG) -> handlers (MAX_IN_FLIGHT)
+        │      (send, status, analytics; suppression.* when SUPPRESSION_ENABLED=true)
         ├── NATS service discovery ($SRV.PING/INFO/STATS, every instance answers)
         ├── health server (/livez, /readyz, /metrics)
         ├── asyncio loop watchdog (/livez)
@@ -43,13 +44,22 @@ from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.send import NoSender, NoTracking, SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
+from emailrelay.handlers.suppression import (
+    AddSuppressionHandler,
+    GetSuppressionHandler,
+    ListSuppressionsHandler,
+    RemoveSuppressionHandler,
+)
 from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
-from emailrelay.metrics import REQUESTS_EXPIRED, TRACKING_WRITE_FAILURES
+from emailrelay.mail.rate import AdaptiveRate, TokenBucket
+from emailrelay.metrics import REQUESTS_EXPIRED, SMTP_SEND_RATE, TRACKING_WRITE_FAILURES
 from emailrelay.server import Handler, RequestServer, bounded_by_deadline
 from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
+from emailrelay.store.idempotency import IdempotencyStore
 from emailrelay.store.pending import PendingTrackingWrites
+from emailrelay.store.suppressions import SuppressionStore
 from emailrelay.store.tracking import TrackingStore
 from emailrelay.supervision import Backoff, Lifecycle
 
@@ -61,6 +71,12 @@ EXIT_FAILURE = 1
 PENDING_LAST_TRY_SECONDS = 3.0
 """At shutdown, after the last reply: time left to store pending tracking
 writes (within the pod's termination grace beyond SHUTDOWN_GRACE_SECONDS)."""
+
+IDEMPOTENCY_STALE_GRACE = 15.0
+"""Seconds beyond SEND_TIMEOUT after which a key still in progress is read as
+outcome unknown (its owner crashed): a live owner's send ends by SEND_TIMEOUT
+plus the wait for a DATA reply (5 s, emailrelay.bridge.smtp) plus one KV
+write (5 s)."""
 
 
 def run(settings: Settings) -> int:
@@ -135,6 +151,17 @@ async def serve(
     lifecycle = lifecycle or Lifecycle()
     if tracking is None:
         tracking = await open_tracking_store(nats, settings)
+    reservations: IdempotencyStore | None = None
+    suppressions: SuppressionStore | None = None
+    if tracking is not None:
+        reservations, suppressions = await open_send_stores(nats, settings)
+        if settings.suppression_enabled and suppressions is None:
+            log.error(
+                "SUPPRESSION_ENABLED is true but the %s bucket cannot be opened "
+                "(create it, or set KV_AUTO_CREATE=true); exiting",
+                api.SUPPRESSIONS_BUCKET,
+            )
+            return EXIT_FAILURE
     sqs: SqsClient | None = None
     if settings.ses_eventing_enabled:
         if tracking is None:
@@ -157,6 +184,8 @@ async def serve(
         on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         pending=pending,
         on_expired=REQUESTS_EXPIRED.inc,
+        reservations=reservations,
+        suppressions=suppressions,
     )
     service = ServiceStats([])
     requests = RequestServer(
@@ -195,11 +224,15 @@ async def serve(
                 tg.start_soon(
                     lifecycle.supervise,
                     "sqs poller",
-                    lambda: poll_engagement_events(sqs, tracking, poller),
+                    lambda: poll_engagement_events(
+                        sqs, tracking, poller, suppressions=suppressions
+                    ),
                 )
             await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler})
             if tracking is not None:
                 await _add_routes(requests, service, query_routes(tracking, nats))
+                if suppressions is not None:
+                    await _add_routes(requests, service, suppression_routes(suppressions))
             else:
                 tg.start_soon(
                     lifecycle.supervise,
@@ -248,6 +281,25 @@ async def _stop_when_nats_closes(nats: NatsConnection, lifecycle: Lifecycle) -> 
     lifecycle.fail("nats connection")
 
 
+def suppression_routes(store: SuppressionStore) -> dict[str, Handler]:
+    """The suppression list's subjects (SUPPRESSION_ENABLED=true); a request
+    still running at its deadline answers ``internal error``."""
+    return {
+        api.SUPPRESSION_GET_SUBJECT: bounded_by_deadline(
+            GetSuppressionHandler(store), api.ERR_INTERNAL
+        ),
+        api.SUPPRESSION_LIST_SUBJECT: bounded_by_deadline(
+            ListSuppressionsHandler(store), api.ERR_INTERNAL
+        ),
+        api.SUPPRESSION_ADD_SUBJECT: bounded_by_deadline(
+            AddSuppressionHandler(store), api.ERR_INTERNAL
+        ),
+        api.SUPPRESSION_REMOVE_SUBJECT: bounded_by_deadline(
+            RemoveSuppressionHandler(store), api.ERR_INTERNAL
+        ),
+    }
+
+
 def query_routes(tracking: TrackingStore, nats: NatsConnection) -> dict[str, Handler]:
     """Status and analytics: served whenever the KV store is; a query still
     running at its deadline (or cut off at shutdown) answers ``internal error``."""
@@ -290,6 +342,12 @@ async def _track_once_available(
         await backoff.sleep(attempt)
         tracking = await open_tracking_store(nats, settings)
         if tracking is not None:
+            reservations, suppressions = await open_send_stores(nats, settings)
+            if reservations is not None:
+                send_handler.start_reservations(reservations)
+            if suppressions is not None:
+                send_handler.start_suppressions(suppressions)
+                await _add_routes(requests, service, suppression_routes(suppressions))
             send_handler.start_tracking(tracing.traced_tracking(tracking))
             await _add_routes(requests, service, query_routes(tracking, nats))
             return
@@ -324,12 +382,22 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
     async def connect() -> Connection:
         return await SmtpConnection.open(endpoint)
 
+    # SMTP_MAX_SEND_RATE: a token bucket in front of every attempt, its rate
+    # moved by the provider's throttling replies (emailrelay.mail.rate).
+    pacer: TokenBucket | None = None
+    rate: AdaptiveRate | None = None
+    if settings.smtp_max_send_rate > 0:
+        pacer = TokenBucket(settings.smtp_max_send_rate, now=anyio.current_time())
+        rate = AdaptiveRate(pacer, settings.smtp_max_send_rate)
+    SMTP_SEND_RATE.set(settings.smtp_max_send_rate)
     return SmtpPool(
         connect,
         size=settings.smtp_pool_size,
         max_messages=settings.smtp_connection_max_messages,
         max_age=settings.smtp_connection_max_age,
         send_timeout=settings.send_timeout,
+        pacer=pacer,
+        rate=rate,
     )
 
 
@@ -340,3 +408,30 @@ async def open_tracking_store(nats: NatsConnection, settings: Settings) -> Track
     return await buckets.open_tracking_store(
         nats, buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas)
     )
+
+
+async def open_send_stores(
+    nats: NatsConnection, settings: Settings
+) -> tuple[IdempotencyStore | None, SuppressionStore | None]:
+    """The idempotency store (its bucket opened or created with
+    IDEMPOTENCY_TTL as max_age) and, when SUPPRESSION_ENABLED=true, the
+    suppression list; each ``None`` when its bucket cannot be opened (a
+    request with an idempotency key then answers ``email delivery failed``)."""
+    policy = buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas)
+    reservations: IdempotencyStore | None = None
+    kv = await buckets.open_reopening_bucket(
+        nats, buckets.idempotency_bucket(settings.idempotency_ttl), policy
+    )
+    if kv is not None:
+        reservations = IdempotencyStore(
+            kv,
+            stale_after=settings.send_timeout + IDEMPOTENCY_STALE_GRACE,
+            ttl=settings.idempotency_ttl,
+        )
+    suppressions: SuppressionStore | None = None
+    if settings.suppression_enabled:
+        listed = await buckets.open_reopening_bucket(nats, buckets.SUPPRESSIONS, policy)
+        if listed is not None:
+            suppressions = SuppressionStore(listed)
+            log.info("suppression list on", extra={"bucket": api.SUPPRESSIONS_BUCKET})
+    return reservations, suppressions

@@ -379,6 +379,15 @@ def _add_client_commands(commands: Any) -> None:
         metavar="ID",
         help="your batch id, for status and analytics by group (default: the relay makes one)",
     )
+    optional.add_argument(
+        "--idempotency-key",
+        default="",
+        type=_idempotency_key,
+        metavar="KEY",
+        help="at most 256 characters; running the same command again with the same key "
+        "prints the first email_id and sends nothing more (once every relay runs a "
+        "version that knows keys)",
+    )
     _add_connection_options(send)
     send.set_defaults(run=_send, parser=send)
 
@@ -425,6 +434,130 @@ def _add_client_commands(commands: Any) -> None:
     )
     _add_connection_options(analytics)
     analytics.set_defaults(run=_analytics, parser=analytics)
+    _add_suppression_command(commands)
+
+
+def _idempotency_key(value: str) -> str:
+    if len(value) > api.MAX_IDEMPOTENCY_KEY_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {api.MAX_IDEMPOTENCY_KEY_CHARS} characters (got {len(value)})"
+        )
+    return value
+
+
+def _mailbox(value: str) -> str:
+    """One address, checked before anything is asked of the relay."""
+    from emailrelay.addresses import parse_mailbox
+
+    if parse_mailbox(value.strip()) is None:
+        raise argparse.ArgumentTypeError(f"not one email address: {value!r}")
+    return value.strip()
+
+
+SUPPRESSION_NOTE = (
+    "Served only by relays running with SUPPRESSION_ENABLED=true "
+    "(otherwise: exit 3, nobody serving the subject)."
+)
+
+
+def _add_suppression_command(commands: Any) -> None:
+    suppression = commands.add_parser(
+        "suppression",
+        help="inspect and manage the suppression list (SUPPRESSION_ENABLED=true)",
+        description=(
+            "The recipients the relay will not send to again: Permanent bounces and "
+            "complaints from SES events, and addresses added by hand. A send to one of them "
+            "answers `recipient suppressed`. Addresses compare case-insensitively. "
+            + SUPPRESSION_NOTE
+        ),
+        epilog=EXIT_CODES_HELP,
+    )
+    actions = suppression.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    listing = actions.add_parser(
+        "list",
+        help="print a page of suppressed addresses",
+        description="Print suppressed addresses with reason and time "
+        "(lfx.email-service.suppression.list), a page at a time. " + SUPPRESSION_NOTE,
+        epilog=EXIT_CODES_HELP,
+    )
+    listing.add_argument(
+        "--limit",
+        type=_whole_number(1, api.MAX_SUPPRESSION_PAGE),
+        default=api.DEFAULT_SUPPRESSION_PAGE,
+        metavar="N",
+        help=f"page size (1-{api.MAX_SUPPRESSION_PAGE}, default {api.DEFAULT_SUPPRESSION_PAGE})",
+    )
+    listing.add_argument(
+        "--offset",
+        type=_whole_number(0),
+        default=0,
+        metavar="N",
+        help="where the page starts (0-based; the output names the next page's offset)",
+    )
+    _add_connection_options(listing)
+    listing.set_defaults(run=_suppression_list, parser=listing)
+
+    for name, run, verb, subject in (
+        ("get", _suppression_get, "show why an address is suppressed", api.SUPPRESSION_GET_SUBJECT),
+        ("add", _suppression_change, "suppress an address by hand", api.SUPPRESSION_ADD_SUBJECT),
+        (
+            "remove",
+            _suppression_change,
+            "allow sending to an address again",
+            api.SUPPRESSION_REMOVE_SUBJECT,
+        ),
+    ):
+        action = actions.add_parser(
+            name,
+            help=verb,
+            description=f"{verb[0].upper()}{verb[1:]} ({subject}). {SUPPRESSION_NOTE}",
+            epilog=EXIT_CODES_HELP,
+        )
+        action.add_argument(
+            "address",
+            type=_mailbox,
+            metavar="ADDRESS",
+            help="the recipient address (a@b.example or 'Name <a@b.example>'; any case)",
+        )
+        _add_connection_options(action)
+        action.set_defaults(run=run, parser=action, subject=subject)
+
+
+def _suppression_list(args: argparse.Namespace) -> int:
+    payload = {"limit": args.limit, "offset": args.offset}
+    return _request(args, api.SUPPRESSION_LIST_SUBJECT, payload, _show_suppressions)
+
+
+def _suppression_get(args: argparse.Namespace) -> int:
+    payload = {"address": args.address}
+    return _request(args, args.subject, payload, _show_suppression)
+
+
+def _suppression_change(args: argparse.Namespace) -> int:
+    payload = {"address": args.address}
+    return _request(args, args.subject, payload, _show_suppression_change)
+
+
+def _show_suppression(body: Any) -> None:
+    entry = api.SuppressionEntry.model_validate(body)
+    print(f"{entry.address}  {entry.reason}  since {_when(entry.suppressed_at)}")
+    for name, value in entry.event.items():
+        print(f"  {name}: {value}")
+
+
+def _show_suppressions(body: Any) -> None:
+    page = api.SuppressionListReply.model_validate(body)
+    print(f"{len(page.suppressions)} suppressed address(es) from offset {page.offset}")
+    for entry in page.suppressions:
+        print(f"{entry.address}  {entry.reason}  {_when(entry.suppressed_at)}")
+    if page.next_offset is not None:
+        print(f"more: {command_name()} suppression list --offset {page.next_offset}")
+
+
+def _show_suppression_change(body: Any) -> None:
+    change = api.SuppressionChangeReply.model_validate(body)
+    print(f"{change.address}: {'changed' if change.changed else 'unchanged (nothing to do)'}")
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -437,6 +570,7 @@ def _send(args: argparse.Namespace) -> int:
         "from_display_name": args.from_display_name,
         "reply_to": args.reply_to,
         "group_id": args.group_id,
+        "idempotency_key": args.idempotency_key,
     }
     payload = {name: value for name, value in payload.items() if value}
     return _request(args, api.SEND_EMAIL_SUBJECT, payload, _show_sent)

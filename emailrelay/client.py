@@ -115,6 +115,14 @@ class RecipientSuppressed(EmailRelayError):
     where an operator set ``SUPPRESSION_ENABLED=true``)."""
 
 
+class AddressRequired(InvalidRequest):
+    """``address is required`` (suppression requests)."""
+
+
+class InvalidAddress(InvalidRequest):
+    """``invalid address``: not one mailbox (``suppression.add``)."""
+
+
 class NotFound(EmailRelayError):
     """``not found``: no such email or group."""
 
@@ -152,6 +160,8 @@ ERRORS: dict[str, type[EmailRelayError]] = {
     api.ERR_IDEMPOTENCY_KEY_REUSED: IdempotencyKeyReused,
     api.ERR_DELIVERY_OUTCOME_UNKNOWN: DeliveryOutcomeUnknown,
     api.ERR_RECIPIENT_SUPPRESSED: RecipientSuppressed,
+    api.ERR_ADDRESS_REQUIRED: AddressRequired,
+    api.ERR_INVALID_ADDRESS: InvalidAddress,
 }
 """Contract error string -> the exception raised for it."""
 
@@ -327,11 +337,18 @@ class EmailRelayClient:
         from_display_name: str = "",
         reply_to: str = "",
         group_id: str = "",
+        idempotency_key: str = "",
     ) -> api.SendEmailReply:
         """Send one email. Optional fields left empty take the relay's defaults
         (a new ``group_id`` among them). Both ids in the reply are empty when
         the relay skipped the send on purpose (sending disabled, or a recipient
-        outside its allowlist)."""
+        outside its allowlist).
+
+        ``idempotency_key`` (at most 256 characters): sending again with the
+        same key and the same fields, after a :class:`RelayUnavailable`
+        timeout say, answers the first reply (same ``email_id``) and never
+        sends a second message; see :class:`DeliveryOutcomeUnknown` and
+        :class:`IdempotencyKeyReused`."""
         fields = {
             "to": to,
             "subject": subject,
@@ -341,9 +358,31 @@ class EmailRelayClient:
             "from_display_name": from_display_name,
             "reply_to": reply_to,
             "group_id": group_id,
+            "idempotency_key": idempotency_key,
         }
         payload: dict[str, Any] = {name: value for name, value in fields.items() if value}
         return _as_model(await self.request(api.SEND_EMAIL_SUBJECT, payload), api.SendEmailReply)
+
+    async def suppression(self, address: str) -> api.SuppressionEntry:
+        """Why ``address`` is suppressed (:class:`NotFound` when it is not)."""
+        reply = await self.request(api.SUPPRESSION_GET_SUBJECT, {"address": address})
+        return _as_model(reply, api.SuppressionEntry)
+
+    async def list_suppressions(self, limit: int = 0, offset: int = 0) -> api.SuppressionListReply:
+        """A page of the suppression list (``limit`` 0: the relay's default, 100)."""
+        payload = {"limit": limit, "offset": offset}
+        reply = await self.request(api.SUPPRESSION_LIST_SUBJECT, payload)
+        return _as_model(reply, api.SuppressionListReply)
+
+    async def add_suppression(self, address: str) -> api.SuppressionChangeReply:
+        """Suppress ``address`` (``changed`` false: it already was)."""
+        reply = await self.request(api.SUPPRESSION_ADD_SUBJECT, {"address": address})
+        return _as_model(reply, api.SuppressionChangeReply)
+
+    async def remove_suppression(self, address: str) -> api.SuppressionChangeReply:
+        """Allow sending to ``address`` again (``changed`` false: it was not suppressed)."""
+        reply = await self.request(api.SUPPRESSION_REMOVE_SUBJECT, {"address": address})
+        return _as_model(reply, api.SuppressionChangeReply)
 
     async def status(self, email_id: str) -> api.TrackingRecord:
         """The tracking record of one email (:class:`NotFound` if there is none)."""

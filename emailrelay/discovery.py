@@ -51,8 +51,10 @@ def error_headers(error: api.ErrorReply) -> dict[str, str]:
 
 
 def endpoint_name(subject: str) -> str:
-    """``lfx.email-service.send_email`` -> ``send_email`` (names allow no dots)."""
-    return subject.rsplit(".", 1)[-1]
+    """``lfx.email-service.send_email`` -> ``send_email``,
+    ``lfx.email-service.suppression.get`` -> ``suppression_get`` (names allow
+    no dots, and each endpoint's must be distinct)."""
+    return subject.removeprefix("lfx.email-service.").replace(".", "_")
 
 
 def control_subjects(service_id: str) -> list[str]:

@@ -92,3 +92,41 @@ REQUESTS_EXPIRED = Counter(
     "Send requests whose deadline (Emailrelay-Deadline, else receipt + SEND_TIMEOUT) "
     "passed before the provider accepted the message; answered email delivery failed.",
 )
+SMTP_THROTTLED = Counter(
+    "emailrelay_smtp_throttled",
+    "Throttling replies from the provider (454 Maximum sending rate exceeded and "
+    "the like): retried within the deadline, and the send rate lowered.",
+)
+SMTP_DAILY_QUOTA_EXCEEDED = Counter(
+    "emailrelay_smtp_daily_quota_exceeded",
+    "Sends refused because the provider's daily message quota is used up "
+    "(answered email delivery failed at once, not retried).",
+)
+SMTP_SEND_RATE = Gauge(
+    "emailrelay_smtp_send_rate",
+    "The send rate this process paces itself to (messages/s; 0: SMTP_MAX_SEND_RATE unset).",
+)
+IDEMPOTENT_REPLIES = Counter(
+    "emailrelay_idempotent_replies",
+    "Send requests with an idempotency key, by what the key held: reserved (sent now), "
+    "completed (first reply again), in_progress (waited), mismatch, unknown, store_failed.",
+    ["outcome"],
+)
+IDEMPOTENCY_WRITE_FAILURES = Counter(
+    "emailrelay_idempotency_write_failures",
+    "Outcomes of sends with an idempotency key that could not be stored (the key "
+    "then reads as outcome unknown once SEND_TIMEOUT plus a grace has passed).",
+)
+SUPPRESSED_SENDS = Counter(
+    "emailrelay_suppressed_sends",
+    "Send requests refused because the recipient is on the suppression list.",
+)
+SUPPRESSION_CHECK_FAILURES = Counter(
+    "emailrelay_suppression_check_failures",
+    "Suppression look-ups that failed (the store did not answer); the send went ahead (fail open).",
+)
+SUPPRESSIONS_ADDED = Counter(
+    "emailrelay_suppressions_added",
+    "Recipients added to the suppression list, by reason (bounce, complaint, manual).",
+    ["reason"],
+)

@@ -48,8 +48,9 @@ from emailrelay.metrics import (
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[bytes, Deadline], Awaitable[Reply]]
-"""Request body and its deadline in, a typed reply out (encoded here, once)."""
+Handler = Callable[[bytes, Deadline, Mapping[str, str]], Awaitable[Reply]]
+"""Request body, its deadline and its headers in, a typed reply out (encoded
+here, once)."""
 
 CUT_OFF_SECONDS = 6.0
 """How long handlers may still take once cut off: a send that had handed its
@@ -275,7 +276,9 @@ class RequestServer:
         try:
             with tracing.server_span(request.subject, request.headers) as span:
                 try:
-                    reply = await self._routes[request.subject](request.data, deadline)
+                    reply = await self._routes[request.subject](
+                        request.data, deadline, request.headers
+                    )
                 except Exception:
                     # Never let internal exception text reach a caller.
                     log.exception("handler failed", extra={"subject": request.subject})
@@ -331,7 +334,7 @@ def bounded_by_deadline(handler: Callable[[bytes], Awaitable[Reply]], failure: s
     """A handler without deadlines of its own (a query: safe to stop
     anywhere), ended at the request's deadline with ``failure``."""
 
-    async def handle(data: bytes, deadline: Deadline) -> Reply:
+    async def handle(data: bytes, deadline: Deadline, headers: Mapping[str, str]) -> Reply:
         with deadline.scope():
             return await handler(data)
         return error_reply(failure)

@@ -110,6 +110,7 @@ class CreatedBucket:
     name: str
     max_value_size: int
     replicas: int
+    max_age: float = 0.0
 
 
 class MemoryBuckets:
@@ -127,14 +128,14 @@ class MemoryBuckets:
         return self.buckets.get(bucket)
 
     async def create_key_value(
-        self, bucket: str, max_value_size: int, replicas: int
+        self, bucket: str, max_value_size: int, replicas: int, max_age: float = 0.0
     ) -> MemoryKeyValue:
         await anyio.lowlevel.checkpoint()
         if self.jetstream_down:
             raise StoreError("JetStream unavailable")
         if bucket not in self.buckets:
             self.buckets[bucket] = MemoryKeyValue()
-            self.created.append(CreatedBucket(bucket, max_value_size, replicas))
+            self.created.append(CreatedBucket(bucket, max_value_size, replicas, max_age))
         return self.buckets[bucket]
 
     def delete(self, bucket: str) -> MemoryKeyValue:

@@ -650,13 +650,14 @@ def test_nats_permissions_conf_defines_the_variable_holding_the_json(
     assert json.loads(value) == json.loads(data["emailrelay-permissions.json"])
 
 
-def test_nats_permissions_publish_only_to_the_two_buckets_and_reply_by_responses(
+def test_nats_permissions_publish_only_to_the_relays_buckets_and_reply_by_responses(
     chart: helm_python.Chart,
 ) -> None:
     permissions = nats_permissions(chart, {})
     assert permissions["allow_responses"] is True
+    buckets = ("email-recipients", "email-group-index", "email-idempotency", "email-suppressions")
     for subject in permissions["publish"]["allow"]:
-        assert "email-recipients" in subject or "email-group-index" in subject, subject
+        assert any(bucket in subject for bucket in buckets), subject
     assert "_INBOX.>" not in permissions["publish"]["allow"]
 
 

@@ -326,6 +326,11 @@ def test_every_command_is_there() -> None:
         "emailrelay send",
         "emailrelay status",
         "emailrelay analytics",
+        "emailrelay suppression",
+        "emailrelay suppression list",
+        "emailrelay suppression get",
+        "emailrelay suppression add",
+        "emailrelay suppression remove",
     }
 
 

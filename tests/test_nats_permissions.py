@@ -150,6 +150,7 @@ def test_queue_subscriptions_are_granted_only_in_the_queue_group() -> None:
             api.SEND_EMAIL_SUBJECT,
             api.GET_EMAIL_STATUS_SUBJECT,
             api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT,
+            *api.SUPPRESSION_SUBJECTS,
         )
     )
 

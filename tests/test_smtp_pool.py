@@ -9,6 +9,8 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import pytest
@@ -17,8 +19,14 @@ from emailrelay.bridge.loop import asyncio_loop as open_asyncio_loop
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.config import SmtpTlsMode
 from emailrelay.deadline import Deadline, DeadlinePassed
-from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure, SendFailure
+from emailrelay.mail.errors import (
+    AmbiguousFailure,
+    DailyQuotaFailure,
+    PermanentFailure,
+    SendFailure,
+)
 from emailrelay.mail.pool import Connection, SmtpPool
+from emailrelay.mail.rate import TokenBucket
 from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
 from tests.servers.smtp import Command, SmtpServer
 from tests.waiting import wait_until
@@ -416,3 +424,88 @@ async def test_acceptance_after_the_deadline_passed_during_data_counts_as_sent(
     await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(0.3))
     await pool.aclose()
     assert len(smtp.messages) == 1
+
+
+# the SMTP phase, provider rate (issue 11)
+
+
+async def test_send_timeout_after_data_began_is_ambiguous(
+    asyncio_loop: None, smtp: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("emailrelay.bridge.smtp.DATA_REPLY_WAIT", 0.1)
+    smtp.latency = 1.5  # no final reply before SEND_TIMEOUT and the wait for it
+    pool = make_pool(endpoint(smtp), send_timeout=0.3)
+    with pytest.raises(AmbiguousFailure):
+        await send(pool)
+    await pool.aclose()
+
+
+async def test_send_timeout_before_data_is_a_plain_failure(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.fail_all("MAIL", 451)
+    pool = make_pool(endpoint(smtp), send_timeout=0.3)
+    with pytest.raises(SendFailure) as caught:
+        await send(pool)
+    await pool.aclose()
+    assert not isinstance(caught.value, AmbiguousFailure)
+
+
+@dataclass
+class RecordingRate:
+    throttles: int = 0
+    acceptances: int = 0
+
+    def throttled(self, now: float) -> None:
+        self.throttles += 1
+
+    def accepted(self, now: float) -> None:
+        self.acceptances += 1
+
+
+def rate_pool(smtp: SmtpServer, **options: Any) -> SmtpPool:
+    async def connect() -> Connection:
+        return await SmtpConnection.open(endpoint(smtp))
+
+    return SmtpPool(
+        connect,
+        size=2,
+        max_messages=1000,
+        max_age=300.0,
+        send_timeout=10.0,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        **options,
+    )
+
+
+async def test_throttling_replies_are_retried_and_reported_to_the_rate(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.fail_next("MAIL", 454, 2, text="Throttling failure: Maximum sending rate exceeded")
+    rate = RecordingRate()
+    pool = rate_pool(smtp, rate=rate)
+    await send(pool)
+    await pool.aclose()
+    assert (rate.throttles, rate.acceptances) == (2, 1)
+    assert len(smtp.messages) == 1
+
+
+async def test_daily_quota_fails_at_once(asyncio_loop: None, smtp: SmtpServer) -> None:
+    smtp.fail_all("MAIL", 454, text="Throttling failure: Daily message quota exceeded.")
+    pool = rate_pool(smtp)
+    with pytest.raises(DailyQuotaFailure):
+        await send(pool)
+    await pool.aclose()
+    assert len(smtp.mail_times) == 1
+
+
+async def test_paced_send_that_would_wait_past_its_deadline_starts_nothing(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = rate_pool(smtp, pacer=TokenBucket(1.0, burst=1.0, now=anyio.current_time()))
+    await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(5))
+    with pytest.raises(DeadlinePassed):
+        await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(0.3))
+    await pool.aclose()
+    assert len(smtp.mail_times) == 1

@@ -326,7 +326,7 @@ class NatsConnection:
         return JetStreamKeyValue(kv, self._client)
 
     async def create_key_value(
-        self, bucket: str, max_value_size: int, replicas: int
+        self, bucket: str, max_value_size: int, replicas: int, max_age: float = 0.0
     ) -> JetStreamKeyValue:
         config = KeyValueConfig(
             bucket=bucket,
@@ -334,6 +334,7 @@ class NatsConnection:
             storage=StorageType.FILE,
             max_value_size=max_value_size,
             replicas=replicas,
+            ttl=max_age or None,  # nats-py's name for the stream's max_age (seconds)
             direct=True,  # as the Go client creates buckets; lets get_many read in batches
         )
         try:

@@ -81,6 +81,9 @@ class SmtpConnection:
 
     def __init__(self, smtp: aiosmtplib.SMTP) -> None:
         self._smtp = smtp
+        self.data_started = False
+        """The last :meth:`send` reached DATA: from then on a missing reply
+        (timeout, cancellation) leaves the outcome unknown."""
 
     @classmethod
     async def open(cls, endpoint: SmtpEndpoint) -> SmtpConnection:
@@ -92,7 +95,9 @@ class SmtpConnection:
         return bool(self._smtp.is_connected)
 
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
+        self.data_started = False
         await aio(_envelope)(self._smtp, sender, recipient)
+        self.data_started = True
         data: asyncio.Task[None] = await aio(_start_data)(self._smtp, message)
         try:
             await aio(_outcome)(data)

@@ -1,7 +1,9 @@
 """What one SQS message does to the tracking store: parse it (pure,
 :mod:`.events`), apply it to its record (pure, :func:`.events.apply_event`)
 through the store's revision-checked update, and name the outcome, which
-decides whether the poller (:mod:`.poller`) deletes the message."""
+decides whether the poller (:mod:`.poller`) deletes the message. With the
+suppression list on, the recipients a Permanent bounce or a complaint names
+(pure, :mod:`.suppression`) are added first."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+from emailrelay.addresses import redact
 from emailrelay.api import TrackingRecord
 from emailrelay.engagement.events import EngagementEvent, Skipped, apply_event, parse_message
-from emailrelay.metrics import SQS_EVENT_LAG_SECONDS
+from emailrelay.engagement.suppression import suppressions_from_message
+from emailrelay.metrics import SQS_EVENT_LAG_SECONDS, SUPPRESSIONS_ADDED
 from emailrelay.sqs import SqsMessage
 from emailrelay.store.kv import StoreError
+from emailrelay.store.suppressions import Suppression
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,12 @@ class RecordUpdater(Protocol):
     async def update_record(
         self, email_id: str, change: Callable[[TrackingRecord], bool]
     ) -> TrackingRecord | None: ...
+
+
+class SuppressionAdder(Protocol):
+    """The part of :class:`emailrelay.store.suppressions.SuppressionStore` the poller uses."""
+
+    async def add(self, suppression: Suppression) -> bool: ...
 
 
 class Outcome:
@@ -49,13 +60,48 @@ class EventHandler:
         store: RecordUpdater,
         max_receives: int,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        suppressions: SuppressionAdder | None = None,
     ) -> None:
         self._store = store
         self._max_receives = max_receives
         self._now = now
+        self._suppressions = suppressions
 
     async def handle(self, message: SqsMessage) -> tuple[str, str]:
         """(event type label, outcome) for ``message``."""
+        suppressed = await self._suppress(message)
+        label, outcome = await self._track(message)
+        if not suppressed and outcome in DELETING:
+            return label, Outcome.RETRY
+        return label, outcome
+
+    async def _suppress(self, message: SqsMessage) -> bool:
+        """Add the recipients the event suppresses; ``False`` when an add
+        failed (the message must come back)."""
+        if self._suppressions is None:
+            return True
+        for suppression in suppressions_from_message(message.body, self._now()):
+            try:
+                added = await self._suppressions.add(suppression)
+            except StoreError as exc:
+                log.warning(
+                    "event left for redelivery: the suppression list could not be written",
+                    extra={"sqs_message_id": message.message_id, "error": repr(exc)},
+                )
+                return False
+            if added:
+                SUPPRESSIONS_ADDED.labels(suppression.reason.value).inc()
+                log.info(
+                    "recipient suppressed",
+                    extra={
+                        "to": redact(suppression.address),
+                        "reason": suppression.reason.value,
+                        "sqs_message_id": message.message_id,
+                    },
+                )
+        return True
+
+    async def _track(self, message: SqsMessage) -> tuple[str, str]:
         parsed = parse_message(message.body, message.message_id)
         if isinstance(parsed, Skipped):
             log.info(

@@ -13,6 +13,11 @@ after ``max_receives`` receives). Anything else (a store error, a record that
 does not exist yet) stays in the queue and comes back after its visibility
 timeout; applying an event twice changes nothing, so redelivery is safe.
 
+With the suppression list on (``SUPPRESSION_ENABLED=true``), a Permanent
+bounce or a complaint first adds the recipients it names
+(emailrelay.engagement.suppression), whether or not the message carries a
+tracking header; an add that fails keeps the message for redelivery too.
+
 Receive failures back off exponentially (:class:`emailrelay.supervision.Backoff`:
 1 s, then 2 s, each gap between half and all of that); the third failure in a
 row raises :class:`PollerAborted`, which shuts the service down.
@@ -35,7 +40,13 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from emailrelay.engagement.handler import DELETING, EventHandler, Outcome, RecordUpdater
+from emailrelay.engagement.handler import (
+    DELETING,
+    EventHandler,
+    Outcome,
+    RecordUpdater,
+    SuppressionAdder,
+)
 from emailrelay.metrics import SQS_EVENTS, SQS_RECEIVE_ERRORS
 from emailrelay.sqs import SqsError, SqsMessage
 from emailrelay.supervision import Backoff, start_bounded
@@ -98,10 +109,11 @@ async def poll_engagement_events(
     *,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     backoff: Backoff | None = None,
+    suppressions: SuppressionAdder | None = None,
 ) -> None:
     """Run until cancelled; raise :class:`PollerAborted` after
     ``failures_before_abort`` consecutive receive failures."""
-    handler = EventHandler(store, settings.max_receives)
+    handler = EventHandler(store, settings.max_receives, suppressions=suppressions)
     summary = _Summary()
     if backoff is None:
         backoff = Backoff(settings.backoff_initial, settings.backoff_max)

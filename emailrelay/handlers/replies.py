@@ -59,6 +59,9 @@ Reply: TypeAlias = (
     | api.SendEmailReply
     | api.TrackingRecord
     | api.EngagementAnalyticsReply
+    | api.SuppressionEntry
+    | api.SuppressionListReply
+    | api.SuppressionChangeReply
     | EncodedRecords
 )
 """What a handler answers: a contract model, or an error value."""

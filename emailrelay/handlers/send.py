@@ -2,13 +2,29 @@
 
 What a request asks for is decided by the pure
 :func:`emailrelay.handlers.send_decision.decide_send`; this handler carries
-it out: the send, then the tracking writes, then the reply. ``NoSender`` and
-``NoTracking`` stand for "sending is off" and "no KV store"."""
+it out: the suppression check (between the contract's checks 6 and 7), the
+idempotency reservation, the send, then the tracking writes, then the reply.
+``NoSender`` and ``NoTracking`` stand for "sending is off" and "no KV store".
+
+Idempotent sends (a request with an ``idempotency_key``, see
+emailrelay.store.idempotency): only a request that passed every check and
+still has time reserves its key, right before the send. The key then ends
+``completed`` (the provider accepted: a retry gets this reply again),
+``released`` (nothing was handed over: a retry may send) or ``unknown`` (the
+whole message was handed over and no answer came: a retry gets ``email
+delivery outcome unknown``). A store that cannot reserve fails the send
+(``email delivery failed``): a keyed send never goes out unreserved.
+
+Suppression (``SUPPRESSION_ENABLED=true``): a suppressed recipient answers
+``recipient suppressed`` with no SMTP contact and no record. A list that
+cannot be read does not block the send (fail open: a log line and
+``emailrelay_suppression_check_failures``): the list is a courtesy to the
+provider's reputation, a missed email is a caller's outage."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -20,25 +36,43 @@ from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.handlers.replies import Reply, error_reply
 from emailrelay.handlers.send_decision import (
     SKIPPED_REPLY,
+    Idempotency,
     NewIds,
     Send,
     SendRules,
     Skip,
     decide_send,
 )
-from emailrelay.mail.errors import SendFailure
+from emailrelay.mail.errors import AmbiguousFailure, SendFailure
 from emailrelay.mail.message import build_message
-from emailrelay.store.kv import BucketMissing
+from emailrelay.metrics import (
+    IDEMPOTENCY_WRITE_FAILURES,
+    IDEMPOTENT_REPLIES,
+    SUPPRESSED_SENDS,
+    SUPPRESSION_CHECK_FAILURES,
+)
+from emailrelay.store.idempotency import (
+    Completed,
+    InProgress,
+    Mismatch,
+    OutcomeUnknown,
+    Reservation,
+    Reserved,
+)
+from emailrelay.store.kv import BucketMissing, StoreError
 from emailrelay.supervision import Backoff
 
 __all__ = [
     "NoPending",
+    "NoReservations",
     "NoSender",
     "NoTracking",
     "PendingTracking",
+    "Reservations",
     "SendEmailHandler",
     "SendRules",
     "Sender",
+    "SuppressionList",
     "TrackingWriter",
 ]
 
@@ -64,6 +98,46 @@ class PendingTracking(Protocol):
     ) -> bool:
         """Finish these tracking writes later; ``False`` when they cannot be kept."""
         ...
+
+
+class Reservations(Protocol):
+    """Idempotency keys (:class:`emailrelay.store.idempotency.IdempotencyStore`)."""
+
+    async def reserve(self, idempotency_key: str, fingerprint: str) -> Reservation: ...
+    async def wait_for_outcome(
+        self, idempotency_key: str, fingerprint: str, until: float
+    ) -> Reservation: ...
+    async def complete(self, reserved: Reserved, reply: api.SendEmailReply) -> None: ...
+    async def release(self, reserved: Reserved) -> None: ...
+    async def mark_unknown(self, reserved: Reserved) -> None: ...
+
+
+class SuppressionList(Protocol):
+    """:class:`emailrelay.store.suppressions.SuppressionStore`, as the send path uses it."""
+
+    async def is_suppressed(self, address: str) -> bool: ...
+
+
+class NoReservations:
+    """The ``email-idempotency`` bucket is not available: a request with a
+    key cannot be reserved, so it is not sent (``email delivery failed``)."""
+
+    async def reserve(self, idempotency_key: str, fingerprint: str) -> Reservation:
+        raise StoreError("the email-idempotency bucket is not available")
+
+    async def wait_for_outcome(
+        self, idempotency_key: str, fingerprint: str, until: float
+    ) -> Reservation:
+        raise StoreError("the email-idempotency bucket is not available")
+
+    async def complete(self, reserved: Reserved, reply: api.SendEmailReply) -> None:
+        raise StoreError("the email-idempotency bucket is not available")
+
+    async def release(self, reserved: Reserved) -> None:
+        raise StoreError("the email-idempotency bucket is not available")
+
+    async def mark_unknown(self, reserved: Reserved) -> None:
+        raise StoreError("the email-idempotency bucket is not available")
 
 
 class NoSender:
@@ -105,6 +179,8 @@ class SendEmailHandler:
         on_tracking_failure: Callable[[], None] = lambda: None,
         pending: PendingTracking | None = None,
         on_expired: Callable[[], None] = lambda: None,
+        reservations: Reservations | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self._rules = rules
         self._sender = sender
@@ -115,21 +191,67 @@ class SendEmailHandler:
         self._on_tracking_failure = on_tracking_failure
         self._pending = pending if pending is not None else NoPending()
         self._on_expired = on_expired
+        self._reservations: Reservations = reservations or NoReservations()
+        self._suppressions = suppressions
+
+    def start_reservations(self, reservations: Reservations) -> None:
+        """Serve idempotency keys from now on (the bucket became available after start)."""
+        self._reservations = reservations
+
+    def start_suppressions(self, suppressions: SuppressionList) -> None:
+        """Check the suppression list from now on (its bucket became available)."""
+        self._suppressions = suppressions
 
     def start_tracking(self, tracking: TrackingWriter) -> None:
         """Record sends from now on (the KV store became available after start)."""
         self._tracking = tracking
 
-    async def __call__(self, data: bytes, deadline: Deadline | None = None) -> Reply:
+    async def __call__(
+        self,
+        data: bytes,
+        deadline: Deadline | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
         """One request; ``deadline`` is when its caller stops waiting (none:
-        no limit of its own, the sender's ``SEND_TIMEOUT`` still applies)."""
-        decision = decide_send(data, self._rules, self._new_ids(), self._now())
+        no limit of its own, the sender's ``SEND_TIMEOUT`` still applies);
+        ``headers``: the request's NATS headers (``Idempotency-Key``)."""
+        deadline = deadline or Deadline.never()
+        decision = decide_send(
+            data, self._rules, self._new_ids(), self._now(), _idempotency_header(headers)
+        )
         if isinstance(decision, Skip):
+            if decision.recipient is not None and await self._suppressed(
+                decision.recipient, deadline
+            ):
+                return error_reply(api.ERR_RECIPIENT_SUPPRESSED)
             log.info(decision.reason, extra={"to": decision.to})
             return SKIPPED_REPLY
         if isinstance(decision, Send):
-            return await self._send(decision, deadline or Deadline.never())
+            if await self._suppressed(decision.email.recipient.address, deadline):
+                return error_reply(api.ERR_RECIPIENT_SUPPRESSED)
+            return await self._send(decision, deadline)
         return decision
+
+    async def _suppressed(self, address: str, deadline: Deadline) -> bool:
+        """Whether the list holds ``address``; ``False`` when it cannot say
+        (fail open, see the module docstring)."""
+        if self._suppressions is None:
+            return False
+        with deadline.scope():
+            try:
+                found = await self._suppressions.is_suppressed(address)
+            except Exception as exc:
+                SUPPRESSION_CHECK_FAILURES.inc()
+                log.warning(
+                    "suppression list not readable; sending anyway",
+                    extra={"to": redact(address), "error": repr(exc)},
+                )
+                return False
+            if found:
+                SUPPRESSED_SENDS.inc()
+                log.info("recipient suppressed; not sending", extra={"to": redact(address)})
+            return found
+        return False  # the deadline passed: the send path answers that
 
     async def _send(self, decision: Send, deadline: Deadline) -> Reply:
         email = decision.email
@@ -144,24 +266,117 @@ class SendEmailHandler:
             self._on_expired()
             log.info("deadline passed before sending; not sent", extra=context)
             return error_reply(api.ERR_DELIVERY_FAILED)
+        if decision.idempotency is None:
+            return await self._deliver(decision, deadline, None, context)
+        answer = await self._reserve(decision.idempotency, deadline, context)
+        if isinstance(answer, Reserved):
+            if deadline.expired:
+                await self._settle(self._reservations.release, answer, context)
+                self._on_expired()
+                log.info("deadline passed while waiting for the key; not sent", extra=context)
+                return error_reply(api.ERR_DELIVERY_FAILED)
+            return await self._deliver(decision, deadline, answer, context)
+        return answer
+
+    async def _reserve(
+        self, idempotency: Idempotency, deadline: Deadline, context: dict[str, str]
+    ) -> Reserved | Reply:
+        """The reservation, or the reply the key already holds. A key another
+        request is sending with is waited on until the deadline."""
+        try:
+            answer = await self._reservations.reserve(idempotency.key, idempotency.fingerprint)
+            if isinstance(answer, InProgress):
+                IDEMPOTENT_REPLIES.labels("in_progress").inc()
+                until = anyio.current_time() + deadline.remaining()
+                answer = await self._reservations.wait_for_outcome(
+                    idempotency.key, idempotency.fingerprint, until
+                )
+        except Exception as exc:
+            IDEMPOTENT_REPLIES.labels("store_failed").inc()
+            log.warning(
+                "idempotency key could not be reserved; not sent",
+                extra={**context, "error": repr(exc)},
+            )
+            return error_reply(api.ERR_DELIVERY_FAILED)
+        if isinstance(answer, Reserved):
+            IDEMPOTENT_REPLIES.labels("reserved").inc()
+            return answer
+        if isinstance(answer, Completed):
+            IDEMPOTENT_REPLIES.labels("completed").inc()
+            log.info(
+                "idempotency key already sent; first reply again",
+                extra={**context, "email_id": answer.reply.email_id},
+            )
+            return answer.reply
+        if isinstance(answer, Mismatch):
+            IDEMPOTENT_REPLIES.labels("mismatch").inc()
+            return error_reply(api.ERR_IDEMPOTENCY_KEY_REUSED)
+        if isinstance(answer, OutcomeUnknown):
+            IDEMPOTENT_REPLIES.labels("unknown").inc()
+            return error_reply(api.ERR_DELIVERY_OUTCOME_UNKNOWN)
+        # Still in progress at the deadline: nothing was sent by this request,
+        # and a retry with the key gets the first one's outcome.
+        self._on_expired()
+        log.info("deadline passed while another send held the key", extra=context)
+        return error_reply(api.ERR_DELIVERY_FAILED)
+
+    async def _deliver(
+        self,
+        decision: Send,
+        deadline: Deadline,
+        reserved: Reserved | None,
+        context: dict[str, str],
+    ) -> Reply:
+        email = decision.email
         try:
             await self._sender.send(
                 email.sender.address, email.recipient.address, build_message(email), deadline
             )
-        except DeadlinePassed as exc:
-            self._on_expired()
-            log.warning("email delivery failed", extra={**context, "reason": exc.reason})
-            return error_reply(api.ERR_DELIVERY_FAILED)
+        except AmbiguousFailure as exc:
+            log.warning("email delivery outcome unknown", extra={**context, "reason": exc.reason})
+            if reserved is None:
+                return error_reply(api.ERR_DELIVERY_FAILED)
+            await self._settle(self._reservations.mark_unknown, reserved, context)
+            return error_reply(api.ERR_DELIVERY_OUTCOME_UNKNOWN)
         except SendFailure as exc:
+            if isinstance(exc, DeadlinePassed):
+                self._on_expired()
             log.warning("email delivery failed", extra={**context, "reason": exc.reason})
+            if reserved is not None:
+                await self._settle(self._reservations.release, reserved, context)
             return error_reply(api.ERR_DELIVERY_FAILED)
         log.info("email sent", extra=context)
+        reply = api.SendEmailReply(email_id=email.email_id, group_id=email.group_id)
+        if reserved is not None:
+            # First, before tracking: the shorter the time between the
+            # provider's acceptance and this write, the smaller the window in
+            # which a crash leaves the key in progress.
+            await self._settle(lambda r: self._reservations.complete(r, reply), reserved, context)
 
         # Without a store there is nothing to write and nothing to retry (a
         # deadline passing inside the retry loop would count a no-op as lost).
         if not isinstance(self._tracking, NoTracking):
             await self._write_tracking(self._tracking, decision.record, deadline)
-        return api.SendEmailReply(email_id=email.email_id, group_id=email.group_id)
+        return reply
+
+    async def _settle(
+        self,
+        write: Callable[[Reserved], Awaitable[None]],
+        reserved: Reserved,
+        context: dict[str, str],
+    ) -> None:
+        """Store a send's outcome under its key. A failure only logs: the
+        entry stays in progress and reads as outcome unknown after
+        ``SEND_TIMEOUT`` plus a grace, so no retry sends twice."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await write(reserved)
+        except Exception as exc:
+            IDEMPOTENCY_WRITE_FAILURES.inc()
+            log.warning(
+                "idempotency outcome not stored; the key reads as outcome unknown later",
+                extra={**context, "error": repr(exc)},
+            )
 
     async def _write_tracking(
         self, tracking: TrackingWriter, record: api.TrackingRecord, deadline: Deadline
@@ -212,3 +427,12 @@ class SendEmailHandler:
             "tracking write failed for good; the email was sent",
             extra={"email_id": record.email_id, "group_id": record.group_id},
         )
+
+
+def _idempotency_header(headers: Mapping[str, str] | None) -> str:
+    """The ``Idempotency-Key`` header's value (name matched case-insensitively,
+    as HTTP-style headers are); empty when absent."""
+    if not headers:
+        return ""
+    wanted = api.IDEMPOTENCY_HEADER.lower()
+    return next((value for name, value in headers.items() if name.lower() == wanted), "")

@@ -27,6 +27,7 @@ from emailrelay.addresses import (
 )
 from emailrelay.handlers.replies import error_reply, parse_request
 from emailrelay.mail.message import OutgoingEmail
+from emailrelay.store.idempotency import request_fingerprint
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,22 @@ class NewIds:
 
 
 @dataclass(frozen=True)
+class Idempotency:
+    """The caller's idempotency key and the fingerprint of its request
+    (emailrelay.store.idempotency)."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Send:
-    """Send ``email``; once it is out, store ``record``."""
+    """Send ``email``; once it is out, store ``record``. With ``idempotency``,
+    reserve the key first (the handler does)."""
 
     email: OutgoingEmail
     record: api.TrackingRecord
+    idempotency: Idempotency | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,10 @@ class Skip:
     """The log line that says which rule."""
     to: str
     """The recipient, redacted, for that log line."""
+    recipient: str | None = None
+    """Set only by check 7 (``EMAIL_ENABLED``): the recipient's bare address,
+    which passed checks 1 to 6. The suppression list is checked between 6
+    and 7, so the handler checks it before it answers this skip."""
 
 
 SKIPPED_REPLY = api.SendEmailReply(email_id="", group_id="")
@@ -78,13 +94,28 @@ SKIPPED_REPLY = api.SendEmailReply(email_id="", group_id="")
 Decision = Send | Skip | api.ErrorReply
 
 
-def decide_send(request: bytes, rules: SendRules, new_ids: NewIds, now: datetime) -> Decision:
+def decide_send(
+    request: bytes,
+    rules: SendRules,
+    new_ids: NewIds,
+    now: datetime,
+    idempotency_header: str = "",
+) -> Decision:
     """The contract's checks on the request body, in the contract's order
     (docs/contract.md): payload, required fields, recipient allowlist,
     ``to``, ``from``, ``reply_to``, then ``EMAIL_ENABLED``. ``now`` becomes
-    the record's ``sent_at``."""
+    the record's ``sent_at``. ``idempotency_header``: the request's
+    ``Idempotency-Key`` header, the same as the ``idempotency_key`` field
+    (both set and different: ``invalid request payload``)."""
     parsed = parse_request(request, api.SendEmailRequest)
     if parsed is None or len(parsed.group_id.encode()) > api.MAX_GROUP_ID_BYTES:
+        return error_reply(api.ERR_INVALID_PAYLOAD)
+    idempotency_key = parsed.idempotency_key or idempotency_header
+    if (
+        parsed.idempotency_key
+        and idempotency_header
+        and parsed.idempotency_key != idempotency_header
+    ) or len(idempotency_key) > api.MAX_IDEMPOTENCY_KEY_CHARS:
         return error_reply(api.ERR_INVALID_PAYLOAD)
     if not (parsed.to and parsed.subject and parsed.html and parsed.text):
         return error_reply(api.ERR_SEND_FIELDS_REQUIRED)
@@ -116,7 +147,11 @@ def decide_send(request: bytes, rules: SendRules, new_ids: NewIds, now: datetime
             return error_reply(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
 
     if not rules.email_enabled:
-        return Skip("EMAIL_ENABLED is false; not sending", redact(recipient.address))
+        return Skip(
+            "EMAIL_ENABLED is false; not sending",
+            redact(recipient.address),
+            recipient=recipient.address,
+        )
 
     email = OutgoingEmail(
         email_id=new_ids.email_id,
@@ -137,4 +172,7 @@ def decide_send(request: bytes, rules: SendRules, new_ids: NewIds, now: datetime
         subject=parsed.subject,
         sent_at=now,
     )
-    return Send(email, record)
+    idempotency = (
+        Idempotency(idempotency_key, request_fingerprint(parsed)) if idempotency_key else None
+    )
+    return Send(email, record, idempotency)

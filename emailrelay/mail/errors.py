@@ -25,3 +25,9 @@ class PermanentFailure(SendFailure):
 class AmbiguousFailure(SendFailure):
     """The whole message was handed over but no final reply came (connection
     dropped, timeout): it may have been delivered, so it is never retried."""
+
+
+class DailyQuotaFailure(PermanentFailure):
+    """The provider's daily message quota is used up: no retry today can
+    succeed (SES words it as a 454 throttling reply, so it must be told
+    apart from a retryable one)."""

@@ -9,7 +9,15 @@ deadline; permanent and ambiguous ones are not.
 The per-send deadline is the earlier of ``send_timeout`` and the request's
 own (:class:`~emailrelay.deadline.Deadline`): no transaction, and no retry,
 starts after it. A message whose DATA phase began before it still gets the
-provider's answer (see emailrelay.bridge.smtp), and that answer counts.
+provider's answer (see emailrelay.bridge.smtp), and that answer counts. When
+no answer came (the deadline or ``SEND_TIMEOUT`` fired during or after DATA)
+the outcome is unknown: :class:`AmbiguousFailure`, never a plain failure, so
+an idempotent send holds its key (emailrelay.store.idempotency).
+
+Provider rate (emailrelay.mail.rate): with a ``pacer`` every attempt, retries
+included, waits for a token first, never past the deadline; throttling
+replies are retried like any 4xx and reported to the ``rate`` controller,
+which lowers the pace; a daily quota reply fails at once.
 """
 
 from __future__ import annotations
@@ -23,25 +31,53 @@ from typing import Protocol
 import anyio
 
 from emailrelay.deadline import Deadline, DeadlinePassed
-from emailrelay.mail.errors import AmbiguousFailure, SendFailure, TransientFailure
-from emailrelay.metrics import SMTP_CONNECTIONS, SMTP_REPLIES, SMTP_SEND_SECONDS
+from emailrelay.mail.errors import (
+    AmbiguousFailure,
+    DailyQuotaFailure,
+    PermanentFailure,
+    SendFailure,
+    TransientFailure,
+)
+from emailrelay.mail.rate import DailyQuotaExceeded, Throttled, TokenBucket, classify_throttle
+from emailrelay.metrics import (
+    SMTP_CONNECTIONS,
+    SMTP_DAILY_QUOTA_EXCEEDED,
+    SMTP_REPLIES,
+    SMTP_SEND_RATE,
+    SMTP_SEND_SECONDS,
+    SMTP_THROTTLED,
+)
 from emailrelay.supervision import Backoff
 
 log = logging.getLogger(__name__)
 
 
 class Connection(Protocol):
+    data_started: bool
+    """Whether the last :meth:`send` reached DATA (the provider may then
+    have the message, whatever happened next)."""
+
     async def send(self, sender: str, recipient: str, message: bytes) -> None: ...
     async def close(self) -> None: ...
     def abort(self) -> None: ...
 
 
+class RateObserver(Protocol):
+    """What the provider's replies say about the pace
+    (:class:`~emailrelay.mail.rate.AdaptiveRate`)."""
+
+    def throttled(self, now: float) -> None: ...
+    def accepted(self, now: float) -> None: ...
+
+
 @dataclass
 class _Outcome:
     """Set the moment the provider accepts, so that a cancellation arriving
-    just after cannot turn a delivered message into a failure."""
+    just after cannot turn a delivered message into a failure; and the moment
+    DATA starts, so that a timeout from then on is reported as ambiguous."""
 
     accepted: bool = False
+    handed_over: bool = False
 
 
 @dataclass
@@ -61,6 +97,8 @@ class SmtpPool:
         send_timeout: float,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
+        pacer: TokenBucket | None = None,
+        rate: RateObserver | None = None,
     ) -> None:
         self._connect = connect
         self._slots = anyio.Semaphore(size)
@@ -70,6 +108,8 @@ class SmtpPool:
         self._send_timeout = send_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._pacer = pacer
+        self._rate = rate
         self.open_connections = 0
 
     async def send(
@@ -85,6 +125,10 @@ class SmtpPool:
             await self._send_with_retries(sender, recipient, message, outcome)
         if outcome.accepted:
             return
+        if outcome.handed_over:
+            raise AmbiguousFailure(
+                "no final reply before the deadline or SEND_TIMEOUT, after DATA began"
+            )
         if deadline.expired:
             raise DeadlinePassed("the request's deadline passed before the provider accepted it")
         raise SendFailure(f"no success within SEND_TIMEOUT ({self._send_timeout:g}s)")
@@ -96,11 +140,34 @@ class SmtpPool:
         backoff = Backoff(self._backoff_initial, self._backoff_max)
         attempt = 0
         while True:
+            if self._pacer is not None:
+                # Within the cancel scope of send(): its deadline is the send's.
+                await self._pacer.acquire(anyio.current_effective_deadline())
             try:
                 await self._send_once(sender, recipient, message, outcome)
-                return
             except TransientFailure as exc:
-                log.info("smtp: transient failure; retrying", extra={"reason": exc.reason})
+                verdict = classify_throttle(exc.code or 0, exc.reason)
+                if isinstance(verdict, DailyQuotaExceeded):
+                    raise _daily_quota(exc) from exc
+                if isinstance(verdict, Throttled):
+                    SMTP_THROTTLED.inc()
+                    if self._rate is not None:
+                        self._rate.throttled(anyio.current_time())
+                        self._show_rate()
+                    log.info(
+                        "smtp: throttled by the provider; retrying", extra={"reason": exc.reason}
+                    )
+                else:
+                    log.info("smtp: transient failure; retrying", extra={"reason": exc.reason})
+            except PermanentFailure as exc:
+                if isinstance(classify_throttle(exc.code or 0, exc.reason), DailyQuotaExceeded):
+                    raise _daily_quota(exc) from exc
+                raise
+            else:
+                if self._rate is not None:
+                    self._rate.accepted(anyio.current_time())
+                    self._show_rate()
+                return
             attempt += 1
             await backoff.sleep(attempt)
 
@@ -120,6 +187,11 @@ class SmtpPool:
             try:
                 await pooled.connection.send(sender, recipient, message)
                 outcome.accepted = True
+            except AmbiguousFailure as exc:
+                SMTP_REPLIES.labels(_failure_class(exc)).inc()
+                outcome.handed_over = True
+                await self._discard(pooled)
+                raise
             except SendFailure as exc:
                 SMTP_REPLIES.labels(_failure_class(exc)).inc()
                 await self._discard(pooled)
@@ -127,6 +199,8 @@ class SmtpPool:
             except BaseException:
                 # Cancelled mid-transaction (deadline, shutdown): the
                 # connection's state is unknown, so it must not be reused.
+                # From DATA on, the provider may have the message.
+                outcome.handed_over = outcome.handed_over or pooled.connection.data_started
                 pooled.connection.abort()
                 self._count_closed()
                 raise
@@ -166,10 +240,23 @@ class SmtpPool:
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await pooled.connection.close()
 
+    def _show_rate(self) -> None:
+        if self._pacer is not None:
+            SMTP_SEND_RATE.set(self._pacer.rate)
+
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for pooled in idle:
             await self._discard(pooled)
+
+
+def _daily_quota(failure: SendFailure) -> DailyQuotaFailure:
+    SMTP_DAILY_QUOTA_EXCEEDED.inc()
+    log.error(
+        "smtp: the provider's daily message quota is exceeded; failing sends until it resets",
+        extra={"reason": failure.reason},
+    )
+    return DailyQuotaFailure(failure.reason, failure.code)
 
 
 def _failure_class(failure: SendFailure) -> str:

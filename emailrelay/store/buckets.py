@@ -24,7 +24,7 @@ import anyio
 
 from emailrelay import api
 from emailrelay.metrics import KV_BUCKET_REOPENS
-from emailrelay.store.kv import BucketMissing, Entry, KeyValue, StoreError
+from emailrelay.store.kv import BucketMissing, Entry, KeyValue, ListableKeyValue, StoreError
 from emailrelay.store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,22 @@ class BucketPolicy:
 class BucketHost(Protocol):
     """Where buckets are opened and created (the NATS connection)."""
 
-    async def key_value(self, bucket: str) -> KeyValue | None:
+    async def key_value(self, bucket: str) -> ListableKeyValue | None:
         """The bucket, ``None`` when it does not exist; :class:`StoreError`
         when JetStream cannot say."""
         ...
 
-    async def create_key_value(self, bucket: str, max_value_size: int, replicas: int) -> KeyValue:
-        """Create the bucket; :class:`StoreError` when that fails."""
+    async def create_key_value(
+        self, bucket: str, max_value_size: int, replicas: int, max_age: float = 0.0
+    ) -> ListableKeyValue:
+        """Create the bucket (``max_age`` seconds per entry, 0: for ever);
+        :class:`StoreError` when that fails."""
         ...
 
 
-async def open_bucket(host: BucketHost, spec: BucketSpec, policy: BucketPolicy) -> KeyValue | None:
+async def open_bucket(
+    host: BucketHost, spec: BucketSpec, policy: BucketPolicy
+) -> ListableKeyValue | None:
     """The bucket, created when missing and the policy allows; ``None`` when
     it is missing. :class:`StoreError` when JetStream is not available."""
     kv, _ = await _open_or_create(host, spec, policy)
@@ -94,14 +99,16 @@ async def open_bucket(host: BucketHost, spec: BucketSpec, policy: BucketPolicy) 
 
 async def _open_or_create(
     host: BucketHost, spec: BucketSpec, policy: BucketPolicy
-) -> tuple[KeyValue | None, str]:
+) -> tuple[ListableKeyValue | None, str]:
     kv = await host.key_value(spec.name)
     if kv is not None:
         return kv, "reopened"
     if not policy.auto_create:
         return None, "missing"
     try:
-        kv = await host.create_key_value(spec.name, spec.max_value_size, policy.replicas)
+        kv = await host.create_key_value(
+            spec.name, spec.max_value_size, policy.replicas, spec.max_age
+        )
     except StoreError:
         # Another replica may have won the race (with settings of its own);
         # use its bucket if it is there now.
@@ -122,7 +129,7 @@ class ReopeningBucket:
         host: BucketHost,
         spec: BucketSpec,
         policy: BucketPolicy,
-        kv: KeyValue,
+        kv: ListableKeyValue,
         retry_interval: float = 1.0,
     ) -> None:
         self._host = host
@@ -139,13 +146,16 @@ class ReopeningBucket:
     async def get_many(self, keys: Sequence[str]) -> Mapping[str, Entry]:
         return await self._call(lambda kv: kv.get_many(keys))
 
+    async def keys(self) -> list[str]:
+        return await self._call(lambda kv: kv.keys())
+
     async def create(self, key: str, value: bytes) -> int:
         return await self._call(lambda kv: kv.create(key, value))
 
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._call(lambda kv: kv.update(key, value, last))
 
-    async def _call(self, operation: Callable[[KeyValue], Awaitable[T]]) -> T:
+    async def _call(self, operation: Callable[[ListableKeyValue], Awaitable[T]]) -> T:
         kv = self._kv
         try:
             return await operation(kv)
@@ -156,7 +166,7 @@ class ReopeningBucket:
         # the new one is still a first attempt.
         return await operation(self._kv)
 
-    async def _reopen(self, failed: KeyValue) -> bool:
+    async def _reopen(self, failed: ListableKeyValue) -> bool:
         """Open (or create) the bucket again, once for all the calls that
         found it missing; ``True`` when a fresh handle is there to retry on."""
         async with self._lock:
@@ -207,3 +217,21 @@ async def open_tracking_store(host: BucketHost, policy: BucketPolicy) -> Trackin
         return None
     log.info("tracking on", extra={"buckets": sorted(opened)})
     return TrackingStore(opened[RECIPIENTS.name], opened[GROUP_INDEX.name])
+
+
+async def open_reopening_bucket(
+    host: BucketHost, spec: BucketSpec, policy: BucketPolicy
+) -> ReopeningBucket | None:
+    """One more bucket of the relay's (idempotency, suppressions), opened or
+    created like the tracking buckets and re-opened when it vanishes.
+    ``None`` when it is missing (``KV_AUTO_CREATE=false``) or JetStream is
+    not available; the caller says what that turns off."""
+    try:
+        kv = await open_bucket(host, spec, policy)
+    except StoreError as exc:
+        log.warning("JetStream not available", extra={"bucket": spec.name, "error": str(exc)})
+        return None
+    if kv is None:
+        log.warning("KV bucket missing and KV_AUTO_CREATE=false", extra={"bucket": spec.name})
+        return None
+    return ReopeningBucket(host, spec, policy, kv)

@@ -171,7 +171,7 @@ class _Handler:
         mail_options: list[str],
     ) -> str:
         self.owner._record_mail()
-        reply = self.owner._take_reply("MAIL")
+        reply = self.owner._take_reply("MAIL") or self.owner._throttle()
         if reply is not None:
             return reply
         envelope.mail_from = address
@@ -280,6 +280,8 @@ class SmtpServer:
         self._auth_attempts: list[AuthAttempt] = []
         self._connections = 0
         self._mail_times: list[float] = []
+        self._accepted_mail: collections.deque[float] = collections.deque()
+        self._throttled = 0
         self._open: set[_RecordingSMTP] = set()
         self._scripts: dict[Command, _Script] = {}
         self._controller: _Controller | None = None
@@ -297,13 +299,20 @@ class SmtpServer:
     """Seconds to wait before the final reply to DATA."""
     drop_connection_after_data: bool
     """Read the whole message, record it, then close the connection without replying."""
+    max_rate: float
+    """Transactions (MAIL) accepted per second, as SES enforces its sending rate:
+    a MAIL beyond ``max_rate`` in the last second is answered ``454 Throttling
+    failure: Maximum sending rate exceeded`` (counted in ``throttled``). 0: no limit."""
 
     def _restore_behaviours(self) -> None:
         for name, value in self._defaults.items():
             setattr(self, name, value)
         self.latency = 0.0
         self.drop_connection_after_data = False
+        self.max_rate = 0.0
         with self._lock:
+            self._accepted_mail.clear()
+            self._throttled = 0
             self._scripts = {"MAIL": _Script(), "RCPT": _Script(), "DATA": _Script()}
 
     def fail_next(
@@ -544,6 +553,26 @@ class SmtpServer:
     def _take_reply(self, command: Command) -> str | None:
         with self._lock:
             return self._scripts[command].take()
+
+    @property
+    def throttled(self) -> int:
+        """MAIL commands answered 454 for exceeding ``max_rate``."""
+        with self._lock:
+            return self._throttled
+
+    def _throttle(self) -> str | None:
+        """The 454 reply when this MAIL exceeds ``max_rate`` (a one-second window)."""
+        if self.max_rate <= 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            while self._accepted_mail and now - self._accepted_mail[0] >= 1.0:
+                self._accepted_mail.popleft()
+            if len(self._accepted_mail) >= max(1, int(self.max_rate)):
+                self._throttled += 1
+                return "454 Throttling failure: Maximum sending rate exceeded"
+            self._accepted_mail.append(now)
+        return None
 
     def _record_mail(self) -> None:
         with self._lock:

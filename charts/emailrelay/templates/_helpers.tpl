@@ -236,7 +236,7 @@ Proven by tests/test_nats_permissions.py against a server enforcing it.
 {{- define "emailrelay.natsPermissions" -}}
 {{- $queue := "lfx.email-service.queue" }}
 {{- $subscribe := list }}
-{{- range $subject := list "lfx.email-service.send_email" "lfx.email-service.get_email_status" "lfx.email-service.get_email_engagement_analytics" }}
+{{- range $subject := list "lfx.email-service.send_email" "lfx.email-service.get_email_status" "lfx.email-service.get_email_engagement_analytics" "lfx.email-service.suppression.get" "lfx.email-service.suppression.list" "lfx.email-service.suppression.add" "lfx.email-service.suppression.remove" }}
 {{- $subscribe = append $subscribe (printf "%s %s" $subject $queue) }}
 {{- end }}
 {{- $subscribe = concat $subscribe (list "$SRV.PING" "$SRV.INFO" "$SRV.STATS" "$SRV.*.emailrelay" "$SRV.*.emailrelay.*" "_INBOX.>") }}
@@ -245,7 +245,8 @@ Proven by tests/test_nats_permissions.py against a server enforcing it.
 {{- if not (kindIs "invalid" .Values.config.nats.kvAutoCreate) }}
 {{- $autoCreate = .Values.config.nats.kvAutoCreate }}
 {{- end }}
-{{- range $bucket := list .Values.kv.buckets.recipients.bucket .Values.kv.buckets.groupIndex.bucket }}
+{{- /* email-idempotency (issue 11, always opened) and email-suppressions (SUPPRESSION_ENABLED) are fixed names */}}
+{{- range $bucket := list .Values.kv.buckets.recipients.bucket .Values.kv.buckets.groupIndex.bucket "email-idempotency" "email-suppressions" }}
 {{- $stream := printf "KV_%s" $bucket }}
 {{- $publish = append $publish (printf "$JS.API.STREAM.INFO.%s" $stream) }}
 {{- if $autoCreate }}
