@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from emailrelay.config import Settings
+from emailrelay.store.buckets import IDEMPOTENCY_MAX_VALUE, SUPPRESSIONS
 
 try:
     import helm_python
@@ -536,6 +537,8 @@ def test_everything_enabled_renders_every_object(chart: helm_python.Chart) -> No
         "HorizontalPodAutoscaler",
         "KeyValue",
         "KeyValue",
+        "KeyValue",
+        "KeyValue",
         "PodDisruptionBudget",
         "Service",
         "ServiceAccount",
@@ -560,23 +563,43 @@ def test_kv_buckets_render_as_nack_keyvalues(chart: helm_python.Chart) -> None:
     buckets = {
         obj["spec"]["bucket"]: obj for obj in render(chart, EVERYTHING) if obj["kind"] == "KeyValue"
     }
-    assert set(buckets) == {"email-recipients", "email-group-index"}
+    assert set(buckets) == {
+        "email-recipients",
+        "email-group-index",
+        "email-idempotency",
+        "email-suppressions",
+    }
     for obj in buckets.values():
         assert obj["apiVersion"] == "jetstream.nats.io/v1beta2"
         assert obj["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert {b: (o["spec"]["history"], o["spec"]["storage"]) for b, o in buckets.items()} == {
         "email-recipients": (1, "file"),
         "email-group-index": (1, "file"),
+        "email-idempotency": (1, "file"),
+        "email-suppressions": (1, "file"),
     }
     assert buckets["email-recipients"]["spec"]["maxValueSize"] == 64 * 1024
     assert buckets["email-group-index"]["spec"]["maxValueSize"] == 1024 * 1024
+    assert buckets["email-idempotency"]["spec"]["maxValueSize"] == IDEMPOTENCY_MAX_VALUE
+    assert buckets["email-suppressions"]["spec"]["maxValueSize"] == SUPPRESSIONS.max_value_size
     assert {o["spec"]["replicas"] for o in buckets.values()} == {3}
 
 
 def test_kv_bucket_replicas_default_to_kv_replicas_config(chart: helm_python.Chart) -> None:
     values = {"kv": {"enabled": True}, "config": {"nats": {"kvReplicas": 5}}}
     buckets = [obj for obj in render(chart, values) if obj["kind"] == "KeyValue"]
-    assert [b["spec"]["replicas"] for b in buckets] == [5, 5]
+    assert [b["spec"]["replicas"] for b in buckets] == [5, 5, 5, 5]
+
+
+def test_idempotency_bucket_ttl_matches_the_relays_default(chart: helm_python.Chart) -> None:
+    values = {"kv": {"enabled": True}}
+    (bucket,) = [
+        obj
+        for obj in render(chart, values)
+        if obj["kind"] == "KeyValue" and obj["spec"]["bucket"] == "email-idempotency"
+    ]
+    assert bucket["spec"]["ttl"] == "24h"
+    assert env_of(render(chart, values))["IDEMPOTENCY_TTL"]["value"] == bucket["spec"]["ttl"]
 
 
 def test_external_secret_feeds_the_secret_the_pod_reads(chart: helm_python.Chart) -> None:
