@@ -32,7 +32,6 @@ import anyio
 import trio
 
 from emailrelay import api, looplag, tracing
-from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.loop import asyncio_loop
 from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_exit
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
@@ -296,11 +295,9 @@ async def _track_once_available(
 
 
 def send_rules(settings: Settings) -> SendRules:
-    default_from = parse_mailbox(settings.default_from)
-    assert default_from is not None, "validated in load_settings"
     return SendRules(
         email_enabled=settings.email_enabled,
-        default_from=default_from,
+        default_from=settings.default_sender,
         default_from_display_name=settings.default_from_display_name,
         allowed_from_domains=settings.allowed_from_domains,
         allowed_reply_to_domains=settings.allowed_reply_to_domains,

@@ -23,11 +23,18 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import annotated_types
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from emailrelay.addresses import parse_mailbox
+from emailrelay.addresses import Mailbox, parse_mailbox
 
 
 class ConfigError(Exception):
@@ -112,6 +119,15 @@ def _parse_nats_urls(value: Any) -> Any:
     return parse_nats_urls(value) if isinstance(value, str) else value
 
 
+def _parse_sender(value: Any) -> Mailbox:
+    if isinstance(value, Mailbox):
+        return value
+    mailbox = parse_mailbox(value) if isinstance(value, str) else None
+    if mailbox is None:
+        raise ValueError("must be one email address such as noreply@example.com")
+    return mailbox
+
+
 Bool = Annotated[bool, BeforeValidator(_parse_bool)]
 DomainList = Annotated[tuple[str, ...], BeforeValidator(_parse_list)]
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
@@ -120,6 +136,9 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 """A port to listen on: 0 picks any free one."""
 RemotePort = Annotated[int, Field(ge=1, le=65535)]
 """A port to connect to."""
+
+
+_DEFAULT_FROM = "noreply@lfx.linuxfoundation.org"
 
 
 class Settings(BaseModel):
@@ -148,7 +167,13 @@ class Settings(BaseModel):
         default=100, alias="SMTP_CONNECTION_MAX_MESSAGES"
     )
     smtp_connection_max_age: Seconds = Field(default=300.0, alias="SMTP_CONNECTION_MAX_AGE")
-    default_from: str = Field(default="noreply@lfx.linuxfoundation.org", alias="DEFAULT_SMTP_FROM")
+    default_from: str = Field(default=_DEFAULT_FROM, alias="DEFAULT_SMTP_FROM")
+    default_sender: Annotated[Mailbox, PlainValidator(_parse_sender)] = Field(
+        default_factory=lambda: _parse_sender(_DEFAULT_FROM),
+        validation_alias="DEFAULT_SMTP_FROM",
+    )
+    """DEFAULT_SMTP_FROM parsed, once, here: a value that does not parse stops
+    the start. No ``alias`` of its own, so it is not listed as a second variable."""
     default_from_display_name: str = Field(
         default="LFX Self Serve", alias="DEFAULT_SMTP_FROM_DISPLAY_NAME"
     )
@@ -294,11 +319,6 @@ def _check_consistency(settings: Settings) -> None:
     if settings.nats_creds is not None and not settings.nats_creds.is_file():
         raise ConfigError(
             f"NATS_CREDS must name a .creds file (there is none at {settings.nats_creds})"
-        )
-    if parse_mailbox(settings.default_from) is None:
-        raise ConfigError(
-            "DEFAULT_SMTP_FROM must be one email address such as noreply@example.com"
-            + _got("DEFAULT_SMTP_FROM", settings.default_from)
         )
     if bool(settings.smtp_username) != bool(settings.smtp_password):
         missing = "SMTP_PASSWORD" if settings.smtp_username else "SMTP_USERNAME"
