@@ -36,6 +36,7 @@ from emailrelay.bridge.loop import asyncio_loop
 from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_exit
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
+from emailrelay.command import EXIT_FAILURE, EXIT_OK
 from emailrelay.config import Settings
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
@@ -53,9 +54,6 @@ from emailrelay.store.tracking import TrackingStore
 from emailrelay.supervision import Backoff, Lifecycle
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 PENDING_LAST_TRY_SECONDS = 3.0
 """At shutdown, after the last reply: time left to store pending tracking

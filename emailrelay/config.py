@@ -35,6 +35,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from emailrelay.addresses import Mailbox, parse_mailbox
+from emailrelay.api import DEFAULT_NATS_URL
 
 
 class ConfigError(Exception):
@@ -56,16 +57,17 @@ class LogFormat(enum.StrEnum):
     TEXT = "text"
 
 
-_TRUE = {"true", "t", "1"}
-_FALSE = {"false", "f", "0"}
+TRUE_WORDS = frozenset({"true", "t", "1"})
+FALSE_WORDS = frozenset({"false", "f", "0"})
+"""The boolean words every variable the relay reads accepts, in any case."""
 
 
 def _parse_bool(value: Any) -> Any:
     if isinstance(value, str):
         lowered = value.strip().lower()
-        if lowered in _TRUE:
+        if lowered in TRUE_WORDS:
             return True
-        if lowered in _FALSE:
+        if lowered in FALSE_WORDS:
             return False
         raise ValueError("must be one of true, t, 1, false, f, 0")
     return value
@@ -147,7 +149,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
     # NATS
-    nats_urls: NatsUrls = Field(default=("nats://localhost:4222",), alias="NATS_URL")
+    nats_urls: NatsUrls = Field(default=(DEFAULT_NATS_URL,), alias="NATS_URL")
     nats_creds: Path | None = Field(default=None, alias="NATS_CREDS")
     nats_connect_timeout: Seconds = Field(default=30.0, alias="NATS_CONNECT_TIMEOUT")
 
