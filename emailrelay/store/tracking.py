@@ -4,7 +4,8 @@ Many replicas write the same keys at once (a hot group's index, one email's
 record under a burst of open events), so every write is revision-checked:
 ``create`` for a new key, ``update(last=revision)`` otherwise, and a
 :class:`~emailrelay.store.kv.RevisionConflict` is retried with "full
-jitter" backoff (:meth:`TrackingStore._backoff`) until the write lands. "Retry once" loses writes under load.
+jitter" backoff (:meth:`TrackingStore._backoff`) until the write lands.
+"Retry once" loses writes under load.
 A :class:`~emailrelay.store.kv.StoreError` is never read as "not found", and
 nothing here ever writes an empty index.
 
