@@ -87,10 +87,6 @@ class SmtpConnection:
         smtp = await aio(_open)(endpoint)
         return cls(smtp)
 
-    @property
-    def is_connected(self) -> bool:
-        return bool(self._smtp.is_connected)
-
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
         await aio(_envelope)(self._smtp, sender, recipient)
         data: asyncio.Task[None] = await aio(_start_data)(self._smtp, message)
