@@ -165,6 +165,9 @@ async def serve(
     )
     lifecycle.hurry = requests.cut_off
     watchdog = LoopWatchdog()
+    # Ready once the relay is in the send queue group: before that, a request
+    # routed here by a balancer that trusts /readyz would find no responder.
+    subscribed = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
             if watch_signals:
@@ -181,7 +184,7 @@ async def serve(
                 lambda: serve_health(
                     settings.http_host,
                     settings.port,
-                    lambda: nats.is_connected,
+                    lambda: nats.is_connected and subscribed.is_set(),
                     lifecycle.stopping,
                     sock=http_socket,
                     is_alive=watchdog.alive,
@@ -194,7 +197,8 @@ async def serve(
                     "sqs poller",
                     lambda: poll_engagement_events(sqs, tracking, poller),
                 )
-            await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler})
+            if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
+                subscribed.set()
             if tracking is not None:
                 await _add_routes(requests, service, query_routes(tracking, nats))
             else:
@@ -260,10 +264,13 @@ def query_routes(tracking: TrackingStore, nats: NatsConnection) -> dict[str, Han
 
 async def _add_routes(
     requests: RequestServer, service: ServiceStats, routes: dict[str, Handler]
-) -> None:
-    if await requests.add_routes(routes):
-        for subject in routes:
-            service.add_endpoint(subject)
+) -> bool:
+    """Subscribe and list ``routes``; ``False`` once stopping (nothing added)."""
+    if not await requests.add_routes(routes):
+        return False
+    for subject in routes:
+        service.add_endpoint(subject)
+    return True
 
 
 TRACKING_RETRY_MAX = 30.0

@@ -72,6 +72,7 @@ MAX_DETAIL_TEXT = 1024
 """SES detail strings (bounce type, reject reason, …) are short enumerations;
 longer ones are cut to this many characters so a record always fits."""
 
+
 @dataclass(frozen=True, slots=True)
 class EngagementEvent:
     """One SES event addressed to one tracked email."""
