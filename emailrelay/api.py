@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, S
 
 # --- NATS subjects -----------------------------------------------------------
 
+DEFAULT_NATS_URL = "nats://localhost:4222"
+"""Where the relay, the client and the CLI look for NATS when told nothing
+(the replaced relay's ``NATS_URL`` default)."""
+
 QUEUE_GROUP = "lfx.email-service.queue"
 SEND_EMAIL_SUBJECT = "lfx.email-service.send_email"
 GET_EMAIL_STATUS_SUBJECT = "lfx.email-service.get_email_status"

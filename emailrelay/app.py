@@ -33,11 +33,11 @@ import anyio
 import trio
 
 from emailrelay import api, looplag, tracing
-from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.loop import asyncio_loop
 from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_exit
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
+from emailrelay.command import EXIT_FAILURE, EXIT_OK
 from emailrelay.config import Settings
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
@@ -64,9 +64,6 @@ from emailrelay.store.tracking import TrackingStore
 from emailrelay.supervision import Backoff, Lifecycle
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 PENDING_LAST_TRY_SECONDS = 3.0
 """At shutdown, after the last reply: time left to store pending tracking
@@ -197,6 +194,9 @@ async def serve(
     )
     lifecycle.hurry = requests.cut_off
     watchdog = LoopWatchdog()
+    # Ready once the relay is in the send queue group: before that, a request
+    # routed here by a balancer that trusts /readyz would find no responder.
+    subscribed = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
             if watch_signals:
@@ -213,7 +213,7 @@ async def serve(
                 lambda: serve_health(
                     settings.http_host,
                     settings.port,
-                    lambda: nats.is_connected,
+                    lambda: nats.is_connected and subscribed.is_set(),
                     lifecycle.stopping,
                     sock=http_socket,
                     is_alive=watchdog.alive,
@@ -228,7 +228,8 @@ async def serve(
                         sqs, tracking, poller, suppressions=suppressions
                     ),
                 )
-            await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler})
+            if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
+                subscribed.set()
             if tracking is not None:
                 await _add_routes(requests, service, query_routes(tracking, nats))
                 if suppressions is not None:
@@ -315,10 +316,13 @@ def query_routes(tracking: TrackingStore, nats: NatsConnection) -> dict[str, Han
 
 async def _add_routes(
     requests: RequestServer, service: ServiceStats, routes: dict[str, Handler]
-) -> None:
-    if await requests.add_routes(routes):
-        for subject in routes:
-            service.add_endpoint(subject)
+) -> bool:
+    """Subscribe and list ``routes``; ``False`` once stopping (nothing added)."""
+    if not await requests.add_routes(routes):
+        return False
+    for subject in routes:
+        service.add_endpoint(subject)
+    return True
 
 
 TRACKING_RETRY_MAX = 30.0
@@ -354,11 +358,9 @@ async def _track_once_available(
 
 
 def send_rules(settings: Settings) -> SendRules:
-    default_from = parse_mailbox(settings.default_from)
-    assert default_from is not None, "validated in load_settings"
     return SendRules(
         email_enabled=settings.email_enabled,
-        default_from=default_from,
+        default_from=settings.default_sender,
         default_from_display_name=settings.default_from_display_name,
         allowed_from_domains=settings.allowed_from_domains,
         allowed_reply_to_domains=settings.allowed_reply_to_domains,

@@ -9,8 +9,6 @@ import json
 import math
 import os
 import re
-import shlex
-import shutil
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -21,27 +19,13 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from emailrelay import __version__, api
-
-EXIT_OK = 0
-EXIT_ERROR_REPLY = 1
-EXIT_USAGE = 2
-EXIT_NO_RELAY = 3
-
-
-def command_name() -> str:
-    """How to run this command again, for hints a user can paste: ``emailrelay``
-    when that is what is on PATH, else the path that was used (an unactivated
-    virtualenv's ``.venv/bin/emailrelay``) or ``python -m emailrelay``."""
-    invoked = Path(sys.argv[0])
-    if invoked.name != "emailrelay":
-        return f"{shlex.quote(sys.executable)} -m emailrelay"
-    on_path = shutil.which("emailrelay")
-    if on_path is not None and Path(on_path).resolve() == invoked.resolve():
-        return "emailrelay"
-    return shlex.quote(str(invoked))
-
-
-DEFAULT_NATS_URL = "nats://localhost:4222"
+from emailrelay.command import (
+    EXIT_ERROR_REPLY,
+    EXIT_NO_RELAY,
+    EXIT_OK,
+    EXIT_USAGE,
+    command_name,
+)
 
 
 def _lacks_extra(command: str, extra: str) -> bool:
@@ -301,7 +285,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         "--server",
         "-s",
         metavar="URL",
-        help=f"NATS URL(s), comma-separated (default: $NATS_URL, else {DEFAULT_NATS_URL})",
+        help=f"NATS URL(s), comma-separated (default: $NATS_URL, else {api.DEFAULT_NATS_URL})",
     )
     group.add_argument(
         "--timeout",
@@ -652,7 +636,7 @@ def _nats_servers(args: argparse.Namespace) -> tuple[str, ...]:
     elif os.environ.get("NATS_URL", "").strip():
         source, text = "NATS_URL", os.environ["NATS_URL"]
     else:
-        return (DEFAULT_NATS_URL,)
+        return (api.DEFAULT_NATS_URL,)
     try:
         return parse_nats_urls(text)
     except ValueError as exc:

@@ -35,7 +35,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from emailrelay import api
 from emailrelay.bridge.loop import AsyncioCalls
 
-DEFAULT_SERVERS = "nats://localhost:4222"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
@@ -217,7 +216,7 @@ class EmailRelayClient:
 
     def __init__(
         self,
-        servers: str | Sequence[str] = DEFAULT_SERVERS,
+        servers: str | Sequence[str] = api.DEFAULT_NATS_URL,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -235,7 +234,7 @@ class EmailRelayClient:
     @classmethod
     def connect(
         cls,
-        servers: str | Sequence[str] = DEFAULT_SERVERS,
+        servers: str | Sequence[str] = api.DEFAULT_NATS_URL,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,

@@ -23,11 +23,19 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import annotated_types
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from emailrelay.addresses import parse_mailbox
+from emailrelay.addresses import Mailbox, parse_mailbox
+from emailrelay.api import DEFAULT_NATS_URL
 
 
 class ConfigError(Exception):
@@ -49,16 +57,17 @@ class LogFormat(enum.StrEnum):
     TEXT = "text"
 
 
-_TRUE = {"true", "t", "1"}
-_FALSE = {"false", "f", "0"}
+TRUE_WORDS = frozenset({"true", "t", "1"})
+FALSE_WORDS = frozenset({"false", "f", "0"})
+"""The boolean words every variable the relay reads accepts, in any case."""
 
 
 def _parse_bool(value: Any) -> Any:
     if isinstance(value, str):
         lowered = value.strip().lower()
-        if lowered in _TRUE:
+        if lowered in TRUE_WORDS:
             return True
-        if lowered in _FALSE:
+        if lowered in FALSE_WORDS:
             return False
         raise ValueError("must be one of true, t, 1, false, f, 0")
     return value
@@ -112,6 +121,15 @@ def _parse_nats_urls(value: Any) -> Any:
     return parse_nats_urls(value) if isinstance(value, str) else value
 
 
+def _parse_sender(value: Any) -> Mailbox:
+    if isinstance(value, Mailbox):
+        return value
+    mailbox = parse_mailbox(value) if isinstance(value, str) else None
+    if mailbox is None:
+        raise ValueError("must be one email address such as noreply@example.com")
+    return mailbox
+
+
 Bool = Annotated[bool, BeforeValidator(_parse_bool)]
 DomainList = Annotated[tuple[str, ...], BeforeValidator(_parse_list)]
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
@@ -122,13 +140,16 @@ RemotePort = Annotated[int, Field(ge=1, le=65535)]
 """A port to connect to."""
 
 
+_DEFAULT_FROM = "noreply@lfx.linuxfoundation.org"
+
+
 class Settings(BaseModel):
     """Every knob of the service. Field aliases are the environment variable names."""
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
     # NATS
-    nats_urls: NatsUrls = Field(default=("nats://localhost:4222",), alias="NATS_URL")
+    nats_urls: NatsUrls = Field(default=(DEFAULT_NATS_URL,), alias="NATS_URL")
     nats_creds: Path | None = Field(default=None, alias="NATS_CREDS")
     nats_connect_timeout: Seconds = Field(default=30.0, alias="NATS_CONNECT_TIMEOUT")
 
@@ -148,7 +169,13 @@ class Settings(BaseModel):
         default=100, alias="SMTP_CONNECTION_MAX_MESSAGES"
     )
     smtp_connection_max_age: Seconds = Field(default=300.0, alias="SMTP_CONNECTION_MAX_AGE")
-    default_from: str = Field(default="noreply@lfx.linuxfoundation.org", alias="DEFAULT_SMTP_FROM")
+    default_from: str = Field(default=_DEFAULT_FROM, alias="DEFAULT_SMTP_FROM")
+    default_sender: Annotated[Mailbox, PlainValidator(_parse_sender)] = Field(
+        default_factory=lambda: _parse_sender(_DEFAULT_FROM),
+        validation_alias="DEFAULT_SMTP_FROM",
+    )
+    """DEFAULT_SMTP_FROM parsed, once, here: a value that does not parse stops
+    the start. No ``alias`` of its own, so it is not listed as a second variable."""
     default_from_display_name: str = Field(
         default="LFX Self Serve", alias="DEFAULT_SMTP_FROM_DISPLAY_NAME"
     )
@@ -294,11 +321,6 @@ def _check_consistency(settings: Settings) -> None:
     if settings.nats_creds is not None and not settings.nats_creds.is_file():
         raise ConfigError(
             f"NATS_CREDS must name a .creds file (there is none at {settings.nats_creds})"
-        )
-    if parse_mailbox(settings.default_from) is None:
-        raise ConfigError(
-            "DEFAULT_SMTP_FROM must be one email address such as noreply@example.com"
-            + _got("DEFAULT_SMTP_FROM", settings.default_from)
         )
     if bool(settings.smtp_username) != bool(settings.smtp_password):
         missing = "SMTP_PASSWORD" if settings.smtp_username else "SMTP_USERNAME"

@@ -28,7 +28,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from emailrelay import __version__, api
-from emailrelay.bridge.nats import IncomingRequest, NatsConnection
+from emailrelay.bridge.nats import IncomingRequest, NatsConnection, drain_all
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,7 @@ async def serve_discovery(
     async with anyio.create_task_group() as tg:
         tg.start_soon(_answer_all, receive_stream, service)
         await stopping.wait()
-        for subscription in subscriptions:
-            await subscription.drain()
+        await drain_all(subscriptions)
         send_stream.close()
 
 

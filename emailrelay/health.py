@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, cast
 
 import anyio
+from anyio.abc import TaskStatus
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
@@ -28,7 +29,8 @@ def health_app(
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """A minimal ASGI app: liveness is "the process answers and its asyncio
     side completes round trips" (:mod:`emailrelay.bridge.watchdog`), readiness
-    is "NATS is connected" (a relay cut off from NATS cannot take requests);
+    is "NATS is connected and the send subscription exists" (a relay cut off
+    from NATS, or not yet in the queue group, cannot take requests);
     ``/metrics`` is every metric of :mod:`emailrelay.metrics`."""
     metrics_app = make_asgi_app()
 
@@ -52,7 +54,7 @@ def health_app(
         elif path == "/livez":
             status, body = (200, b"ok\n") if is_alive() else (503, b"asyncio loop stalled\n")
         elif path == "/readyz":
-            status, body = (200, b"ok\n") if is_ready() else (503, b"nats not connected\n")
+            status, body = (200, b"ok\n") if is_ready() else (503, b"not ready\n")
         else:
             status, body = 404, b"not found\n"
         await send(
@@ -96,11 +98,13 @@ async def serve_health(
     port: int,
     is_ready: Callable[[], bool],
     stopping: anyio.Event,
-    on_bound: Callable[[list[str]], None] = lambda binds: None,
     sock: socket.socket | None = None,
     is_alive: Callable[[], bool] = lambda: True,
+    *,
+    task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``stopping`` is set; ``on_bound`` gets the bound URLs (port 0 = any).
+    """Serve until ``stopping`` is set; started (``tg.start``) with the bound
+    URLs once listening (port 0 = any).
     ``sock`` (from :func:`bind_http_socket`) is used instead of binding
     ``host:port`` and is closed when serving ends."""
     config = Config()
@@ -119,4 +123,4 @@ async def serve_health(
             )
         )
         log.info("http listening", extra={"binds": binds})
-        on_bound(binds)
+        task_status.started(binds)

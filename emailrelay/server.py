@@ -34,7 +34,12 @@ from typing import Protocol
 import anyio
 
 from emailrelay import api, tracing
-from emailrelay.bridge.nats import IncomingRequest, NatsConnection, RequestSubscription
+from emailrelay.bridge.nats import (
+    IncomingRequest,
+    NatsConnection,
+    RequestSubscription,
+    drain_all,
+)
 from emailrelay.deadline import Deadline, request_deadline
 from emailrelay.discovery import error_headers
 from emailrelay.handlers.replies import Reply, encode_reply, error_reply
@@ -149,8 +154,7 @@ class RequestServer:
                 self._stopping = True
                 self._intake_changed.set()
                 async with self._intake_lock:
-                    for subscription in self._subscriptions:
-                        await subscription.drain()
+                    await drain_all(self._subscriptions)
                 self._send.close()
                 with anyio.move_on_after(grace - (time.monotonic() - started)):
                     await self._done.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -91,18 +92,9 @@ async def _livez_after(watchdog: LoopWatchdog, seconds: float) -> int:
     status = 0
     async with anyio.create_task_group() as tg:
         tg.start_soon(watchdog.run)
-        bound = anyio.Event()
-        tg.start_soon(
-            lambda: serve_health(
-                LOOPBACK,
-                port,
-                lambda: True,
-                stopping,
-                on_bound=lambda binds: bound.set(),
-                is_alive=watchdog.alive,
-            )
+        await tg.start(
+            partial(serve_health, LOOPBACK, port, lambda: True, stopping, is_alive=watchdog.alive)
         )
-        await bound.wait()
         async with httpx.AsyncClient(trust_env=False, timeout=2) as http:
             with anyio.move_on_after(seconds):
                 while True:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +130,15 @@ class RequestSubscription:
     async def drain(self) -> None:
         """Stop taking new messages; deliver the ones already buffered first."""
         await self.pause()
+
+
+async def drain_all(subscriptions: Iterable[RequestSubscription]) -> None:
+    """How a request loop stops taking requests: drain every subscription
+    (:meth:`RequestSubscription.drain`) before closing the channel behind
+    them, so that what nats-server already sent is still delivered and
+    answered. Shared by :mod:`emailrelay.server` and :mod:`emailrelay.discovery`."""
+    for subscription in subscriptions:
+        await subscription.drain()
 
 
 async def _drain_subscription(client: Client, subscription: _NatsSubscription) -> None:

@@ -90,10 +90,6 @@ class SmtpConnection:
         smtp = await aio(_open)(endpoint)
         return cls(smtp)
 
-    @property
-    def is_connected(self) -> bool:
-        return bool(self._smtp.is_connected)
-
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
         self.data_started = False
         await aio(_envelope)(self._smtp, sender, recipient)

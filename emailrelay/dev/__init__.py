@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from emailrelay.dev.stack import DevOptions, run_dev
 
-__all__ = ["DevOptions", "run_dev"]
+__all__ = ["LOOPBACK", "DevOptions", "run_dev"]
+
+LOOPBACK = "127.0.0.1"
+"""The only address the dev stack binds or dials: nothing of it is reachable
+from another machine."""
 
 
 def __getattr__(name: str) -> Any:

@@ -28,8 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from emailrelay.api import TRACKING_HEADER
 from emailrelay.bridge.loop import separate_asyncio_loop
-
-LOOPBACK = "127.0.0.1"
+from emailrelay.dev import LOOPBACK
 
 
 @dataclass(frozen=True)

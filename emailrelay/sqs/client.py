@@ -11,8 +11,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -24,7 +23,7 @@ import httpx
 from .endpoints import resolve_endpoint_url, resolve_region
 from .signing import CredentialSource, FrozenCredentials, load_default_chain, sign_request
 
-__all__ = ["SqsClient", "SqsError", "SqsMessage", "open_sqs_client"]
+__all__ = ["SqsClient", "SqsError", "SqsMessage"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class SqsMessage:
 class SqsClient:
     """Receives and deletes messages of one SQS queue.
 
-    Build it with :meth:`from_environment` (or :func:`open_sqs_client`) to get
+    Build it with :meth:`from_environment` to get
     the AWS SDKs' usual configuration; the constructor takes everything
     explicitly. Use it as an async context manager, or call :meth:`aclose`.
     """
@@ -234,18 +233,6 @@ class SqsClient:
                     failed.extend(message.message_id for message in by_handle[handle])
         return failed
 
-    async def get_queue_attributes(self, *names: str) -> dict[str, str]:
-        """The queue's attributes (all of them when no name is given), e.g.
-        ``ApproximateNumberOfMessages``. A cheap check that the queue exists
-        and the credentials may read it. Raises :class:`SqsError`.
-        """
-        reply = await self._call(
-            "GetQueueAttributes",
-            {"QueueUrl": self.queue_url, "AttributeNames": list(names) or ["All"]},
-        )
-        attributes = reply.get("Attributes") or {}
-        return {str(key): str(value) for key, value in attributes.items()}
-
     async def _frozen_credentials(self) -> FrozenCredentials:
         # Refreshing temporary credentials is blocking network I/O (STS, metadata).
         try:
@@ -327,14 +314,3 @@ def _parse_message(item: Mapping[str, Any]) -> SqsMessage:
 
 def _ssl_context_with(ca_bundle: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_bundle)
-
-
-@asynccontextmanager
-async def open_sqs_client(
-    queue_url: str, environ: Mapping[str, str] | None = None
-) -> AsyncIterator[SqsClient]:
-    """``async with open_sqs_client(url) as sqs:`` -- :meth:`SqsClient.from_environment`,
-    closed on exit."""
-    client = await SqsClient.from_environment(queue_url, environ)
-    async with client:
-        yield client

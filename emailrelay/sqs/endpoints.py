@@ -10,14 +10,14 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from emailrelay.config import TRUE_WORDS
+
 __all__ = ["region_from_queue_url", "resolve_endpoint_url", "resolve_region"]
 
 # sqs.<region>.amazonaws.com[.cn], and the legacy <region>.queue.amazonaws.com[.cn].
 _QUEUE_HOST = re.compile(
     r"^(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?$"
 )
-
-_TRUE = frozenset({"true", "t", "1"})
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -61,7 +61,7 @@ def resolve_endpoint_url(region: str, environ: Mapping[str, str]) -> str:
     ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true; else the regional endpoint
     ``https://sqs.<region>.amazonaws.com`` (``.amazonaws.com.cn`` in China).
     """
-    ignore = (_env(environ, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or "").lower() in _TRUE
+    ignore = (_env(environ, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or "").lower() in TRUE_WORDS
     if not ignore:
         override = _env(environ, "AWS_ENDPOINT_URL_SQS") or _env(environ, "AWS_ENDPOINT_URL")
         if override is not None:

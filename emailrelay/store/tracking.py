@@ -3,8 +3,9 @@
 Many replicas write the same keys at once (a hot group's index, one email's
 record under a burst of open events), so every write is revision-checked:
 ``create`` for a new key, ``update(last=revision)`` otherwise, and a
-:class:`~emailrelay.store.kv.RevisionConflict` is retried with jittered
-backoff until the write lands. "Retry once" loses writes under load.
+:class:`~emailrelay.store.kv.RevisionConflict` is retried with "full
+jitter" backoff (:meth:`TrackingStore._backoff`) until the write lands.
+"Retry once" loses writes under load.
 A :class:`~emailrelay.store.kv.StoreError` is never read as "not found", and
 nothing here ever writes an empty index.
 
@@ -314,6 +315,16 @@ class TrackingStore:
             self._tail_pages.popitem(last=False)
 
     async def _backoff(self, attempt: int) -> None:
+        """Wait a random time in ``[0, ceiling]`` ("full jitter"), where the
+        ceiling doubles per attempt up to ``conflict_backoff_max``.
+
+        Full jitter on purpose, unlike the "equal jitter" of
+        :class:`emailrelay.supervision.Backoff` that guards a failing server: a
+        conflict means the server is fine and another writer just won the
+        same key, and the writers that lost should spread out as widely as
+        possible so that they stop colliding, not all wait at least half the
+        ceiling. Waits are milliseconds, so a retry that comes at once costs
+        one KV round trip."""
         ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
         await anyio.sleep(random.uniform(0, ceiling))
 
