@@ -44,7 +44,6 @@ import base64
 import hashlib
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -55,6 +54,7 @@ import anyio
 
 from emailrelay import api
 from emailrelay.store.kv import Entry, KeyValue, RevisionConflict
+from emailrelay.supervision import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +231,15 @@ class IdempotencyStore:
 
         Polls rather than watches: the KV port has no watch, and one read per
         backoff step per waiting request is cheap next to a send."""
-        delay = _POLL_INITIAL
+        backoff = Backoff(_POLL_INITIAL, _POLL_MAX)
+        attempt = 0
         while True:
             answer = await self.reserve(idempotency_key, fingerprint)
             left = until - anyio.current_time()
             if not isinstance(answer, InProgress) or left <= 0:
                 return answer
-            await anyio.sleep(min(left, random.uniform(delay / 2, delay)))
-            delay = min(delay * 2, _POLL_MAX)
+            attempt += 1
+            await anyio.sleep(min(left, backoff.delay(attempt)))
 
     async def complete(self, reserved: Reserved, reply: api.SendEmailReply) -> None:
         """The provider accepted the message: later requests with this key
