@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import EnvOverrides, RelayProcess, relay_defaults
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import EnvOverrides, RelayProcess, relay_defaults
+from tests.support.servers.smtp import SmtpServer
 
 TLS_SMTP_USERNAME = "relay"
 TLS_SMTP_PASSWORD = "s3cret"

@@ -21,11 +21,11 @@ from emailrelay.addresses import (
     MAX_MAILBOX_VALUE,
     parse_mailbox,
 )
-from tests.hostile import NATS_MAX_PAYLOAD, RULES, VALID, handlers, padded_to_max_payload
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import NATS_MAX_PAYLOAD, RULES, VALID, handlers, padded_to_max_payload
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 MIB = NATS_MAX_PAYLOAD
 

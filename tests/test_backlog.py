@@ -14,9 +14,9 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
 PAUSED = "emailrelay_request_intake_paused"

@@ -14,11 +14,11 @@ import pytest
 
 from emailrelay import api
 from emailrelay.handlers.replies import parse_request
-from tests.hostile import VALID, handlers
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import VALID, handlers
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 LONE_SURROGATE = b'"Hi \\ud800 there"'
 DEEP = b"[" * 100_000 + b"]" * 100_000

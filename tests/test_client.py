@@ -30,11 +30,11 @@ from emailrelay.client import (
     UnexpectedReply,
     decode_reply,
 )
-from tests.natsclient import silent_subscriber
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.nats_client import silent_subscriber
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import LOOPBACK, free_port
 
 T = TypeVar("T")
 

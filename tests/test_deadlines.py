@@ -24,10 +24,10 @@ from emailrelay.bridge.loop import AsyncioCalls
 from emailrelay.client import EmailRelayClient
 from emailrelay.deadline import CLOCK_SKEW_ALLOWANCE, Deadline, request_deadline
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import REPO_ROOT
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import REPO_ROOT
+from tests.support.servers.smtp import SmtpServer
 
 VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
 DELIVERY_FAILED = {"error": api.ERR_DELIVERY_FAILED}

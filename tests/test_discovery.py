@@ -20,10 +20,10 @@ from nats.aio.msg import Msg
 
 from emailrelay import __version__, api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 CONTRACT_SUBJECTS = (
     api.SEND_EMAIL_SUBJECT,

@@ -21,13 +21,13 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.waiting import free_port, wait_until
 from tests.test_engagement_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
-from tests.waiting import free_port, wait_until
 
 REGION = "us-east-1"
 MAX_RECEIVES = 2

@@ -11,11 +11,11 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import run_relay_once
-from tests.servers.smtp import SmtpServer
-from tests.waiting import free_port, wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import run_relay_once
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import free_port, wait_until
 
 VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
 

@@ -18,9 +18,9 @@ from emailrelay import api
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.health import serve_health
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.waiting import LOOPBACK, free_port
 
 SHORT_CONTROL_LINE = 256
 """A nats-server whose protocol lines are this short (the default is 4 KiB)

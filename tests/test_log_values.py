@@ -15,12 +15,12 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.logs import MAX_EXTRA_CHARS, JsonFormatter, TextFormatter, shorten
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
-from tests.hostile import VALID
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.fakes import MemoryKeyValue
+from tests.support.handlers import VALID
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 
 def test_a_short_value_is_logged_as_it_is() -> None:

@@ -18,11 +18,11 @@ import pytest
 
 from emailrelay import api
 from emailrelay.looplag import LagWindow, watch_loop_lag
-from tests.hostile import NATS_MAX_PAYLOAD, VALID, padded_to_max_payload
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import NATS_MAX_PAYLOAD, VALID, padded_to_max_payload
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 GAUGE = "emailrelay_event_loop_lag_seconds"
 

@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, relay_defaults
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, relay_defaults
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "charts" / "emailrelay"
 RELAY_USER, RELAY_PASSWORD = "emailrelay", "relay-secret"

@@ -26,11 +26,11 @@ from emailrelay.engagement.events import (
     apply_event,
     parse_message,
 )
-from tests.hostile import VALID, handlers
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import VALID, handlers
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 EMAIL_ID = "5b0c1a5e-7f0e-4a55-9f37-0c2a3c7f6d11"

@@ -20,10 +20,10 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import ReceivedMessage, SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import ReceivedMessage, SmtpServer
 
 RECIPIENT = "jane.doe@example.com"
 VALID: dict[str, Any] = {

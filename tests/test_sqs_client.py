@@ -29,8 +29,8 @@ from emailrelay.sqs import (
     resolve_endpoint_url,
     resolve_region,
 )
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.waiting import LOOPBACK, free_port
 
 REGION = "us-east-1"
 

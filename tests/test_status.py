@@ -16,13 +16,13 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import put_record, send, status, unique_group
-from tests.waiting import wait_until
+from tests.support.fakes import MemoryKeyValue
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import put_record, send, status, unique_group
+from tests.support.waiting import wait_until
 
 # --- the handler, fast ---------------------------------------------------------
 

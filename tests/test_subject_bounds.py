@@ -25,12 +25,12 @@ from emailrelay.store.keys import (
     index_page_key,
     is_valid_key,
 )
-from tests.hostile import NATS_MAX_PAYLOAD, VALID, handlers
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, send, status
+from tests.support.handlers import NATS_MAX_PAYLOAD, VALID, handlers
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import analytics, send, status
 
 LONGEST_OLD_GROUP_ID = 998 - len(f"{api.TRACKING_HEADER}: /{uuid.uuid4()}")
 """942: the longest group id the replaced relay could ever have stored (docs/contract.md)."""

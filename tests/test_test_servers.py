@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, relay_env, run_relay_once
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, relay_env, run_relay_once
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 SENDER = "sender@lfx.linuxfoundation.org"
 RECIPIENT = "someone@example.com"

@@ -32,9 +32,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from emailrelay import api, tracing
 from emailrelay.deadline import Deadline
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.relay import REPO_ROOT
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.relay import REPO_ROOT
+from tests.support.servers.smtp import SmtpServer
 
 SERVER_SPAN = f"process {api.SEND_EMAIL_SUBJECT}"
 CHILD_SPANS = {"smtp send", "kv create_record", "kv append_to_group"}

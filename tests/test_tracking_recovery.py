@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, send, status, unique_group
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import analytics, send, status, unique_group
+from tests.support.waiting import wait_until
 
 BODY: dict[str, str] = {
     "to": "someone@example.org",

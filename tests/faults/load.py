@@ -26,7 +26,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from emailrelay import api
-from tests.natsclient import SyncNats
+from tests.support.nats_client import SyncNats
 
 CALLER_TIMEOUT = 10.0
 """The relay client's default request timeout."""

@@ -30,8 +30,8 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.servers.nats import NatsServer
-from tests.servers.smtp import SmtpServer
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.smtp import SmtpServer
 
 pytestmark = pytest.mark.faults
 

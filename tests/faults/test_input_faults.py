@@ -13,10 +13,10 @@ import pytest
 from emailrelay import api
 from tests.faults import figures
 from tests.faults.relays import HealthWatch, running_relays
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 pytestmark = pytest.mark.faults
 

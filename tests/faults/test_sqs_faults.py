@@ -19,13 +19,13 @@ from emailrelay import api
 from tests.faults import figures
 from tests.faults.proxy import FlakyProxy
 from tests.faults.relays import fault_relay_env, metric_total, scrape
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.waiting import wait_until
 from tests.test_engagement_events import ses_event, sns_body
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 

@@ -18,11 +18,11 @@ from emailrelay import api
 from emailrelay.bridge.nats import NatsConnection
 from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, status
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import analytics, status
 
 pytestmark = pytest.mark.scale
 

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from emailrelay import api
-from tests.natsclient import SyncNats
+from tests.support.nats_client import SyncNats
 
 
 def send(client: SyncNats, group_id: str = "", **fields: str) -> dict[str, str]:

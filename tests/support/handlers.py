@@ -16,7 +16,7 @@ from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.kv import Entry
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
+from tests.support.fakes import MemoryKeyValue
 
 DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
 assert DEFAULT_FROM is not None
