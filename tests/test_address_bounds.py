@@ -21,8 +21,9 @@ from emailrelay.addresses import (
     MAX_MAILBOX_VALUE,
     parse_mailbox,
 )
-from tests.support.handlers import NATS_MAX_PAYLOAD, RULES, VALID, handlers, padded_to_max_payload
+from tests.support.handlers import RULES, handlers
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload, send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -134,14 +135,14 @@ LONG_ADDRESS = address_of_length(MAX_ADDRESS + 1, domain="lfx.linuxfoundation.or
     ],
 )
 async def test_an_address_over_rfc_5321_limits_is_invalid(field_name: str, error: str) -> None:
-    reply, sent = await send({**VALID, field_name: LONG_ADDRESS})
+    reply, sent = await send({**send_request(), field_name: LONG_ADDRESS})
     assert reply == {"error": error}
     assert sent == 0
 
 
 async def test_an_over_long_recipient_is_skipped_when_recipients_are_allowlisted() -> None:
     rules = replace(RULES, allowed_recipient_domains=("example.org",))
-    reply, sent = await send({**VALID, "to": address_of_length(MAX_ADDRESS + 1)}, rules)
+    reply, sent = await send({**send_request(), "to": address_of_length(MAX_ADDRESS + 1)}, rules)
     assert reply == {"email_id": "", "group_id": ""}
     assert sent == 0
 
@@ -178,7 +179,9 @@ FIELD_ERRORS = [
 def test_an_over_long_address_is_invalid_end_to_end(
     relay: RelayProcess, client: SyncNats, smtp: SmtpServer, field_name: str, error: str
 ) -> None:
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, field_name: LONG_ADDRESS})
+    reply = client.request_json(
+        api.SEND_EMAIL_SUBJECT, {**send_request(), field_name: LONG_ADDRESS}
+    )
     assert reply == {"error": error}
     assert smtp.messages == []
 
@@ -187,6 +190,8 @@ def test_an_over_long_address_is_invalid_end_to_end(
 def test_the_largest_payload_nats_accepts_in_an_address_is_invalid_end_to_end(
     relay: RelayProcess, client: SyncNats, smtp: SmtpServer, field_name: str, error: str
 ) -> None:
-    body = padded_to_max_payload({**VALID, field_name: "Jane <jane@example.org>"}, field_name)
+    body = padded_to_max_payload(
+        {**send_request(), field_name: "Jane <jane@example.org>"}, field_name
+    )
     assert client.request_json(api.SEND_EMAIL_SUBJECT, body) == {"error": error}
     assert smtp.messages == []

@@ -14,8 +14,9 @@ import pytest
 
 from emailrelay import api
 from emailrelay.handlers.replies import parse_request
-from tests.support.handlers import VALID, handlers
+from tests.support.handlers import handlers
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -29,7 +30,9 @@ LINE_BREAKS = ["\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
 
 def send_body(**fields: bytes) -> bytes:
     """The valid request with some fields given as raw JSON values."""
-    parts = [f'"{k}": {json.dumps(v)}'.encode() for k, v in VALID.items() if k not in fields]
+    parts = [
+        f'"{k}": {json.dumps(v)}'.encode() for k, v in send_request().items() if k not in fields
+    ]
     parts += [f'"{k}": '.encode() + v for k, v in fields.items()]
     return b"{" + b", ".join(parts) + b"}"
 
@@ -146,7 +149,7 @@ def test_a_subject_with_a_line_break_character_arrives_on_one_header_line(
     relay: RelayProcess, client: SyncNats, smtp: SmtpServer, line_break: str
 ) -> None:
     subject = f"Quarterly{line_break}report"
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, "subject": subject})
+    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**send_request(), "subject": subject})
     assert "email_id" in reply, reply
     (message,) = smtp.wait_for_messages(1)
     lines = message.header_lines()

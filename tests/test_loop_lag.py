@@ -18,8 +18,8 @@ import pytest
 
 from emailrelay import api
 from emailrelay.looplag import LagWindow, watch_loop_lag
-from tests.support.handlers import NATS_MAX_PAYLOAD, VALID, padded_to_max_payload
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload, send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -94,7 +94,7 @@ def loop_lag(relay: RelayProcess) -> float:
 SEND_FIELDS = ["to", "from", "reply_to", "from_display_name", "subject", "html", "text"]
 SEND_FIELDS.append("group_id")
 LARGEST_REQUESTS = [
-    *[(api.SEND_EMAIL_SUBJECT, VALID, field) for field in SEND_FIELDS],
+    *[(api.SEND_EMAIL_SUBJECT, send_request(), field) for field in SEND_FIELDS],
     (api.GET_EMAIL_STATUS_SUBJECT, {}, "email_id"),
     (api.GET_EMAIL_STATUS_SUBJECT, {}, "group_id"),
     (api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {}, "group_id"),

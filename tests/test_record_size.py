@@ -26,8 +26,9 @@ from emailrelay.engagement.events import (
     apply_event,
     parse_message,
 )
-from tests.support.handlers import VALID, handlers
+from tests.support.handlers import handlers
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -214,7 +215,9 @@ def test_a_lone_surrogate_in_an_event_becomes_the_replacement_character() -> Non
 
 async def test_a_70_kb_subject_send_is_recorded_and_found() -> None:
     h = handlers()
-    reply = json.loads(await h.send(json.dumps({**VALID, "subject": "s" * 70_000}).encode()))
+    reply = json.loads(
+        await h.send(json.dumps({**send_request(), "subject": "s" * 70_000}).encode())
+    )
     found = json.loads(await h.status(json.dumps({"email_id": reply["email_id"]}).encode()))
     assert found["email_id"] == reply["email_id"]
     assert found["subject"].endswith(api.SHORTENED_MARK)
@@ -246,7 +249,7 @@ def test_a_70_kb_subject_send_is_recorded_and_status_finds_it(
 ) -> None:
     subject = "Quarterly report " * 4_200
     assert len(subject) > 70_000
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, "subject": subject})
+    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**send_request(), "subject": subject})
     assert "email_id" in reply, reply
     found = client.request_json(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": reply["email_id"]})
     assert found.get("email_id") == reply["email_id"], found

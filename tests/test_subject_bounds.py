@@ -25,8 +25,9 @@ from emailrelay.store.keys import (
     index_page_key,
     is_valid_key,
 )
-from tests.support.handlers import NATS_MAX_PAYLOAD, VALID, handlers
+from tests.support.handlers import handlers
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import NATS_MAX_PAYLOAD, send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -113,7 +114,7 @@ async def test_analytics_by_a_megabyte_group_id_asks_only_bounded_keys() -> None
 async def test_send_with_the_longest_group_id_writes_only_bounded_keys() -> None:
     h = handlers()
     group_id = "g" * api.MAX_GROUP_ID_BYTES
-    reply = await ask(h.send, **VALID, group_id=group_id)
+    reply = await ask(h.send, **send_request(), group_id=group_id)
     assert reply["group_id"] == group_id
     assert all(len(key) <= MAX_KEY_LENGTH for key in h.keys_asked)
     (record,) = await ask(h.status, group_id=group_id)
@@ -122,14 +123,14 @@ async def test_send_with_the_longest_group_id_writes_only_bounded_keys() -> None
 
 async def test_send_with_a_group_id_over_the_bound_is_an_invalid_payload() -> None:
     h = handlers()
-    reply = await ask(h.send, **VALID, group_id="g" * (api.MAX_GROUP_ID_BYTES + 1))
+    reply = await ask(h.send, **send_request(), group_id="g" * (api.MAX_GROUP_ID_BYTES + 1))
     assert reply == {"error": api.ERR_INVALID_PAYLOAD}
     assert h.sender.messages == []
 
 
 async def test_group_id_bound_counts_utf8_bytes() -> None:
     h = handlers()
-    reply = await ask(h.send, **VALID, group_id="é" * (api.MAX_GROUP_ID_BYTES // 2 + 1))
+    reply = await ask(h.send, **send_request(), group_id="é" * (api.MAX_GROUP_ID_BYTES // 2 + 1))
     assert reply == {"error": api.ERR_INVALID_PAYLOAD}
 
 
@@ -209,7 +210,7 @@ def test_send_with_a_group_id_over_the_bound_is_an_invalid_payload_end_to_end(
     relay: RelayProcess, client: SyncNats
 ) -> None:
     reply = client.request_json(
-        api.SEND_EMAIL_SUBJECT, {**VALID, "group_id": "g" * (api.MAX_GROUP_ID_BYTES + 1)}
+        api.SEND_EMAIL_SUBJECT, {**send_request(), "group_id": "g" * (api.MAX_GROUP_ID_BYTES + 1)}
     )
     assert reply == {"error": api.ERR_INVALID_PAYLOAD}
     assert_still_serving(relay, client)
