@@ -8,7 +8,6 @@ the same refusals end to end against a relay on the real servers.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -24,8 +23,7 @@ from emailrelay.addresses import (
 from tests.support.handlers import RULES, handlers
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload, send_request
-from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 
 MIB = NATS_MAX_PAYLOAD
@@ -150,24 +148,6 @@ async def test_an_over_long_recipient_is_skipped_when_recipients_are_allowlisted
 # --- end to end ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    with NatsServer() as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def client(server: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(server.url) as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def relay(server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    with running_relay(server, smtp_server) as process:
-        yield process
-
-
 FIELD_ERRORS = [
     ("to", api.ERR_INVALID_TO),
     ("from", api.ERR_INVALID_FROM),
@@ -177,9 +157,13 @@ FIELD_ERRORS = [
 
 @pytest.mark.parametrize(("field_name", "error"), FIELD_ERRORS)
 def test_an_over_long_address_is_invalid_end_to_end(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer, field_name: str, error: str
+    module_relay: RelayProcess,
+    module_nats_client: SyncNats,
+    smtp: SmtpServer,
+    field_name: str,
+    error: str,
 ) -> None:
-    reply = client.request_json(
+    reply = module_nats_client.request_json(
         api.SEND_EMAIL_SUBJECT, {**send_request(), field_name: LONG_ADDRESS}
     )
     assert reply == {"error": error}
@@ -188,10 +172,14 @@ def test_an_over_long_address_is_invalid_end_to_end(
 
 @pytest.mark.parametrize(("field_name", "error"), FIELD_ERRORS)
 def test_the_largest_payload_nats_accepts_in_an_address_is_invalid_end_to_end(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer, field_name: str, error: str
+    module_relay: RelayProcess,
+    module_nats_client: SyncNats,
+    smtp: SmtpServer,
+    field_name: str,
+    error: str,
 ) -> None:
     body = padded_to_max_payload(
         {**send_request(), field_name: "Jane <jane@example.org>"}, field_name
     )
-    assert client.request_json(api.SEND_EMAIL_SUBJECT, body) == {"error": error}
+    assert module_nats_client.request_json(api.SEND_EMAIL_SUBJECT, body) == {"error": error}
     assert smtp.messages == []

@@ -4,7 +4,6 @@ off when SHUTDOWN_GRACE_SECONDS runs out still get their one reply."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,13 +17,6 @@ from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import free_port, wait_until
 
 DELIVERY_FAILED = {"error": api.ERR_DELIVERY_FAILED}
-
-
-@pytest.fixture
-def own_nats_server() -> Iterator[NatsServer]:
-    """A nats-server of this test's own, free to be stopped."""
-    with NatsServer() as server:
-        yield server
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,13 +16,6 @@ from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import run_relay_once
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import free_port, wait_until
-
-
-@pytest.fixture
-def own_nats_server() -> Iterator[NatsServer]:
-    """A nats-server of this test's own, free to be stopped and started."""
-    with NatsServer() as server:
-        yield server
 
 
 def email_ids_received(smtp: SmtpServer) -> set[str]:

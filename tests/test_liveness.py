@@ -19,6 +19,7 @@ from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.health import serve_health
 from tests.conftest import RelayFactory
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.waiting import LOOPBACK, free_port
 
@@ -64,7 +65,7 @@ def test_no_status_query_makes_nats_close_the_relays_connection(
     assert relay.readyz_status() == 200
     assert "email_id" in nats_client.request_json(
         api.SEND_EMAIL_SUBJECT,
-        {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"},
+        send_request(),
     )
 
 

@@ -7,7 +7,7 @@ import hmac
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,6 @@ _OUTSIDE_AWS_VARIABLES = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
 )
-
-
-@pytest.fixture(scope="module")
-def sqs_server() -> Iterator[SqsServer]:
-    with SqsServer(region=REGION) as server:
-        yield server
 
 
 @pytest.fixture

@@ -50,13 +50,6 @@ def bucket(nats_client: SyncNats) -> Iterator[str]:
     nats_client.delete_bucket(name)
 
 
-@pytest.fixture
-def own_nats_server() -> Iterator[NatsServer]:
-    """A nats-server of this test's own, free to be restarted."""
-    with NatsServer() as server:
-        yield server
-
-
 # nats-server
 
 

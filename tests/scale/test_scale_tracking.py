@@ -19,6 +19,7 @@ from emailrelay.bridge.nats import NatsConnection
 from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -30,8 +31,7 @@ pytestmark = pytest.mark.scale
 def test_three_relays_sending_to_one_group_lose_no_id(smtp_server: SmtpServer) -> None:
     group = f"hot {uuid.uuid4()}"
     payloads: list[object] = [
-        {"to": f"user{n}@example.org", "subject": "s", "html": "h", "text": "t", "group_id": group}
-        for n in range(2000)
+        send_request(to=f"user{n}@example.org", group_id=group) for n in range(2000)
     ]
     with (
         NatsServer() as server,
