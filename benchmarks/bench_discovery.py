@@ -39,7 +39,7 @@ from nats.micro.request import Request  # noqa: E402
 from emailrelay.bridge.nats import NatsConnection  # noqa: E402
 from emailrelay.discovery import ServiceStats, serve_discovery  # noqa: E402
 from emailrelay.server import serve_requests  # noqa: E402
-from tests.servers.nats import NatsServer  # noqa: E402
+from tests.support.servers.nats import NatsServer  # noqa: E402
 
 SUBJECT = "bench.slow"
 

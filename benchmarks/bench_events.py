@@ -46,9 +46,9 @@ from emailrelay.engagement.poller import (  # noqa: E402
 )
 from emailrelay.sqs import SqsClient, SqsMessage  # noqa: E402
 from emailrelay.store.tracking import TrackingStore  # noqa: E402
-from tests.servers.nats import NatsServer  # noqa: E402
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY  # noqa: E402
-from tests.waiting import LOOPBACK, free_port, wait_for_port  # noqa: E402
+from tests.support.servers.nats import NatsServer  # noqa: E402
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY  # noqa: E402
+from tests.support.waiting import LOOPBACK, free_port, wait_for_port  # noqa: E402
 
 REGION = "us-east-1"
 EXAMPLES = json.loads(

@@ -39,7 +39,7 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.tracking import TrackingStore
-from tests.servers.nats import NatsServer
+from tests.support.servers.nats import NatsServer
 
 asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
 logging.getLogger("emailrelay").setLevel(logging.ERROR)  # the disconnect at the end is expected

@@ -2,7 +2,10 @@
 
 Expensive servers (nats-server, the SMTP servers) live for the whole session;
 per-test fixtures hand them out in a clean state. Each fixture is named after
-the real thing it starts.
+the real thing it starts. ``module_*`` fixtures give a module a nats-server
+(and a client and relay on it) of its own, so a regression there cannot cut
+other modules off their NATS; ``own_nats_server`` gives one test a server it
+may stop and restart.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import EnvOverrides, RelayProcess, relay_defaults
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import EnvOverrides, RelayProcess, relay_defaults, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.sqs import SqsServer
 
 TLS_SMTP_USERNAME = "relay"
 TLS_SMTP_PASSWORD = "s3cret"
@@ -35,6 +39,41 @@ def nats_client(nats_server: NatsServer) -> Iterator[SyncNats]:
     """A synchronous nats-py client connected to ``nats_server``."""
     with SyncNats(nats_server.url) as client:
         yield client
+
+
+@pytest.fixture
+def own_nats_server() -> Iterator[NatsServer]:
+    """A nats-server of this test's own, free to be stopped and restarted."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_nats_server() -> Iterator[NatsServer]:
+    """A nats-server of this module's own: a regression here must not cut off other modules."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_nats_client(module_nats_server: NatsServer) -> Iterator[SyncNats]:
+    """A synchronous nats-py client connected to ``module_nats_server``."""
+    with SyncNats(module_nats_server.url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def module_relay(module_nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
+    """One relay for the module, on ``module_nats_server``, sending to ``smtp_server``."""
+    with running_relay(module_nats_server, smtp_server) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def sqs_server() -> Iterator[SqsServer]:
+    """moto's SQS server over HTTP on loopback (region us-east-1), one per module."""
+    with SqsServer(region="us-east-1") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

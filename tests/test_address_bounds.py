@@ -8,7 +8,6 @@ the same refusals end to end against a relay on the real servers.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,11 +20,11 @@ from emailrelay.addresses import (
     MAX_MAILBOX_VALUE,
     parse_mailbox,
 )
-from tests.hostile import NATS_MAX_PAYLOAD, RULES, VALID, handlers, padded_to_max_payload
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import RULES, handlers
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload, send_request
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 MIB = NATS_MAX_PAYLOAD
 
@@ -134,37 +133,19 @@ LONG_ADDRESS = address_of_length(MAX_ADDRESS + 1, domain="lfx.linuxfoundation.or
     ],
 )
 async def test_an_address_over_rfc_5321_limits_is_invalid(field_name: str, error: str) -> None:
-    reply, sent = await send({**VALID, field_name: LONG_ADDRESS})
+    reply, sent = await send({**send_request(), field_name: LONG_ADDRESS})
     assert reply == {"error": error}
     assert sent == 0
 
 
 async def test_an_over_long_recipient_is_skipped_when_recipients_are_allowlisted() -> None:
     rules = replace(RULES, allowed_recipient_domains=("example.org",))
-    reply, sent = await send({**VALID, "to": address_of_length(MAX_ADDRESS + 1)}, rules)
+    reply, sent = await send({**send_request(), "to": address_of_length(MAX_ADDRESS + 1)}, rules)
     assert reply == {"email_id": "", "group_id": ""}
     assert sent == 0
 
 
 # --- end to end ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    with NatsServer() as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def client(server: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(server.url) as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def relay(server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    with running_relay(server, smtp_server) as process:
-        yield process
 
 
 FIELD_ERRORS = [
@@ -176,17 +157,29 @@ FIELD_ERRORS = [
 
 @pytest.mark.parametrize(("field_name", "error"), FIELD_ERRORS)
 def test_an_over_long_address_is_invalid_end_to_end(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer, field_name: str, error: str
+    module_relay: RelayProcess,
+    module_nats_client: SyncNats,
+    smtp: SmtpServer,
+    field_name: str,
+    error: str,
 ) -> None:
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, field_name: LONG_ADDRESS})
+    reply = module_nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, {**send_request(), field_name: LONG_ADDRESS}
+    )
     assert reply == {"error": error}
     assert smtp.messages == []
 
 
 @pytest.mark.parametrize(("field_name", "error"), FIELD_ERRORS)
 def test_the_largest_payload_nats_accepts_in_an_address_is_invalid_end_to_end(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer, field_name: str, error: str
+    module_relay: RelayProcess,
+    module_nats_client: SyncNats,
+    smtp: SmtpServer,
+    field_name: str,
+    error: str,
 ) -> None:
-    body = padded_to_max_payload({**VALID, field_name: "Jane <jane@example.org>"}, field_name)
-    assert client.request_json(api.SEND_EMAIL_SUBJECT, body) == {"error": error}
+    body = padded_to_max_payload(
+        {**send_request(), field_name: "Jane <jane@example.org>"}, field_name
+    )
+    assert module_nats_client.request_json(api.SEND_EMAIL_SUBJECT, body) == {"error": error}
     assert smtp.messages == []

@@ -14,12 +14,12 @@ from emailrelay import api
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.replies import encode_reply
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, put_record, send, unique_group
+from tests.support.fakes import MemoryKeyValue
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import analytics, put_record, send, unique_group
 
 OPENS = [
     {"event_id": "m1", "opened_at": "2024-05-01T11:00:00Z"},

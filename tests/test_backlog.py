@@ -14,11 +14,11 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
-VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
 PAUSED = "emailrelay_request_intake_paused"
 
 
@@ -28,12 +28,14 @@ def test_full_backlog_leaves_the_queue_group_until_half_has_drained(
     smtp.latency = 1.0
     relay = relay_factory({"MAX_IN_FLIGHT": "1", "MAX_BACKLOG": "2"})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(nats_client.request_many, api.SEND_EMAIL_SUBJECT, [VALID] * 3, 3, 30.0)
+        first = pool.submit(
+            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [send_request()] * 3, 3, 30.0
+        )
         wait_until(lambda: relay.metric(PAUSED) == 1, message="intake not paused")
         assert relay.metric("emailrelay_request_backlog") == 2
         with pytest.raises(nats.errors.NoRespondersError):
-            nats_client.request(api.SEND_EMAIL_SUBJECT, VALID, timeout=5)
+            nats_client.request(api.SEND_EMAIL_SUBJECT, send_request(), timeout=5)
         assert all("email_id" in reply for reply in first.result(timeout=30))
     wait_until(lambda: relay.metric(PAUSED) == 0, message="intake not resumed")
-    assert "email_id" in nats_client.request_json(api.SEND_EMAIL_SUBJECT, VALID)
+    assert "email_id" in nats_client.request_json(api.SEND_EMAIL_SUBJECT, send_request())
     assert len(smtp.messages) == 4

@@ -20,7 +20,7 @@ from emailrelay.store.buckets import (
 )
 from emailrelay.store.kv import BucketMissing, StoreError
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import CreatedBucket, MemoryBuckets
+from tests.support.fakes import CreatedBucket, MemoryBuckets
 
 AUTO_CREATE = BucketPolicy(auto_create=True, replicas=3)
 NO_CREATE = BucketPolicy(auto_create=False)

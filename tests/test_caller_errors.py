@@ -7,18 +7,17 @@ surrogates become U+FFFD, JSON nested past the parser's recursion limit is an
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from emailrelay import api
 from emailrelay.handlers.replies import parse_request
-from tests.hostile import VALID, handlers
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import handlers
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 LONE_SURROGATE = b'"Hi \\ud800 there"'
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -29,7 +28,9 @@ LINE_BREAKS = ["\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028",
 
 def send_body(**fields: bytes) -> bytes:
     """The valid request with some fields given as raw JSON values."""
-    parts = [f'"{k}": {json.dumps(v)}'.encode() for k, v in VALID.items() if k not in fields]
+    parts = [
+        f'"{k}": {json.dumps(v)}'.encode() for k, v in send_request().items() if k not in fields
+    ]
     parts += [f'"{k}": '.encode() + v for k, v in fields.items()]
     return b"{" + b", ".join(parts) + b"}"
 
@@ -93,60 +94,46 @@ async def test_deeply_nested_json_is_an_invalid_payload(handler_name: str) -> No
 # --- end to end -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    with NatsServer() as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def client(server: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(server.url) as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def relay(server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    with running_relay(server, smtp_server) as process:
-        yield process
-
-
 def request(client: SyncNats, subject: str, body: bytes) -> Any:
     return client.request_json(subject, body)
 
 
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_deeply_nested_json_is_an_invalid_payload_end_to_end(
-    relay: RelayProcess, client: SyncNats, subject: str
+    module_relay: RelayProcess, module_nats_client: SyncNats, subject: str
 ) -> None:
-    assert request(client, subject, DEEP) == {"error": api.ERR_INVALID_PAYLOAD}
+    assert request(module_nats_client, subject, DEEP) == {"error": api.ERR_INVALID_PAYLOAD}
 
 
 def test_a_lone_surrogate_subject_is_sent_with_the_replacement_character(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer
+    module_relay: RelayProcess, module_nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
-    reply = request(client, api.SEND_EMAIL_SUBJECT, send_body(subject=LONE_SURROGATE))
+    reply = request(module_nats_client, api.SEND_EMAIL_SUBJECT, send_body(subject=LONE_SURROGATE))
     assert "email_id" in reply, reply
     (message,) = smtp.wait_for_messages(1)
     assert message.parsed["Subject"] == "Hi \ufffd there"
     asked = json.dumps({"email_id": reply["email_id"]}).encode()
-    record = request(client, api.GET_EMAIL_STATUS_SUBJECT, asked)
+    record = request(module_nats_client, api.GET_EMAIL_STATUS_SUBJECT, asked)
     assert record["subject"] == "Hi \ufffd there"
 
 
 @pytest.mark.parametrize("subject", SUBJECTS[1:])
 def test_a_lone_surrogate_id_is_not_found_end_to_end(
-    relay: RelayProcess, client: SyncNats, subject: str
+    module_relay: RelayProcess, module_nats_client: SyncNats, subject: str
 ) -> None:
-    assert request(client, subject, b'{"group_id": "g\\ud800"}') == {"error": api.ERR_NOT_FOUND}
+    assert request(module_nats_client, subject, b'{"group_id": "g\\ud800"}') == {
+        "error": api.ERR_NOT_FOUND
+    }
 
 
 @pytest.mark.parametrize("line_break", LINE_BREAKS, ids=[f"U+{ord(c):04X}" for c in LINE_BREAKS])
 def test_a_subject_with_a_line_break_character_arrives_on_one_header_line(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer, line_break: str
+    module_relay: RelayProcess, module_nats_client: SyncNats, smtp: SmtpServer, line_break: str
 ) -> None:
     subject = f"Quarterly{line_break}report"
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, "subject": subject})
+    reply = module_nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, {**send_request(), "subject": subject}
+    )
     assert "email_id" in reply, reply
     (message,) = smtp.wait_for_messages(1)
     lines = message.header_lines()

@@ -25,11 +25,11 @@ import trio
 from emailrelay import api
 from emailrelay.cli import build_parser, command_name, unreachable
 from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
-from tests.natsclient import SyncNats, silent_subscriber
-from tests.servers.nats import NatsServer
-from tests.servers.relay import REPO_ROOT, RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.nats_client import SyncNats, silent_subscriber
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import REPO_ROOT, RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import LOOPBACK, free_port
 
 SEND_FLAGS = ["--to", "someone@example.com", "--subject", "CLI test", "--text", "hi"]
 SEND_FLAGS_HTML = [*SEND_FLAGS, "--html", "<p>hi</p>"]

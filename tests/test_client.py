@@ -30,11 +30,12 @@ from emailrelay.client import (
     UnexpectedReply,
     decode_reply,
 )
-from tests.natsclient import silent_subscriber
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.nats_client import silent_subscriber
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import LOOPBACK, free_port
 
 T = TypeVar("T")
 
@@ -53,16 +54,6 @@ def run_on_asyncio(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     instead of the asyncio that real callers use."""
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(main())
-
-
-def _email(**fields: str) -> dict[str, str]:
-    return {
-        "to": "someone@example.com",
-        "subject": "Client test",
-        "html": "<p>hello</p>",
-        "text": "hello",
-        **fields,
-    }
 
 
 # --- pure logic ------------------------------------------------------------------
@@ -95,7 +86,7 @@ async def test_send_under_trio_delivers_and_returns_the_ids(
     relay: RelayProcess, nats_server: NatsServer, smtp: SmtpServer
 ) -> None:
     async with EmailRelayClient.connect(servers=nats_server.url) as client:
-        reply = await client.send(**_email(group_id="trio-send"))
+        reply = await client.send(**send_request(group_id="trio-send"))
     assert isinstance(reply, api.SendEmailReply)
     assert reply.group_id == "trio-send"
     assert uuid.UUID(reply.email_id).version == 4
@@ -107,7 +98,7 @@ async def test_status_under_trio_returns_the_tracking_record(
     relay: RelayProcess, nats_server: NatsServer, smtp: SmtpServer
 ) -> None:
     async with EmailRelayClient.connect(servers=nats_server.url) as client:
-        sent = await client.send(**_email(subject="Status by id"))
+        sent = await client.send(**send_request(to="someone@example.com", subject="Status by id"))
         record = await client.status(sent.email_id)
     assert isinstance(record, api.TrackingRecord)
     assert (record.email_id, record.group_id) == (sent.email_id, sent.group_id)
@@ -119,7 +110,7 @@ async def test_group_status_under_trio_pages_in_send_order(
 ) -> None:
     group = f"paged-{uuid.uuid4()}"
     async with EmailRelayClient.connect(servers=nats_server.url) as client:
-        ids = [(await client.send(**_email(group_id=group))).email_id for _ in range(3)]
+        ids = [(await client.send(**send_request(group_id=group))).email_id for _ in range(3)]
         everything = await client.group_status(group)
         page = await client.group_status(group, limit=2, offset=1)
     assert [r.email_id for r in everything] == ids
@@ -132,7 +123,7 @@ async def test_analytics_under_trio_counts_the_group(
     group = f"counted-{uuid.uuid4()}"
     async with EmailRelayClient.connect(servers=nats_server.url) as client:
         for _ in range(2):
-            await client.send(**_email(group_id=group))
+            await client.send(**send_request(group_id=group))
         counts = await client.analytics(group)
     assert isinstance(counts, api.EngagementAnalyticsReply)
     assert (counts.group_id, counts.total_sent, counts.opened, counts.failed) == (group, 2, 0, 0)
@@ -143,7 +134,7 @@ async def test_error_reply_under_trio_raises_its_typed_exception(
 ) -> None:
     async with EmailRelayClient.connect(servers=nats_server.url) as client:
         with pytest.raises(FromDomainNotAllowed) as caught:
-            await client.send(**_email(from_="someone@evil.example"))
+            await client.send(**send_request(), from_="someone@evil.example")
     assert caught.value.error == api.ERR_FROM_DOMAIN_NOT_ALLOWED
 
 
@@ -221,7 +212,7 @@ def test_send_and_status_under_asyncio(
 ) -> None:
     async def scenario() -> tuple[api.SendEmailReply, api.TrackingRecord]:
         async with EmailRelayClient.connect(servers=nats_server.url) as client:
-            sent = await client.send(**_email(group_id="asyncio-send"))
+            sent = await client.send(**send_request(group_id="asyncio-send"))
             return sent, await client.status(sent.email_id)
 
     sent, record = run_on_asyncio(scenario)
@@ -237,7 +228,7 @@ def test_group_status_and_analytics_under_asyncio(
 
     async def scenario() -> tuple[list[api.TrackingRecord], api.EngagementAnalyticsReply]:
         async with EmailRelayClient.connect(servers=nats_server.url) as client:
-            await client.send(**_email(group_id=group))
+            await client.send(**send_request(group_id=group))
             return await client.group_status(group), await client.analytics(group)
 
     records, counts = run_on_asyncio(scenario)
@@ -250,7 +241,7 @@ def test_error_reply_under_asyncio_raises_its_typed_exception(
 ) -> None:
     async def scenario() -> None:
         async with EmailRelayClient.connect(servers=nats_server.url) as client:
-            await client.send(**_email(html=""))
+            await client.send(**send_request(html=""))
 
     with pytest.raises(MissingFields):
         run_on_asyncio(scenario)

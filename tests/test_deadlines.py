@@ -24,12 +24,12 @@ from emailrelay.bridge.loop import AsyncioCalls
 from emailrelay.client import EmailRelayClient
 from emailrelay.deadline import CLOCK_SKEW_ALLOWANCE, Deadline, request_deadline
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import REPO_ROOT
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import REPO_ROOT
+from tests.support.servers.smtp import SmtpServer
 
-VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
 DELIVERY_FAILED = {"error": api.ERR_DELIVERY_FAILED}
 EXPIRED = "emailrelay_requests_expired_total"
 
@@ -86,7 +86,9 @@ def test_send_past_its_deadline_fails_without_contacting_smtp(
     relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
     relay = relay_factory()
-    reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, VALID, headers=deadline_header(-1.0))
+    reply = nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, send_request(), headers=deadline_header(-1.0)
+    )
     assert reply == DELIVERY_FAILED
     assert smtp.connections == 0
     assert relay.metric(EXPIRED) == 1
@@ -99,7 +101,9 @@ def test_no_smtp_transaction_starts_after_the_deadline(
     relay = relay_factory()
     header = deadline_header(2.0)
     deadline = int(header[api.DEADLINE_HEADER]) / 1000
-    reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, VALID, timeout=5, headers=header)
+    reply = nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, send_request(), timeout=5, headers=header
+    )
     assert reply == DELIVERY_FAILED
     assert len(smtp.mail_times) >= 2, "the relay did not retry"
     assert max(smtp.mail_times) < deadline
@@ -112,7 +116,7 @@ def test_without_the_header_no_transaction_starts_after_send_timeout(
     smtp.fail_all("MAIL", 451)
     relay = relay_factory({"SEND_TIMEOUT": "2s"})
     sent_at = time.time()
-    reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, VALID, timeout=10)
+    reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, send_request(), timeout=10)
     assert reply == DELIVERY_FAILED
     assert len(smtp.mail_times) >= 2, "the relay did not retry"
     assert max(smtp.mail_times) < sent_at + 2.0
@@ -123,7 +127,9 @@ def test_send_within_its_deadline_is_sent(
     relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
     relay = relay_factory()
-    reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, VALID, headers=deadline_header(10))
+    reply = nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, send_request(), headers=deadline_header(10)
+    )
     assert "email_id" in reply
     assert len(smtp.messages) == 1
     assert relay.metric(EXPIRED) == 0

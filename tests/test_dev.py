@@ -19,8 +19,8 @@ import pytest
 
 from emailrelay.dev.capture import CapturedMessage, CaptureServer
 from emailrelay.dev.natsserver import nats_server_binary
-from tests.servers.relay import REPO_ROOT
-from tests.waiting import LOOPBACK, free_port, wait_until
+from tests.support.servers.relay import REPO_ROOT
+from tests.support.waiting import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for child processes")
 

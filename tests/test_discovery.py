@@ -20,10 +20,11 @@ from nats.aio.msg import Msg
 
 from emailrelay import __version__, api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 CONTRACT_SUBJECTS = (
     api.SEND_EMAIL_SUBJECT,
@@ -41,18 +42,12 @@ def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayPro
 
 
 def email(**fields: str) -> dict[str, str]:
-    return {
-        "to": "someone@example.com",
-        "subject": "Hello",
-        "html": "<p>Hi</p>",
-        "text": "Hi",
-        **fields,
-    }
+    return send_request(**fields)
 
 
 def request_message(client: SyncNats, subject: str, payload: bytes) -> Msg:
     """One request; the whole reply message (headers included)."""
-    return client._run(client.nc.request(subject, payload, timeout=5))
+    return client.run(client.nc.request(subject, payload, timeout=5))
 
 
 def collect_replies(
@@ -78,7 +73,7 @@ def collect_replies(
         await subscription.unsubscribe()
         return replies
 
-    return client._run(go(), timeout=timeout + 5)
+    return client.run(go(), timeout=timeout + 5)
 
 
 def endpoint_stats(client: SyncNats, subject: str) -> dict[str, Any]:

@@ -21,23 +21,18 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.waiting import free_port, wait_until
 from tests.test_engagement_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
-from tests.waiting import free_port, wait_until
 
 REGION = "us-east-1"
 MAX_RECEIVES = 2
 EXAMPLE_SES_MESSAGE_ID = "EXAMPLE7c191be45-e9aedb9a-02f9-4d12-a87d-dd0099a07f8a-000000"
-
-
-@pytest.fixture(scope="module")
-def sqs_server() -> Iterator[SqsServer]:
-    with SqsServer(region=REGION) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +113,7 @@ def relay(relay_env_for_queue: dict[str, str | None]) -> Iterator[RelayProcess]:
 def send_email(nats: SyncNats) -> str:
     reply = nats.request_json(
         api.SEND_EMAIL_SUBJECT,
-        {"to": "someone@example.com", "subject": "hi", "html": "<p>hi</p>", "text": "hi"},
+        send_request(),
     )
     assert reply["email_id"], reply
     return str(reply["email_id"])

@@ -4,27 +4,19 @@ off when SHUTDOWN_GRACE_SECONDS runs out still get their one reply."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.smtp import SmtpServer
-from tests.waiting import free_port, wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import free_port, wait_until
 
-VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
 DELIVERY_FAILED = {"error": api.ERR_DELIVERY_FAILED}
-
-
-@pytest.fixture
-def own_nats_server() -> Iterator[NatsServer]:
-    """A nats-server of this test's own, free to be stopped."""
-    with NatsServer() as server:
-        yield server
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -58,7 +50,7 @@ def test_sends_cut_off_by_the_grace_answer_delivery_failed_and_are_never_sent(
     )
     with ThreadPoolExecutor(max_workers=1) as pool:
         replies = pool.submit(
-            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [VALID] * 10, 10, 30.0
+            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [send_request()] * 10, 10, 30.0
         )
         # Two sends retrying, eight waiting behind them.
         wait_until(lambda: relay.metric("emailrelay_request_backlog") == 8, message="no backlog")
@@ -75,7 +67,7 @@ def test_send_handed_over_before_the_cut_off_gets_the_providers_answer(
     smtp.latency = 2.0  # the final reply to DATA comes after the grace has run out
     relay = relay_factory({"SHUTDOWN_GRACE_SECONDS": "200ms"})
     with ThreadPoolExecutor(max_workers=1) as pool:
-        reply = pool.submit(nats_client.request_json, api.SEND_EMAIL_SUBJECT, VALID, 30.0)
+        reply = pool.submit(nats_client.request_json, api.SEND_EMAIL_SUBJECT, send_request(), 30.0)
         wait_until(lambda: smtp.open_connections == 1, message="the send did not start")
         relay.terminate()
         answered = reply.result(timeout=30)

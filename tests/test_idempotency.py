@@ -27,9 +27,10 @@ from emailrelay.store.idempotency import (
 )
 from emailrelay.store.keys import is_valid_key
 from emailrelay.store.kv import RevisionConflict, StoreError
-from tests.fakes import MemoryKeyValue
-from tests.kvsupport import replicas_on_one_bucket
-from tests.servers.nats import NatsServer
+from tests.support.fakes import MemoryKeyValue
+from tests.support.jetstream_kv import replicas_on_one_bucket
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
 
 STALE_AFTER = 40.0
 TTL = 24 * 3600.0
@@ -45,8 +46,7 @@ class FakeWallClock:
 
 
 def request(**fields: str) -> api.SendEmailRequest:
-    base = {"to": "a@example.org", "subject": "s", "html": "<p>h</p>", "text": "h"}
-    return api.SendEmailRequest.model_validate({**base, **fields})
+    return api.SendEmailRequest.model_validate(send_request(**fields))
 
 
 FP = request_fingerprint(request())

@@ -21,10 +21,10 @@ import pytest
 
 from emailrelay import api
 from emailrelay.client import EmailRelayClient
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 REQUEST: dict[str, Any] = {
     "to": "jane.doe@example.com",
@@ -238,7 +238,7 @@ def test_the_bucket_is_created_with_the_idempotency_ttl(
         info = await caller.js.stream_info(f"KV_{api.IDEMPOTENCY_BUCKET}")
         return float(info.config.max_age or 0)
 
-    assert caller._run(max_age()) == 24 * 3600
+    assert caller.run(max_age()) == 24 * 3600
 
 
 def test_the_entry_holds_no_request_content(caller: SyncNats, smtp: SmtpServer) -> None:
@@ -249,7 +249,7 @@ def test_the_entry_holds_no_request_content(caller: SyncNats, smtp: SmtpServer) 
         kv = await caller.js.key_value(api.IDEMPOTENCY_BUCKET)
         return [(await kv.get(k)).value or b"" for k in await kv.keys()]
 
-    stored = caller._run(values())
+    stored = caller.run(values())
     assert stored
     assert not any(b"Secret subject" in v or key.encode() in v for v in stored)
     assert all(json.loads(v)["v"] == 1 for v in stored)

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import run_relay_once
-from tests.servers.smtp import SmtpServer
-from tests.waiting import free_port, wait_until
-
-VALID = {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"}
-
-
-@pytest.fixture
-def own_nats_server() -> Iterator[NatsServer]:
-    """A nats-server of this test's own, free to be stopped and started."""
-    with NatsServer() as server:
-        yield server
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import run_relay_once
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import free_port, wait_until
 
 
 def email_ids_received(smtp: SmtpServer) -> set[str]:
@@ -49,7 +40,7 @@ def drain_with_sends_in_flight(
     relay = relay_factory()
     with ThreadPoolExecutor(max_workers=1) as pool:
         replies = pool.submit(
-            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [VALID] * count, 64, 30.0
+            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [send_request()] * count, 64, 30.0
         )
         wait_until(lambda: smtp.messages, timeout=10, message="no send reached SMTP")
         relay.terminate(sig)
@@ -92,7 +83,7 @@ def test_readyz_follows_nats_down_and_up(
     own_nats_server.start()
     relay.wait_readyz(200, timeout=30)
     with SyncNats(own_nats_server.url) as client:
-        assert "email_id" in client.request_json(api.SEND_EMAIL_SUBJECT, VALID)
+        assert "email_id" in client.request_json(api.SEND_EMAIL_SUBJECT, send_request())
     assert relay.returncode is None
 
 

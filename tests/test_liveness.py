@@ -19,9 +19,10 @@ from emailrelay import api
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.health import serve_health
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.waiting import LOOPBACK, free_port
 
 SHORT_CONTROL_LINE = 256
 """A nats-server whose protocol lines are this short (the default is 4 KiB)
@@ -65,7 +66,7 @@ def test_no_status_query_makes_nats_close_the_relays_connection(
     assert relay.readyz_status() == 200
     assert "email_id" in nats_client.request_json(
         api.SEND_EMAIL_SUBJECT,
-        {"to": "jane@example.com", "subject": "s", "html": "<p>h</p>", "text": "h"},
+        send_request(),
     )
 
 

@@ -15,12 +15,12 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.logs import MAX_EXTRA_CHARS, JsonFormatter, TextFormatter, shorten
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
-from tests.hostile import VALID
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.fakes import MemoryKeyValue
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 
 def test_a_short_value_is_logged_as_it_is() -> None:
@@ -80,9 +80,11 @@ def test_no_log_line_carries_a_callers_whole_megabyte(
 ) -> None:
     process, client = relay
     group_id = "G" * api.MAX_GROUP_ID_BYTES
-    assert client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, "group_id": group_id})["email_id"]
+    assert client.request_json(api.SEND_EMAIL_SUBJECT, {**send_request(), "group_id": group_id})[
+        "email_id"
+    ]
     too_long = "T" * (1024 * 1024 - 200)
-    client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, "to": too_long})
+    client.request_json(api.SEND_EMAIL_SUBJECT, {**send_request(), "to": too_long})
     client.request_json(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": too_long})
     logs = process.stderr()
     assert "email sent" in logs

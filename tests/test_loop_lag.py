@@ -18,11 +18,11 @@ import pytest
 
 from emailrelay import api
 from emailrelay.looplag import LagWindow, watch_loop_lag
-from tests.hostile import NATS_MAX_PAYLOAD, VALID, padded_to_max_payload
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload, send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 GAUGE = "emailrelay_event_loop_lag_seconds"
 
@@ -64,23 +64,11 @@ async def test_the_watcher_sees_a_blocked_loop() -> None:
 # --- end to end ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    with NatsServer() as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def client(server: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(server.url) as nats:
-        yield nats
-
-
 @pytest.fixture
-def relay(server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
+def relay(module_nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
     """A relay of each test's own: the gauge keeps the worst lag of the last
     30 s, so a stall in one case must not be read by the next."""
-    with running_relay(server, smtp_server) as process:
+    with running_relay(module_nats_server, smtp_server) as process:
         yield process
 
 
@@ -94,7 +82,7 @@ def loop_lag(relay: RelayProcess) -> float:
 SEND_FIELDS = ["to", "from", "reply_to", "from_display_name", "subject", "html", "text"]
 SEND_FIELDS.append("group_id")
 LARGEST_REQUESTS = [
-    *[(api.SEND_EMAIL_SUBJECT, VALID, field) for field in SEND_FIELDS],
+    *[(api.SEND_EMAIL_SUBJECT, send_request(), field) for field in SEND_FIELDS],
     (api.GET_EMAIL_STATUS_SUBJECT, {}, "email_id"),
     (api.GET_EMAIL_STATUS_SUBJECT, {}, "group_id"),
     (api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {}, "group_id"),
@@ -113,7 +101,7 @@ def test_the_gauge_is_exposed(relay: RelayProcess) -> None:
 )
 def test_the_largest_payload_in_any_field_keeps_the_loop_lag_under_a_second(
     relay: RelayProcess,
-    client: SyncNats,
+    module_nats_client: SyncNats,
     smtp: SmtpServer,
     subject: str,
     base: dict[str, str],
@@ -123,7 +111,7 @@ def test_the_largest_payload_in_any_field_keeps_the_loop_lag_under_a_second(
     body = padded_to_max_payload(dict(base), field_name, unit)
     assert len(body) > NATS_MAX_PAYLOAD - 16
     started = time.monotonic()
-    reply = client.request_json(subject, body, timeout=120)
+    reply = module_nats_client.request_json(subject, body, timeout=120)
     took = time.monotonic() - started
     lag = loop_lag(relay)
     outcome = reply.get("error", "ok")

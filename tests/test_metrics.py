@@ -8,10 +8,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -40,13 +41,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def email(**fields: str) -> dict[str, str]:
-    return {
-        "to": "someone@example.com",
-        "subject": "Hello",
-        "html": "<p>Hi</p>",
-        "text": "Hi",
-        **fields,
-    }
+    return send_request(**fields)
 
 
 def test_metrics_are_prometheus_text(relay: RelayProcess) -> None:

@@ -19,11 +19,12 @@ import pytest
 import yaml
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, relay_defaults
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, relay_defaults
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 CHART_DIR = Path(__file__).resolve().parent.parent / "charts" / "emailrelay"
 RELAY_USER, RELAY_PASSWORD = "emailrelay", "relay-secret"
@@ -101,13 +102,10 @@ def caller(restricted_nats: NatsServer) -> Iterator[SyncNats]:
         yield client
 
 
-SEND = {"to": "someone@example.org", "subject": "hi", "html": "<p>hi</p>", "text": "hi"}
-
-
 def test_send_status_and_analytics_work_with_only_the_chart_permissions(
     restricted_relay: RelayProcess, caller: SyncNats, restricted_nats: NatsServer
 ) -> None:
-    sent = caller.request_json(api.SEND_EMAIL_SUBJECT, {**SEND, "group_id": "least-privilege"})
+    sent = caller.request_json(api.SEND_EMAIL_SUBJECT, send_request(group_id="least-privilege"))
     record = caller.request_json(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": sent["email_id"]})
     group = caller.request_json(api.GET_EMAIL_STATUS_SUBJECT, {"group_id": "least-privilege"})
     counts = caller.request_json(

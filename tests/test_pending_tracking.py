@@ -22,7 +22,7 @@ from emailrelay.store.buckets import BucketPolicy, open_tracking_store
 from emailrelay.store.kv import StoreError
 from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryBuckets, MemoryKeyValue
+from tests.support.fakes import MemoryBuckets, MemoryKeyValue
 
 
 def record(group_id: str = "g", subject: str = "hello") -> TrackingRecord:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from emailrelay import api
 from emailrelay.api import TrackingRecord
 from emailrelay.engagement.events import Skipped, apply_event, parse_message
-from tests.hostile import handlers
+from tests.support.handlers import handlers
 
 SETTINGS = settings(
     max_examples=150,

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 PROVIDER_RATE = 4.0
 """Messages per second the provider accepts."""

@@ -15,8 +15,8 @@ from emailrelay.bridge.loop import asyncio_loop
 from emailrelay.bridge.nats import Deliver, NatsConnection, RequestSubscription, drained_on_exit
 from emailrelay.config import load_settings
 from emailrelay.supervision import Lifecycle
-from tests.servers.nats import NatsServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.servers.nats import NatsServer
+from tests.support.waiting import LOOPBACK, free_port
 
 POLL_SECONDS = 0.02
 

@@ -10,11 +10,8 @@ retries and was never recorded.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import pytest
 
 from emailrelay import api
 from emailrelay.api import TrackingRecord
@@ -26,11 +23,11 @@ from emailrelay.engagement.events import (
     apply_event,
     parse_message,
 )
-from tests.hostile import VALID, handlers
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
+from tests.support.handlers import handlers
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 EMAIL_ID = "5b0c1a5e-7f0e-4a55-9f37-0c2a3c7f6d11"
@@ -214,7 +211,9 @@ def test_a_lone_surrogate_in_an_event_becomes_the_replacement_character() -> Non
 
 async def test_a_70_kb_subject_send_is_recorded_and_found() -> None:
     h = handlers()
-    reply = json.loads(await h.send(json.dumps({**VALID, "subject": "s" * 70_000}).encode()))
+    reply = json.loads(
+        await h.send(json.dumps({**send_request(), "subject": "s" * 70_000}).encode())
+    )
     found = json.loads(await h.status(json.dumps({"email_id": reply["email_id"]}).encode()))
     assert found["email_id"] == reply["email_id"]
     assert found["subject"].endswith(api.SHORTENED_MARK)
@@ -223,37 +222,23 @@ async def test_a_70_kb_subject_send_is_recorded_and_found() -> None:
 # --- end to end --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    with NatsServer() as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def client(server: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(server.url) as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def relay(server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    with running_relay(server, smtp_server) as process:
-        yield process
-
-
 def test_a_70_kb_subject_send_is_recorded_and_status_finds_it(
-    relay: RelayProcess, client: SyncNats, smtp: SmtpServer
+    module_relay: RelayProcess, module_nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
     subject = "Quarterly report " * 4_200
     assert len(subject) > 70_000
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**VALID, "subject": subject})
+    reply = module_nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, {**send_request(), "subject": subject}
+    )
     assert "email_id" in reply, reply
-    found = client.request_json(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": reply["email_id"]})
+    found = module_nats_client.request_json(
+        api.GET_EMAIL_STATUS_SUBJECT, {"email_id": reply["email_id"]}
+    )
     assert found.get("email_id") == reply["email_id"], found
     assert subject.startswith(found["subject"].removesuffix(api.SHORTENED_MARK))
-    stored_value = client.kv_get(api.RECIPIENTS_BUCKET, reply["email_id"])
+    stored_value = module_nats_client.kv_get(api.RECIPIENTS_BUCKET, reply["email_id"])
     assert stored_value is not None
     assert len(stored_value) <= api.RECORD_MAX_BYTES
     (message,) = smtp.wait_for_messages(1)
     assert message.parsed["Subject"] == subject
-    assert "tracking write failed" not in relay.logs()
+    assert "tracking write failed" not in module_relay.logs()

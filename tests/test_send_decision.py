@@ -18,6 +18,7 @@ import pytest
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
 from emailrelay.handlers.send_decision import NewIds, Send, SendRules, Skip, decide_send
+from tests.support.send_requests import send_request
 
 DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
 assert DEFAULT_FROM is not None
@@ -32,7 +33,6 @@ RULES = SendRules(
 )
 IDS = NewIds(email_id="email-1", group_id="group-1")
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-VALID = {"to": "jane@example.com", "subject": "Hi", "html": "<p>hi</p>", "text": "hi"}
 
 
 def decide(body: Any, rules: SendRules = RULES) -> Send | Skip | api.ErrorReply:
@@ -52,48 +52,58 @@ DISABLED = replace(RULES, email_enabled=False)
 CONTRACT_ORDER = [
     ("not json", b"{", RULES, error(api.ERR_INVALID_PAYLOAD)),
     ("not an object", b"[]", RULES, error(api.ERR_INVALID_PAYLOAD)),
-    ("wrong type", {**VALID, "to": 1}, RULES, error(api.ERR_INVALID_PAYLOAD)),
+    ("wrong type", {**send_request(), "to": 1}, RULES, error(api.ERR_INVALID_PAYLOAD)),
     (
         "group id too long",
-        {**VALID, "group_id": "g" * (api.MAX_GROUP_ID_BYTES + 1), "to": ""},
+        {**send_request(), "group_id": "g" * (api.MAX_GROUP_ID_BYTES + 1), "to": ""},
         RULES,
         error(api.ERR_INVALID_PAYLOAD),
     ),
     (
         "missing text",
-        {**VALID, "text": "", "to": "bad"},
+        {**send_request(), "text": "", "to": "bad"},
         RULES,
         error(api.ERR_SEND_FIELDS_REQUIRED),
     ),
-    ("recipient outside allowlist", {**VALID, "from": "bad"}, ONLY_EXAMPLE_ORG, "skip"),
-    ("unparseable recipient under allowlist", {**VALID, "to": "bad"}, ONLY_EXAMPLE_ORG, "skip"),
-    ("invalid to", {**VALID, "to": "bad", "from": "bad"}, RULES, error(api.ERR_INVALID_TO)),
+    ("recipient outside allowlist", {**send_request(), "from": "bad"}, ONLY_EXAMPLE_ORG, "skip"),
+    (
+        "unparseable recipient under allowlist",
+        {**send_request(), "to": "bad"},
+        ONLY_EXAMPLE_ORG,
+        "skip",
+    ),
+    (
+        "invalid to",
+        {**send_request(), "to": "bad", "from": "bad"},
+        RULES,
+        error(api.ERR_INVALID_TO),
+    ),
     (
         "invalid from",
-        {**VALID, "from": "bad", "reply_to": "bad"},
+        {**send_request(), "from": "bad", "reply_to": "bad"},
         RULES,
         error(api.ERR_INVALID_FROM),
     ),
     (
         "from domain not allowed",
-        {**VALID, "from": "a@example.com", "reply_to": "bad"},
+        {**send_request(), "from": "a@example.com", "reply_to": "bad"},
         RULES,
         error(api.ERR_FROM_DOMAIN_NOT_ALLOWED),
     ),
     (
         "invalid reply_to",
-        {**VALID, "reply_to": "bad"},
+        {**send_request(), "reply_to": "bad"},
         DISABLED,
         error(api.ERR_INVALID_REPLY_TO),
     ),
     (
         "reply_to domain not allowed",
-        {**VALID, "reply_to": "a@example.com"},
+        {**send_request(), "reply_to": "a@example.com"},
         DISABLED,
         error(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED),
     ),
-    ("email disabled", VALID, DISABLED, "skip"),
-    ("valid", VALID, RULES, "send"),
+    ("email disabled", send_request(), DISABLED, "skip"),
+    ("valid", send_request(), RULES, "send"),
 ]
 
 
@@ -115,7 +125,7 @@ def test_decision_follows_the_contract_order(
 
 
 def test_send_takes_the_given_ids_and_time() -> None:
-    decision = decide(VALID)
+    decision = decide(send_request())
     assert isinstance(decision, Send)
     assert (decision.email.email_id, decision.email.group_id) == ("email-1", "group-1")
     assert decision.record.sent_at == NOW
@@ -123,30 +133,30 @@ def test_send_takes_the_given_ids_and_time() -> None:
 
 
 def test_a_named_group_is_kept_over_the_new_group_id() -> None:
-    decision = decide({**VALID, "group_id": "mine"})
+    decision = decide({**send_request(), "group_id": "mine"})
     assert isinstance(decision, Send)
     assert (decision.email.group_id, decision.record.group_id) == ("mine", "mine")
 
 
 def test_the_default_sender_is_used_without_from() -> None:
-    decision = decide(VALID)
+    decision = decide(send_request())
     assert isinstance(decision, Send)
     assert decision.email.sender == DEFAULT_FROM
     assert decision.email.sender_display_name == "LFX Self Serve"
 
 
 def test_the_record_keeps_to_without_line_breaks() -> None:
-    decision = decide({**VALID, "to": "jane@example.com\r\n"})
+    decision = decide({**send_request(), "to": "jane@example.com\r\n"})
     assert isinstance(decision, Send)
     assert decision.record.to == "jane@example.com"
 
 
 def test_a_skip_names_its_rule_and_redacts_the_recipient() -> None:
-    decision = decide(VALID, DISABLED)
+    decision = decide(send_request(), DISABLED)
     assert isinstance(decision, Skip)
     assert "EMAIL_ENABLED" in decision.reason
     assert "jane@example.com" not in decision.to
 
 
 def test_the_same_inputs_give_the_same_decision() -> None:
-    assert decide(VALID) == decide(VALID)
+    assert decide(send_request()) == decide(send_request())

@@ -20,18 +20,17 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import ReceivedMessage, SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import ReceivedMessage, SmtpServer
 
 RECIPIENT = "jane.doe@example.com"
-VALID: dict[str, Any] = {
-    "to": RECIPIENT,
-    "subject": "Your weekly digest",
-    "html": "<p>Hello <b>Jane</b></p>",
-    "text": "Hello Jane",
-}
+# Subject, HTML and text the MIME assertions below read back from the message.
+VALID = send_request(
+    to=RECIPIENT, subject="Your weekly digest", html="<p>Hello <b>Jane</b></p>", text="Hello Jane"
+)
 SKIPPED = {"email_id": "", "group_id": ""}
 SENT_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -66,7 +65,7 @@ class Stack:
             kv = await self.client.js.key_value(api.RECIPIENTS_BUCKET)
             return int((await kv.status()).values)
 
-        return self.client._run(count())
+        return self.client.run(count())
 
     def logs(self) -> str:
         return "\n".join(relay.logs() for relay in self.relays)

@@ -22,6 +22,7 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.send import NoTracking, SendEmailHandler, SendRules, TrackingWriter
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
+from tests.support.send_requests import send_request
 
 DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
 assert DEFAULT_FROM is not None
@@ -34,8 +35,6 @@ RULES = SendRules(
     allowed_reply_to_domains=("linuxfoundation.org",),
     allowed_recipient_domains=(),
 )
-
-VALID = {"to": "jane@example.com", "subject": "Hi", "html": "<p>hi</p>", "text": "hi"}
 
 
 @dataclass
@@ -152,17 +151,6 @@ def relay() -> Relay:
     return make_relay()
 
 
-def request(**changes: Any) -> dict[str, Any]:
-    body = dict(VALID)
-    for name, value in changes.items():
-        key = "from" if name == "from_" else name
-        if value is None:
-            body.pop(key, None)
-        else:
-            body[key] = value
-    return body
-
-
 def error(message: str) -> dict[str, str]:
     return {"error": message}
 
@@ -195,11 +183,11 @@ async def test_null_body_is_invalid_or_missing_fields(relay: Relay) -> None:
 async def test_field_of_the_wrong_type_is_invalid(
     relay: Relay, field_name: str, value: object
 ) -> None:
-    assert await relay.send({**VALID, field_name: value}) == error(api.ERR_INVALID_PAYLOAD)
+    assert await relay.send({**send_request(), field_name: value}) == error(api.ERR_INVALID_PAYLOAD)
 
 
 async def test_group_id_of_the_wrong_type_is_invalid(relay: Relay) -> None:
-    assert await relay.send({**VALID, "group_id": 7}) == error(api.ERR_INVALID_PAYLOAD)
+    assert await relay.send({**send_request(), "group_id": 7}) == error(api.ERR_INVALID_PAYLOAD)
 
 
 async def test_wrong_type_is_checked_before_missing_fields(relay: Relay) -> None:
@@ -207,7 +195,7 @@ async def test_wrong_type_is_checked_before_missing_fields(relay: Relay) -> None
 
 
 async def test_unknown_fields_are_ignored(relay: Relay) -> None:
-    reply = await relay.send({**VALID, "cc": ["x@example.com"], "priority": 1})
+    reply = await relay.send({**send_request(), "cc": ["x@example.com"], "priority": 1})
     assert reply["email_id"]
     assert len(relay.sender.sent) == 1
 
@@ -217,12 +205,14 @@ async def test_unknown_fields_are_ignored(relay: Relay) -> None:
 
 @pytest.mark.parametrize("field_name", ["to", "subject", "html", "text"])
 async def test_missing_required_field(relay: Relay, field_name: str) -> None:
-    assert await relay.send(request(**{field_name: None})) == error(api.ERR_SEND_FIELDS_REQUIRED)
+    assert await relay.send(send_request(**{field_name: None})) == error(
+        api.ERR_SEND_FIELDS_REQUIRED
+    )
 
 
 @pytest.mark.parametrize("field_name", ["to", "subject", "html", "text"])
 async def test_empty_required_field(relay: Relay, field_name: str) -> None:
-    assert await relay.send(request(**{field_name: ""})) == error(api.ERR_SEND_FIELDS_REQUIRED)
+    assert await relay.send(send_request(**{field_name: ""})) == error(api.ERR_SEND_FIELDS_REQUIRED)
 
 
 async def test_empty_object_is_missing_fields(relay: Relay) -> None:
@@ -230,7 +220,9 @@ async def test_empty_object_is_missing_fields(relay: Relay) -> None:
 
 
 async def test_missing_fields_are_checked_before_the_address(relay: Relay) -> None:
-    assert await relay.send(request(to="nonsense", text="")) == error(api.ERR_SEND_FIELDS_REQUIRED)
+    assert await relay.send(send_request(to="nonsense", text="")) == error(
+        api.ERR_SEND_FIELDS_REQUIRED
+    )
 
 
 # 3. recipient allowlist
@@ -240,18 +232,18 @@ RECIPIENT_RULES = replace(RULES, allowed_recipient_domains=("example.com",))
 
 async def test_recipient_in_allowlisted_domain_is_sent() -> None:
     relay = make_relay(RECIPIENT_RULES)
-    assert (await relay.send(request(to="jane@example.com")))["email_id"]
+    assert (await relay.send(send_request(to="jane@example.com")))["email_id"]
     assert len(relay.sender.sent) == 1
 
 
 async def test_recipient_in_allowlisted_subdomain_is_sent() -> None:
     relay = make_relay(RECIPIENT_RULES)
-    assert (await relay.send(request(to="jane@eu.example.com")))["email_id"]
+    assert (await relay.send(send_request(to="jane@eu.example.com")))["email_id"]
 
 
 async def test_recipient_outside_allowlist_is_skipped_with_empty_ids() -> None:
     relay = make_relay(RECIPIENT_RULES)
-    assert await relay.send(request(to="jane@other.org")) == SKIPPED
+    assert await relay.send(send_request(to="jane@other.org")) == SKIPPED
     assert relay.sender.sent == []
     assert relay.tracking.records == []
     assert relay.tracking.groups == {}
@@ -259,17 +251,17 @@ async def test_recipient_outside_allowlist_is_skipped_with_empty_ids() -> None:
 
 async def test_recipient_allowlist_needs_a_label_boundary() -> None:
     relay = make_relay(RECIPIENT_RULES)
-    assert await relay.send(request(to="jane@notexample.com")) == SKIPPED
+    assert await relay.send(send_request(to="jane@notexample.com")) == SKIPPED
 
 
 async def test_unparseable_recipient_with_allowlist_is_skipped() -> None:
     relay = make_relay(RECIPIENT_RULES)
-    assert await relay.send(request(to="not an address")) == SKIPPED
+    assert await relay.send(send_request(to="not an address")) == SKIPPED
 
 
 async def test_recipient_allowlist_is_checked_before_from() -> None:
     relay = make_relay(RECIPIENT_RULES)
-    reply = await relay.send(request(to="jane@other.org", from_="x@evil.example"))
+    reply = await relay.send(send_request(to="jane@other.org", from_="x@evil.example"))
     assert reply == SKIPPED
 
 
@@ -278,75 +270,75 @@ async def test_recipient_allowlist_is_checked_before_from() -> None:
 
 @pytest.mark.parametrize("to", ["plainword", "a@b.example, c@d.example", "a@", "@b.example"])
 async def test_unparseable_to(relay: Relay, to: str) -> None:
-    assert await relay.send(request(to=to)) == error(api.ERR_INVALID_TO)
+    assert await relay.send(send_request(to=to)) == error(api.ERR_INVALID_TO)
 
 
 async def test_non_ascii_domain_in_to_is_invalid_to(relay: Relay) -> None:
-    assert await relay.send(request(to="user@bücher.example")) == error(api.ERR_INVALID_TO)
+    assert await relay.send(send_request(to="user@bücher.example")) == error(api.ERR_INVALID_TO)
 
 
 async def test_to_with_display_name_sends_to_the_bare_address(relay: Relay) -> None:
-    await relay.send(request(to="Jane Doe <jane@example.com>"))
+    await relay.send(send_request(to="Jane Doe <jane@example.com>"))
     assert relay.sender.sent[0].recipient == "jane@example.com"
 
 
 async def test_to_with_injected_header_is_invalid(relay: Relay) -> None:
-    reply = await relay.send(request(to="jane@example.com\r\nBcc: evil@attacker.example"))
+    reply = await relay.send(send_request(to="jane@example.com\r\nBcc: evil@attacker.example"))
     assert reply == error(api.ERR_INVALID_TO)
     assert relay.sender.sent == []
 
 
 async def test_to_is_checked_before_from(relay: Relay) -> None:
-    assert await relay.send(request(to="nope", from_="nope")) == error(api.ERR_INVALID_TO)
+    assert await relay.send(send_request(to="nope", from_="nope")) == error(api.ERR_INVALID_TO)
 
 
 # 5. from
 
 
 async def test_unparseable_from(relay: Relay) -> None:
-    assert await relay.send(request(from_="not an address")) == error(api.ERR_INVALID_FROM)
+    assert await relay.send(send_request(from_="not an address")) == error(api.ERR_INVALID_FROM)
 
 
 async def test_from_outside_allowlist(relay: Relay) -> None:
-    reply = await relay.send(request(from_="x@linuxfoundation.org"))
+    reply = await relay.send(send_request(from_="x@linuxfoundation.org"))
     assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
 
 
 async def test_from_subdomain_is_not_allowed(relay: Relay) -> None:
-    reply = await relay.send(request(from_="x@mail.lfx.linuxfoundation.org"))
+    reply = await relay.send(send_request(from_="x@mail.lfx.linuxfoundation.org"))
     assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
 
 
 async def test_from_domain_matches_in_any_case(relay: Relay) -> None:
-    await relay.send(request(from_="Team@LFX.LinuxFoundation.org"))
+    await relay.send(send_request(from_="Team@LFX.LinuxFoundation.org"))
     assert relay.sender.sent[0].sender == "Team@LFX.LinuxFoundation.org"
 
 
 async def test_from_with_empty_allowlist_is_not_allowed() -> None:
     relay = make_relay(replace(RULES, allowed_from_domains=()))
-    reply = await relay.send(request(from_="x@lfx.linuxfoundation.org"))
+    reply = await relay.send(send_request(from_="x@lfx.linuxfoundation.org"))
     assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
 
 
 async def test_empty_allowlist_still_allows_the_default_from() -> None:
     relay = make_relay(replace(RULES, allowed_from_domains=()))
-    assert (await relay.send(request()))["email_id"]
+    assert (await relay.send(send_request()))["email_id"]
 
 
 async def test_from_is_the_envelope_sender(relay: Relay) -> None:
-    await relay.send(request(from_="events@lfx.linuxfoundation.org"))
+    await relay.send(send_request(from_="events@lfx.linuxfoundation.org"))
     assert relay.sender.sent[0].sender == "events@lfx.linuxfoundation.org"
 
 
 async def test_absent_from_uses_the_default(relay: Relay) -> None:
-    await relay.send(request())
+    await relay.send(send_request())
     sent = relay.sender.sent[0]
     assert sent.sender == "noreply@lfx.linuxfoundation.org"
     assert sent.parsed["From"] == "LFX Self Serve <noreply@lfx.linuxfoundation.org>"
 
 
 async def test_empty_from_means_absent(relay: Relay) -> None:
-    await relay.send(request(from_="", from_display_name="", reply_to="", group_id=""))
+    await relay.send(send_request(from_="", from_display_name="", reply_to="", group_id=""))
     sent = relay.sender.sent[0]
     assert sent.sender == "noreply@lfx.linuxfoundation.org"
     assert sent.parsed["From"] == "LFX Self Serve <noreply@lfx.linuxfoundation.org>"
@@ -354,18 +346,18 @@ async def test_empty_from_means_absent(relay: Relay) -> None:
 
 
 async def test_null_optional_fields_mean_absent(relay: Relay) -> None:
-    reply = await relay.send({**VALID, "from": None, "reply_to": None, "group_id": None})
+    reply = await relay.send({**send_request(), "from": None, "reply_to": None, "group_id": None})
     assert reply["email_id"]
     assert relay.sender.sent[0].sender == "noreply@lfx.linuxfoundation.org"
 
 
 async def test_display_name_overrides_the_default(relay: Relay) -> None:
-    await relay.send(request(from_display_name="Events Team"))
+    await relay.send(send_request(from_display_name="Events Team"))
     assert relay.sender.sent[0].parsed["From"].addresses[0].display_name == "Events Team"
 
 
 async def test_from_is_checked_before_reply_to(relay: Relay) -> None:
-    reply = await relay.send(request(from_="x@evil.example", reply_to="nope"))
+    reply = await relay.send(send_request(from_="x@evil.example", reply_to="nope"))
     assert reply == error(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
 
 
@@ -373,32 +365,32 @@ async def test_from_is_checked_before_reply_to(relay: Relay) -> None:
 
 
 async def test_unparseable_reply_to(relay: Relay) -> None:
-    assert await relay.send(request(reply_to="a@b, c@d")) == error(api.ERR_INVALID_REPLY_TO)
+    assert await relay.send(send_request(reply_to="a@b, c@d")) == error(api.ERR_INVALID_REPLY_TO)
 
 
 async def test_reply_to_in_the_allowed_domain(relay: Relay) -> None:
-    await relay.send(request(reply_to="help@linuxfoundation.org"))
+    await relay.send(send_request(reply_to="help@linuxfoundation.org"))
     assert relay.sender.sent[0].parsed["Reply-To"] == "help@linuxfoundation.org"
 
 
 async def test_reply_to_subdomain_is_allowed(relay: Relay) -> None:
-    assert (await relay.send(request(reply_to="help@lists.linuxfoundation.org")))["email_id"]
+    assert (await relay.send(send_request(reply_to="help@lists.linuxfoundation.org")))["email_id"]
 
 
 async def test_reply_to_without_label_boundary_is_not_allowed(relay: Relay) -> None:
-    reply = await relay.send(request(reply_to="x@evillinuxfoundation.org"))
+    reply = await relay.send(send_request(reply_to="x@evillinuxfoundation.org"))
     assert reply == error(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
 
 
 async def test_reply_to_with_empty_allowlist_is_not_allowed() -> None:
     relay = make_relay(replace(RULES, allowed_reply_to_domains=()))
-    reply = await relay.send(request(reply_to="help@linuxfoundation.org"))
+    reply = await relay.send(send_request(reply_to="help@linuxfoundation.org"))
     assert reply == error(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
 
 
 async def test_reply_to_is_checked_before_email_enabled() -> None:
     relay = make_relay(replace(RULES, email_enabled=False))
-    assert await relay.send(request(reply_to="nope")) == error(api.ERR_INVALID_REPLY_TO)
+    assert await relay.send(send_request(reply_to="nope")) == error(api.ERR_INVALID_REPLY_TO)
 
 
 # 7. EMAIL_ENABLED
@@ -406,7 +398,7 @@ async def test_reply_to_is_checked_before_email_enabled() -> None:
 
 async def test_disabled_sending_answers_empty_ids() -> None:
     relay = make_relay(replace(RULES, email_enabled=False))
-    assert await relay.send(request()) == SKIPPED
+    assert await relay.send(send_request()) == SKIPPED
     assert relay.sender.sent == []
     assert relay.tracking.records == []
 
@@ -417,7 +409,7 @@ async def test_disabled_sending_answers_empty_ids() -> None:
 async def test_provider_refusal_is_delivery_failed() -> None:
     relay = make_relay()
     relay.sender.failure = PermanentFailure("550 no")
-    assert await relay.send(request()) == error(api.ERR_DELIVERY_FAILED)
+    assert await relay.send(send_request()) == error(api.ERR_DELIVERY_FAILED)
     assert relay.tracking.records == []
     assert relay.tracking.groups == {}
 
@@ -425,34 +417,34 @@ async def test_provider_refusal_is_delivery_failed() -> None:
 async def test_ambiguous_failure_is_delivery_failed() -> None:
     relay = make_relay()
     relay.sender.failure = AmbiguousFailure("dropped")
-    assert await relay.send(request()) == error(api.ERR_DELIVERY_FAILED)
+    assert await relay.send(send_request()) == error(api.ERR_DELIVERY_FAILED)
 
 
 # success
 
 
 async def test_success_reply_carries_a_uuid4_email_id(relay: Relay) -> None:
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert uuid.UUID(reply["email_id"]).version == 4
 
 
 async def test_generated_group_id_is_a_uuid(relay: Relay) -> None:
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert uuid.UUID(reply["group_id"]).version == 4
     assert reply["group_id"] != reply["email_id"]
 
 
 async def test_given_group_id_is_kept(relay: Relay) -> None:
-    assert (await relay.send(request(group_id="batch-7")))["group_id"] == "batch-7"
+    assert (await relay.send(send_request(group_id="batch-7")))["group_id"] == "batch-7"
 
 
 async def test_envelope_recipient_is_the_recipient_only(relay: Relay) -> None:
-    await relay.send(request(reply_to="help@linuxfoundation.org"))
+    await relay.send(send_request(reply_to="help@linuxfoundation.org"))
     assert relay.sender.sent[0].recipient == "jane@example.com"
 
 
 async def test_tracking_record_and_index_are_written_before_the_reply(relay: Relay) -> None:
-    reply = await relay.send(request(group_id="batch-1"))
+    reply = await relay.send(send_request(group_id="batch-1"))
     (record,) = relay.tracking.records
     assert (record.email_id, record.group_id) == (reply["email_id"], "batch-1")
     assert (record.to, record.subject) == ("jane@example.com", "Hi")
@@ -461,14 +453,14 @@ async def test_tracking_record_and_index_are_written_before_the_reply(relay: Rel
 
 async def test_sending_works_without_tracking() -> None:
     relay = make_relay(tracking=False)
-    assert (await relay.send(request()))["email_id"]
+    assert (await relay.send(send_request()))["email_id"]
     assert len(relay.sender.sent) == 1
 
 
 async def test_transient_store_failure_is_retried() -> None:
     relay = make_relay()
     relay.tracking.failures_left = 2
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert [r.email_id for r in relay.tracking.records] == [reply["email_id"]]
     assert relay.tracking_failures == []
 
@@ -476,7 +468,7 @@ async def test_transient_store_failure_is_retried() -> None:
 async def test_store_failing_for_good_still_answers_success() -> None:
     relay = make_relay(tracking_deadline=0.2)
     relay.tracking.failures_left = 10**9
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert uuid.UUID(reply["email_id"])
     assert len(relay.sender.sent) == 1
 
@@ -484,7 +476,7 @@ async def test_store_failing_for_good_still_answers_success() -> None:
 async def test_store_failing_for_good_is_counted() -> None:
     relay = make_relay(tracking_deadline=0.2)
     relay.tracking.failures_left = 10**9
-    await relay.send(request())
+    await relay.send(send_request())
     assert relay.tracking_failures == [None]
 
 
@@ -492,7 +484,7 @@ async def test_unexpected_store_exception_still_answers_success() -> None:
     relay = make_relay(tracking_deadline=0.2)
     relay.tracking.failures_left = 10**9
     relay.tracking.failure = RuntimeError("bug in the store adapter")
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert "error" not in reply
     assert relay.tracking_failures == [None]
 
@@ -508,7 +500,7 @@ def failing_relay(*, capacity: int = 100) -> Relay:
 
 async def test_write_not_stored_in_time_is_handed_to_the_pending_writes() -> None:
     relay = failing_relay()
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert relay.pending is not None
     assert [(d.record.email_id, d.record_stored) for d in relay.pending.writes] == [
         (reply["email_id"], False)
@@ -517,27 +509,27 @@ async def test_write_not_stored_in_time_is_handed_to_the_pending_writes() -> Non
 
 async def test_pending_write_goes_to_the_same_writer() -> None:
     relay = failing_relay()
-    await relay.send(request())
+    await relay.send(send_request())
     assert relay.pending is not None
     assert relay.pending.writes[0].writer is relay.tracking
 
 
 async def test_write_handed_to_the_pending_writes_answers_success() -> None:
     relay = failing_relay()
-    reply = await relay.send(request(group_id="batch-1"))
+    reply = await relay.send(send_request(group_id="batch-1"))
     assert reply == {"email_id": reply["email_id"], "group_id": "batch-1"}
 
 
 async def test_write_handed_to_the_pending_writes_is_not_a_failure() -> None:
     relay = failing_relay()
-    await relay.send(request())
+    await relay.send(send_request())
     assert relay.tracking_failures == []
 
 
 async def test_pending_write_remembers_the_record_was_stored() -> None:
     relay = make_relay(tracking_deadline=0.2, pending=FakePending())
     relay.tracking.append_failures_left = 10**9
-    await relay.send(request())
+    await relay.send(send_request())
     assert relay.pending is not None
     assert [d.record_stored for d in relay.pending.writes] == [True]
     assert relay.tracking.creates == 1
@@ -545,7 +537,7 @@ async def test_pending_write_remembers_the_record_was_stored() -> None:
 
 async def test_full_pending_queue_counts_the_write_as_failed() -> None:
     relay = failing_relay(capacity=0)
-    reply = await relay.send(request())
+    reply = await relay.send(send_request())
     assert "error" not in reply
     assert relay.tracking_failures == [None]
 
@@ -554,7 +546,7 @@ async def test_missing_bucket_goes_to_the_pending_writes_without_retrying() -> N
     relay = make_relay(tracking_deadline=60, pending=FakePending())
     relay.tracking.failures_left = 10**9
     relay.tracking.failure = BucketMissing("email-recipients does not exist")
-    await relay.send(request())
+    await relay.send(send_request())
     assert relay.tracking.creates == 1
     assert relay.pending is not None
     assert len(relay.pending.writes) == 1
@@ -563,7 +555,7 @@ async def test_missing_bucket_goes_to_the_pending_writes_without_retrying() -> N
 async def test_request_deadline_passed_during_the_send_hands_tracking_straight_to_pending() -> None:
     relay = make_relay(pending=FakePending())
     relay.sender.delay = 0.2
-    data = json.dumps(request()).encode()
+    data = json.dumps(send_request()).encode()
     reply = json.loads(encode_reply(await relay.handler(data, Deadline.after(0.1))))
     assert "error" not in reply
     assert relay.tracking.records == []
@@ -577,7 +569,9 @@ async def test_request_deadline_passed_during_the_send_hands_tracking_straight_t
 async def test_send_past_its_deadline_is_not_sent_and_counts_as_expired() -> None:
     sender, expired = FakeSender(), []
     handler = SendEmailHandler(RULES, sender, NoTracking(), on_expired=lambda: expired.append(None))
-    reply = json.loads(encode_reply(await handler(json.dumps(VALID).encode(), Deadline.after(-1))))
+    reply = json.loads(
+        encode_reply(await handler(json.dumps(send_request()).encode(), Deadline.after(-1)))
+    )
     assert reply == error(api.ERR_DELIVERY_FAILED)
     assert (sender.sent, len(expired)) == ([], 1)
 
@@ -585,6 +579,8 @@ async def test_send_past_its_deadline_is_not_sent_and_counts_as_expired() -> Non
 async def test_deadline_passing_during_the_send_counts_as_expired() -> None:
     sender, expired = FakeSender(failure=DeadlinePassed("late")), []
     handler = SendEmailHandler(RULES, sender, NoTracking(), on_expired=lambda: expired.append(None))
-    reply = json.loads(encode_reply(await handler(json.dumps(VALID).encode(), Deadline.after(60))))
+    reply = json.loads(
+        encode_reply(await handler(json.dumps(send_request()).encode(), Deadline.after(60)))
+    )
     assert reply == error(api.ERR_DELIVERY_FAILED)
     assert len(expired) == 1

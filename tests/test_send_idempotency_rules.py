@@ -21,10 +21,11 @@ from emailrelay.mail.errors import AmbiguousFailure, TransientFailure
 from emailrelay.store.idempotency import IdempotencyStore, Reserved, request_fingerprint
 from emailrelay.store.kv import StoreError
 from emailrelay.store.suppressions import Suppression
-from tests.fakes import MemoryKeyValue
+from tests.support.fakes import MemoryKeyValue
+from tests.support.send_requests import send_request
 from tests.test_engagement_events import SES_EXAMPLES, sns_body
 from tests.test_engagement_poller import FakeStore, message
-from tests.test_send_handler import RULES, VALID, FakeSender
+from tests.test_send_handler import RULES, FakeSender
 
 KEY = "order-42"
 
@@ -68,7 +69,7 @@ class Setup:
     async def send(
         self, deadline: Deadline | None = None, headers: dict[str, str] | None = None, **body: Any
     ) -> dict[str, Any]:
-        data = json.dumps({**VALID, **body}).encode()
+        data = json.dumps(send_request(**body)).encode()
         reply: dict[str, Any] = json.loads(
             encode_reply(await self.handler(data, deadline, headers))
         )
@@ -107,7 +108,7 @@ async def test_without_a_key_a_failing_idempotency_store_changes_nothing() -> No
 async def test_a_key_whose_owner_vanished_reads_as_outcome_unknown() -> None:
     relay = setup(send_timeout=30)
     store = IdempotencyStore(relay.kv, stale_after=45, wall_clock=relay.clock)
-    fingerprint = request_fingerprint(api.SendEmailRequest.model_validate(VALID))
+    fingerprint = request_fingerprint(api.SendEmailRequest.model_validate(send_request()))
     assert isinstance(await store.reserve(KEY, fingerprint), Reserved)  # then crashed
     relay.clock.now += 46
     assert await relay.send(idempotency_key=KEY) == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN}
@@ -160,7 +161,7 @@ async def test_the_header_name_is_matched_case_insensitively() -> None:
 
 async def test_a_suppressed_recipient_is_refused_before_email_enabled_is_checked() -> None:
     relay = setup(email_enabled=False)
-    relay.suppressions.addresses.add(VALID["to"])
+    relay.suppressions.addresses.add(send_request()["to"])
     assert await relay.send() == {"error": api.ERR_RECIPIENT_SUPPRESSED}
 
 
@@ -178,7 +179,7 @@ async def test_an_unreadable_suppression_list_does_not_block_the_send() -> None:
 
 async def test_a_suppressed_recipient_does_not_reserve_the_key() -> None:
     relay = setup()
-    relay.suppressions.addresses.add(VALID["to"])
+    relay.suppressions.addresses.add(send_request()["to"])
     await relay.send(idempotency_key=KEY)
     assert relay.kv.entries == {}
 

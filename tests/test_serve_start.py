@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 import subprocess
 
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RELAY_COMMAND, REPO_ROOT, relay_env
-from tests.waiting import LOOPBACK
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RELAY_COMMAND, REPO_ROOT, relay_env
+from tests.support.waiting import LOOPBACK
 
 
 def test_taken_port_is_one_line_naming_port_before_joining_nats(nats_server: NatsServer) -> None:

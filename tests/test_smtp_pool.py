@@ -28,8 +28,8 @@ from emailrelay.mail.errors import (
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.mail.rate import TokenBucket
 from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
-from tests.servers.smtp import Command, SmtpServer
-from tests.waiting import wait_until
+from tests.support.servers.smtp import Command, SmtpServer
+from tests.support.waiting import wait_until
 
 SENDER = "noreply@lfx.linuxfoundation.org"
 RECIPIENT = "jane@example.com"

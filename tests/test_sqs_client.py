@@ -7,7 +7,7 @@ import hmac
 import json
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +29,8 @@ from emailrelay.sqs import (
     resolve_endpoint_url,
     resolve_region,
 )
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
-from tests.waiting import LOOPBACK, free_port
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.waiting import LOOPBACK, free_port
 
 REGION = "us-east-1"
 
@@ -57,12 +57,6 @@ _OUTSIDE_AWS_VARIABLES = (
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
 )
-
-
-@pytest.fixture(scope="module")
-def sqs_server() -> Iterator[SqsServer]:
-    with SqsServer(region=REGION) as server:
-        yield server
 
 
 @pytest.fixture

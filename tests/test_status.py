@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from nats.errors import NoRespondersError
 from nats.js.api import StorageType
 
 from emailrelay import api
@@ -16,13 +17,13 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import put_record, send, status, unique_group
-from tests.waiting import wait_until
+from tests.support.fakes import MemoryKeyValue
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import put_record, send, status, unique_group
+from tests.support.waiting import wait_until
 
 # --- the handler, fast ---------------------------------------------------------
 
@@ -243,7 +244,7 @@ def stream_config(client: SyncNats, bucket: str) -> Any:
     async def go() -> Any:
         return (await client.js.stream_info(f"KV_{bucket}")).config
 
-    return client._run(go())
+    return client.run(go())
 
 
 def declare_buckets(client: SyncNats, *, direct: bool = True) -> None:
@@ -291,10 +292,10 @@ def test_kv_auto_create_false_creates_nothing_and_serves_no_queries(
         SyncNats(server.url) as client,
         running_relay(server, smtp_server, {"KV_AUTO_CREATE": "false"}) as relay,
     ):
-        streams = client._run(client.js.streams_info())
+        streams = client.run(client.js.streams_info())
         assert streams == []
         assert send(client)["email_id"]
-        with pytest.raises(Exception, match="no responders"):
+        with pytest.raises(NoRespondersError, match="no responders"):
             client.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": "x"}, timeout=2)
         assert "KV_AUTO_CREATE=false" in relay.stdout() + relay.stderr()
 
@@ -307,7 +308,7 @@ def test_buckets_declared_after_start_are_used_without_a_restart(
         SyncNats(server.url) as client,
         running_relay(server, smtp_server, {"KV_AUTO_CREATE": "false"}) as relay,
     ):
-        with pytest.raises(Exception, match="no responders"):
+        with pytest.raises(NoRespondersError, match="no responders"):
             client.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": "x"}, timeout=2)
         client.create_bucket(api.RECIPIENTS_BUCKET, max_value_size=64 * 1024)
         client.create_bucket(api.GROUP_INDEX_BUCKET)
@@ -332,7 +333,7 @@ def test_without_jetstream_sending_works_and_queries_are_not_served(
         running_relay(server, smtp_server) as relay,
     ):
         assert send(client)["email_id"]
-        with pytest.raises(Exception, match="no responders"):
+        with pytest.raises(NoRespondersError, match="no responders"):
             client.request(api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": "g"}, timeout=2)
         assert "JetStream not available" in relay.stdout() + relay.stderr()
 

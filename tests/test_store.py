@@ -16,7 +16,7 @@ from emailrelay.metrics import KV_CONFLICTS
 from emailrelay.store.keys import group_key, index_page_key, is_valid_key
 from emailrelay.store.kv import StoreError
 from emailrelay.store.tracking import HEAD_CAPACITY, PAGE_CAPACITY, CorruptValue, TrackingStore
-from tests.fakes import MemoryKeyValue
+from tests.support.fakes import MemoryKeyValue
 
 AWKWARD_GROUP_IDS = [
     "batch 42",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,12 +24,11 @@ from emailrelay.store.keys import (
     index_page_key,
     is_valid_key,
 )
-from tests.hostile import NATS_MAX_PAYLOAD, VALID, handlers
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, send, status
+from tests.support.handlers import handlers
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import NATS_MAX_PAYLOAD, send_request
+from tests.support.servers.relay import RelayProcess
+from tests.support.tracking_calls import analytics, send, status
 
 LONGEST_OLD_GROUP_ID = 998 - len(f"{api.TRACKING_HEADER}: /{uuid.uuid4()}")
 """942: the longest group id the replaced relay could ever have stored (docs/contract.md)."""
@@ -113,7 +111,7 @@ async def test_analytics_by_a_megabyte_group_id_asks_only_bounded_keys() -> None
 async def test_send_with_the_longest_group_id_writes_only_bounded_keys() -> None:
     h = handlers()
     group_id = "g" * api.MAX_GROUP_ID_BYTES
-    reply = await ask(h.send, **VALID, group_id=group_id)
+    reply = await ask(h.send, **send_request(), group_id=group_id)
     assert reply["group_id"] == group_id
     assert all(len(key) <= MAX_KEY_LENGTH for key in h.keys_asked)
     (record,) = await ask(h.status, group_id=group_id)
@@ -122,14 +120,14 @@ async def test_send_with_the_longest_group_id_writes_only_bounded_keys() -> None
 
 async def test_send_with_a_group_id_over_the_bound_is_an_invalid_payload() -> None:
     h = handlers()
-    reply = await ask(h.send, **VALID, group_id="g" * (api.MAX_GROUP_ID_BYTES + 1))
+    reply = await ask(h.send, **send_request(), group_id="g" * (api.MAX_GROUP_ID_BYTES + 1))
     assert reply == {"error": api.ERR_INVALID_PAYLOAD}
     assert h.sender.messages == []
 
 
 async def test_group_id_bound_counts_utf8_bytes() -> None:
     h = handlers()
-    reply = await ask(h.send, **VALID, group_id="é" * (api.MAX_GROUP_ID_BYTES // 2 + 1))
+    reply = await ask(h.send, **send_request(), group_id="é" * (api.MAX_GROUP_ID_BYTES // 2 + 1))
     assert reply == {"error": api.ERR_INVALID_PAYLOAD}
 
 
@@ -152,25 +150,6 @@ def test_ses_event_with_an_over_long_email_id_is_skipped_before_any_lookup() -> 
 # --- end to end: the real nats-server -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    """A nats-server of this module's own: a regression here must not cut off other modules."""
-    with NatsServer() as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def client(server: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(server.url) as nats:
-        yield nats
-
-
-@pytest.fixture(scope="module")
-def relay(server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    with running_relay(server, smtp_server) as process:
-        yield process
-
-
 def assert_still_serving(relay: RelayProcess, client: SyncNats) -> None:
     assert relay.readyz_status() == 200, relay.logs()
     sent = send(client, group_id=f"after-{uuid.uuid4()}")
@@ -178,38 +157,38 @@ def assert_still_serving(relay: RelayProcess, client: SyncNats) -> None:
 
 
 def test_status_with_a_4000_character_email_id_is_not_found_and_the_relay_stays_on_nats(
-    relay: RelayProcess, client: SyncNats
+    module_relay: RelayProcess, module_nats_client: SyncNats
 ) -> None:
-    assert status(client, email_id="a" * 4000) == {"error": api.ERR_NOT_FOUND}
-    assert_still_serving(relay, client)
-    assert "maximum control line exceeded" not in relay.logs()
+    assert status(module_nats_client, email_id="a" * 4000) == {"error": api.ERR_NOT_FOUND}
+    assert_still_serving(module_relay, module_nats_client)
+    assert "maximum control line exceeded" not in module_relay.logs()
 
 
 @pytest.mark.parametrize("ask_group", [status, analytics], ids=["status", "analytics"])
 def test_a_4000_character_group_id_is_not_found_and_the_relay_stays_on_nats(
-    relay: RelayProcess, client: SyncNats, ask_group: Any
+    module_relay: RelayProcess, module_nats_client: SyncNats, ask_group: Any
 ) -> None:
-    assert ask_group(client, group_id="a" * 4000) == {"error": api.ERR_NOT_FOUND}
-    assert_still_serving(relay, client)
+    assert ask_group(module_nats_client, group_id="a" * 4000) == {"error": api.ERR_NOT_FOUND}
+    assert_still_serving(module_relay, module_nats_client)
 
 
 def test_the_longest_group_id_round_trips_through_send_status_and_analytics(
-    relay: RelayProcess, client: SyncNats
+    module_relay: RelayProcess, module_nats_client: SyncNats
 ) -> None:
     group_id = f"{uuid.uuid4()}-" + "g" * (api.MAX_GROUP_ID_BYTES - 37)
-    sent = send(client, group_id=group_id)
+    sent = send(module_nats_client, group_id=group_id)
     assert sent["group_id"] == group_id
-    (record,) = status(client, group_id=group_id)
+    (record,) = status(module_nats_client, group_id=group_id)
     assert record["group_id"] == group_id
-    assert analytics(client, group_id=group_id)["total_sent"] == 1
-    assert client.kv_get(api.GROUP_INDEX_BUCKET, group_key(group_id)) is not None
+    assert analytics(module_nats_client, group_id=group_id)["total_sent"] == 1
+    assert module_nats_client.kv_get(api.GROUP_INDEX_BUCKET, group_key(group_id)) is not None
 
 
 def test_send_with_a_group_id_over_the_bound_is_an_invalid_payload_end_to_end(
-    relay: RelayProcess, client: SyncNats
+    module_relay: RelayProcess, module_nats_client: SyncNats
 ) -> None:
-    reply = client.request_json(
-        api.SEND_EMAIL_SUBJECT, {**VALID, "group_id": "g" * (api.MAX_GROUP_ID_BYTES + 1)}
+    reply = module_nats_client.request_json(
+        api.SEND_EMAIL_SUBJECT, {**send_request(), "group_id": "g" * (api.MAX_GROUP_ID_BYTES + 1)}
     )
     assert reply == {"error": api.ERR_INVALID_PAYLOAD}
-    assert_still_serving(relay, client)
+    assert_still_serving(module_relay, module_nats_client)

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
-from tests.servers.sqs import SqsServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.sqs import SqsServer
+from tests.support.waiting import wait_until
 from tests.test_engagement_e2e import REGION, eventing_env
 from tests.test_engagement_events import SES_EXAMPLES, sns_body
-from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from emailrelay.store.suppressions import (
     SuppressionStore,
     suppression_key,
 )
-from tests.fakes import MemoryKeyValue
-from tests.kvsupport import replicas_on_one_bucket
-from tests.servers.nats import NatsServer
+from tests.support.fakes import MemoryKeyValue
+from tests.support.jetstream_kv import replicas_on_one_bucket
+from tests.support.servers.nats import NatsServer
 
 EXAMPLES: dict[str, Any] = json.loads(
     (Path(__file__).parent / "data" / "ses-event-examples.json").read_text()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, relay_env, run_relay_once
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, relay_env, run_relay_once
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 SENDER = "sender@lfx.linuxfoundation.org"
 RECIPIENT = "someone@example.com"
@@ -48,13 +48,6 @@ def bucket(nats_client: SyncNats) -> Iterator[str]:
     nats_client.create_bucket(name)
     yield name
     nats_client.delete_bucket(name)
-
-
-@pytest.fixture
-def own_nats_server() -> Iterator[NatsServer]:
-    """A nats-server of this test's own, free to be restarted."""
-    with NatsServer() as server:
-        yield server
 
 
 # nats-server

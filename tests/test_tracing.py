@@ -32,9 +32,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from emailrelay import api, tracing
 from emailrelay.deadline import Deadline
 from tests.conftest import RelayFactory
-from tests.natsclient import SyncNats
-from tests.servers.relay import REPO_ROOT
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.relay import REPO_ROOT
+from tests.support.servers.smtp import SmtpServer
 
 SERVER_SPAN = f"process {api.SEND_EMAIL_SUBJECT}"
 CHILD_SPANS = {"smtp send", "kv create_record", "kv append_to_group"}
@@ -66,7 +67,7 @@ def new_traceparent() -> tuple[str, int, int]:
 
 
 def email() -> dict[str, str]:
-    return {"to": "someone@example.com", "subject": "Hi", "html": "<p>Hi</p>", "text": "Hi"}
+    return send_request()
 
 
 def finished(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
@@ -230,7 +231,7 @@ def test_relay_continues_the_callers_trace_with_smtp_and_kv_child_spans(
             headers={"traceparent": traceparent},
         )
 
-    reply = nats_client._run(send())
+    reply = nats_client.run(send())
     assert json.loads(reply.data)["email_id"]
     assert len(smtp.messages) == 1
     assert relay.stop() == 0  # shutting down flushes the last batch of spans

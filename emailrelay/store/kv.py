@@ -1,7 +1,7 @@
 """The small key-value interface the tracking store is written against.
 
 The JetStream adapter (:mod:`emailrelay.bridge.nats`) implements it over
-nats-py; tests implement it in memory (``tests/fakes.py``). Three outcomes are
+nats-py; tests implement it in memory (``tests/support/fakes.py``). Three outcomes are
 kept apart on purpose: a missing key (``None``), a lost race
 (:class:`RevisionConflict`, retry) and a failing store (:class:`StoreError`,
 never read as "missing"). One failure is told apart from the others: the

@@ -28,9 +28,9 @@ from emailrelay import api
 from emailrelay.store.keys import group_key, index_page_key
 from tests.faults import figures
 from tests.faults.load import SUBJECT_PREFIX, LoadResult, Request, percentile, send_number
-from tests.natsclient import SyncNats
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 _TRACKING = re.compile(rb"^X-LFX-TRACKING-ID: ([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _SUBJECT = re.compile(rb"^Subject: ([^\r\n]*)", re.IGNORECASE | re.MULTILINE)

@@ -13,9 +13,9 @@ import json
 from types import TracebackType
 from typing import Self
 
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.waiting import LOOPBACK, free_ports, wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.waiting import LOOPBACK, free_ports, wait_until
 
 CLUSTER_NAME = "faults"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.figures import FIGURES, write_report
-from tests.servers.smtp import SmtpServer
+from tests.support.servers.smtp import SmtpServer
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

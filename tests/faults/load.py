@@ -26,7 +26,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from emailrelay import api
-from tests.natsclient import SyncNats
+from tests.support.nats_client import SyncNats
 
 CALLER_TIMEOUT = 10.0
 """The relay client's default request timeout."""
@@ -166,7 +166,7 @@ class LoadGenerator(SyncNats):
         self._requests: dict[int, Request] = {}
         self._waiting: dict[int, asyncio.Event] = {}
         self._next_number = 0
-        self._run(self._subscribe())
+        self.run(self._subscribe())
 
     async def _subscribe(self) -> None:
         async def on_reply(msg: Msg) -> None:
@@ -266,7 +266,7 @@ class LoadGenerator(SyncNats):
 
     def settle(self) -> None:
         """A round trip to the server, so replies already published have arrived."""
-        self._run(self.nc.flush(timeout=10))
+        self.run(self.nc.flush(timeout=10))
 
 
 SUBJECT_PREFIX = "fault"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tests.servers.relay import EnvOverrides, RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.servers.relay import EnvOverrides, RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 
 def fault_relay_env(

@@ -30,8 +30,9 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
-from tests.servers.nats import NatsServer
-from tests.servers.smtp import SmtpServer
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.smtp import SmtpServer
 
 pytestmark = pytest.mark.faults
 
@@ -42,7 +43,7 @@ OVERLOAD = 10
 DURATION = 60.0
 CALLER_TIMEOUT = 10.0
 HTML = "<p>" + "x" * (64 * 1024) + "</p>"
-REQUEST = {"to": "jane@example.com", "subject": "load", "html": HTML, "text": "load"}
+REQUEST = send_request(html=HTML)
 
 
 def rss_mb(pid: int) -> float:

@@ -20,10 +20,10 @@ from tests.faults.audit import (
 )
 from tests.faults.load import LoadGenerator, new_run, sends
 from tests.faults.relays import running_relays
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.smtp import SmtpServer
-from tests.waiting import wait_until
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 

@@ -13,21 +13,21 @@ import pytest
 from emailrelay import api
 from tests.faults import figures
 from tests.faults.relays import HealthWatch, running_relays
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 pytestmark = pytest.mark.faults
 
 LONG_ID = "k" * 4000  # every character valid in a KV key
-SEND = {"to": "someone@example.org", "subject": "hi", "html": "<p>hi</p>", "text": "hi"}
 
 LONG_KEY_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "status by email_id": (api.GET_EMAIL_STATUS_SUBJECT, {"email_id": LONG_ID}),
     "status by group_id": (api.GET_EMAIL_STATUS_SUBJECT, {"group_id": LONG_ID}),
     "analytics": (api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": LONG_ID}),
-    "send": (api.SEND_EMAIL_SUBJECT, {**SEND, "group_id": LONG_ID}),
+    "send": (api.SEND_EMAIL_SUBJECT, send_request(group_id=LONG_ID)),
 }
 
 
@@ -52,7 +52,7 @@ def test_long_key_request_is_answered_and_the_relay_stays_ready(
         started = time.monotonic()
         reply = client.request_json(subject, payload, timeout=10)
         figures.record(f"{case}: reply after", time.monotonic() - started, "s")
-        after = client.request_json(api.SEND_EMAIL_SUBJECT, SEND, timeout=10)
+        after = client.request_json(api.SEND_EMAIL_SUBJECT, send_request(), timeout=10)
     assert reply.get("error") != api.ERR_INTERNAL, reply
     assert "email_id" in after, after
     assert health.bad == [], f"/livez or /readyz not 200: {health.bad[:5]}"
@@ -62,7 +62,7 @@ def test_email_sent_with_a_long_group_id_is_found_by_that_group(
     long_key_relay: tuple[RelayProcess, SyncNats, SmtpServer],
 ) -> None:
     _, client, _ = long_key_relay
-    sent = client.request_json(api.SEND_EMAIL_SUBJECT, {**SEND, "group_id": LONG_ID}, timeout=10)
+    sent = client.request_json(api.SEND_EMAIL_SUBJECT, send_request(group_id=LONG_ID), timeout=10)
     group = client.request_json(api.GET_EMAIL_STATUS_SUBJECT, {"group_id": LONG_ID}, timeout=10)
     assert sent["group_id"] == LONG_ID
     assert sent["email_id"] in [record["email_id"] for record in group]

@@ -19,24 +19,19 @@ from emailrelay import api
 from tests.faults import figures
 from tests.faults.proxy import FlakyProxy
 from tests.faults.relays import fault_relay_env, metric_total, scrape
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
-from tests.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.waiting import wait_until
 from tests.test_engagement_events import ses_event, sns_body
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
 REGION = "us-east-1"
 RECEIVE = "ReceiveMessage"
-
-
-@pytest.fixture(scope="module")
-def sqs_server() -> Iterator[SqsServer]:
-    with SqsServer(region=REGION) as server:
-        yield server
 
 
 @pytest.fixture
@@ -77,7 +72,7 @@ def eventing_relay(
 def send_one(client: SyncNats) -> str:
     reply = client.request_json(
         api.SEND_EMAIL_SUBJECT,
-        {"to": "someone@example.org", "subject": "hi", "html": "<p>hi</p>", "text": "hi"},
+        send_request(),
     )
     return str(reply["email_id"])
 

@@ -30,10 +30,10 @@ from tests.faults.relays import (
     running_relays,
     scrape,
 )
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.nats_client import SyncNats
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 pytestmark = pytest.mark.faults
 

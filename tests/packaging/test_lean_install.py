@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RelayFactory
-from tests.servers.nats import NatsServer
-from tests.servers.relay import RelayProcess
-from tests.servers.smtp import SmtpServer
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 pytestmark = pytest.mark.packaging
 

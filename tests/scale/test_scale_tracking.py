@@ -18,11 +18,12 @@ from emailrelay import api
 from emailrelay.bridge.nats import NatsConnection
 from emailrelay.store.keys import group_key
 from emailrelay.store.tracking import TrackingStore
-from tests.natsclient import SyncNats
-from tests.servers.nats import NatsServer
-from tests.servers.relay import running_relay
-from tests.servers.smtp import SmtpServer
-from tests.trackingsupport import analytics, status
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import running_relay
+from tests.support.servers.smtp import SmtpServer
+from tests.support.tracking_calls import analytics, status
 
 pytestmark = pytest.mark.scale
 
@@ -30,8 +31,7 @@ pytestmark = pytest.mark.scale
 def test_three_relays_sending_to_one_group_lose_no_id(smtp_server: SmtpServer) -> None:
     group = f"hot {uuid.uuid4()}"
     payloads: list[object] = [
-        {"to": f"user{n}@example.org", "subject": "s", "html": "h", "text": "t", "group_id": group}
-        for n in range(2000)
+        send_request(to=f"user{n}@example.org", group_id=group) for n in range(2000)
     ]
     with (
         NatsServer() as server,

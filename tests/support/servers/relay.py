@@ -22,10 +22,10 @@ from typing import Self
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import stop_process
-from tests.servers.nats import NatsServer
-from tests.servers.smtp import SmtpServer
-from tests.waiting import LOOPBACK, free_port, wait_until
+from tests.support.servers import stop_process
+from tests.support.servers.nats import NatsServer
+from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import LOOPBACK, free_port, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

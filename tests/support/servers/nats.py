@@ -17,8 +17,8 @@ from typing import Self
 import httpx
 
 from emailrelay.dev.natsserver import nats_server_binary
-from tests.servers import stop_process
-from tests.waiting import LOOPBACK, free_ports, wait_for_port_closed, wait_until
+from tests.support.servers import stop_process
+from tests.support.waiting import LOOPBACK, free_ports, wait_for_port_closed, wait_until
 
 
 class NatsServer:

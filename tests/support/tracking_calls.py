@@ -7,19 +7,15 @@ import uuid
 from typing import Any
 
 from emailrelay import api
-from tests.natsclient import SyncNats
+from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
 
 
 def send(client: SyncNats, group_id: str = "", **fields: str) -> dict[str, str]:
     """Send one email through the relay; the success reply."""
-    payload = {
-        "to": "someone@example.org",
-        "subject": "hello",
-        "html": "<p>hi</p>",
-        "text": "hi",
-        "group_id": group_id,
-        **fields,
-    }
+    # The status tests read this recipient and subject back from the record.
+    fields = {"to": "someone@example.org", "subject": "hello", **fields}
+    payload = send_request(group_id=group_id, **fields)
     reply: dict[str, str] = client.request_json(api.SEND_EMAIL_SUBJECT, payload)
     assert reply.get("email_id"), reply
     return reply

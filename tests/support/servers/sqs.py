@@ -14,7 +14,7 @@ from typing import Any, Self
 import boto3  # type: ignore[import-untyped]
 from moto.server import ThreadedMotoServer
 
-from tests.waiting import LOOPBACK, wait_for_port, wait_for_port_closed
+from tests.support.waiting import LOOPBACK, wait_for_port, wait_for_port_closed
 
 # Dummy keys: moto accepts any, and explicit keys keep boto3 off the credential chain.
 ACCESS_KEY_ID = "AKIDEXAMPLETESTONLY"

@@ -66,7 +66,7 @@ class SyncNats:
         self._thread.start()
         self._nc: Client | None = None
         try:
-            self._nc = self._run(
+            self._nc = self.run(
                 nats.connect(
                     url,
                     name=name,
@@ -82,9 +82,9 @@ class SyncNats:
             self._stop_loop()
             raise
 
-    # plumbing
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
+        """Run ``coro`` on this client's loop and wait for its result; for what
+        the other methods do not cover (``nc`` and ``js`` calls, headers)."""
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
@@ -123,7 +123,7 @@ class SyncNats:
             )
             return msg.data
 
-        return self._run(go(), timeout=timeout + 5)
+        return self.run(go(), timeout=timeout + 5)
 
     def request_json(
         self,
@@ -157,14 +157,14 @@ class SyncNats:
 
             return await asyncio.gather(*(one(p) for p in payloads))
 
-        return self._run(asyncio.wait_for(go(), timeout), timeout=timeout + 5)
+        return self.run(asyncio.wait_for(go(), timeout), timeout=timeout + 5)
 
     def publish(self, subject: str, payload: Payload) -> None:
         async def go() -> None:
             await self.nc.publish(subject, encode_payload(payload))
             await self.nc.flush()
 
-        self._run(go())
+        self.run(go())
 
     @contextlib.contextmanager
     def responder(
@@ -180,11 +180,11 @@ class SyncNats:
             await self.nc.flush()
             return sub
 
-        sub = self._run(subscribe())
+        sub = self.run(subscribe())
         try:
             yield
         finally:
-            self._run(sub.unsubscribe())
+            self.run(sub.unsubscribe())
 
     # JetStream KV
 
@@ -207,13 +207,13 @@ class SyncNats:
         async def go() -> None:
             await self.js.create_key_value(config=config)
 
-        self._run(go())
+        self.run(go())
 
     def delete_bucket(self, name: str) -> None:
         async def go() -> None:
             await self.js.delete_key_value(name)
 
-        self._run(go())
+        self.run(go())
 
     def kv_get(self, bucket: str, key: str) -> bytes | None:
         """The value stored under ``key``, or None when the key does not exist (or was deleted)."""
@@ -226,7 +226,7 @@ class SyncNats:
                 return None
             return entry.value
 
-        return self._run(go())
+        return self.run(go())
 
     def kv_put(self, bucket: str, key: str, value: Payload) -> int:
         """Store ``value`` under ``key``; returns the new revision."""
@@ -235,7 +235,7 @@ class SyncNats:
             kv = await self.js.key_value(bucket)
             return await kv.put(key, encode_payload(value))
 
-        return self._run(go())
+        return self.run(go())
 
     # lifetime
 
@@ -244,7 +244,7 @@ class SyncNats:
         if self._nc is not None:
             nc, self._nc = self._nc, None
             with contextlib.suppress(Exception):
-                self._run(nc.close(), timeout=10.0)
+                self.run(nc.close(), timeout=10.0)
         self._stop_loop()
 
     def _stop_loop(self) -> None:
@@ -259,7 +259,7 @@ class SyncNats:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
-            self._run(cancel_leftovers(), timeout=10.0)
+            self.run(cancel_leftovers(), timeout=10.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10.0)
         if not self._thread.is_alive():

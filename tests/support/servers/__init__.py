@@ -1,7 +1,7 @@
 """Real servers the tests start themselves: nats-server, an aiosmtpd SMTP server, the relay.
 
-Modules: ``tests.servers.nats`` (NatsServer), ``tests.servers.smtp`` (SmtpServer),
-``tests.servers.relay`` (RelayProcess). This package module holds what they share.
+Modules: ``tests.support.servers.nats`` (NatsServer), ``tests.support.servers.smtp`` (SmtpServer),
+``tests.support.servers.relay`` (RelayProcess). This package module holds what they share.
 """
 
 from __future__ import annotations

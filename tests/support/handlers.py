@@ -4,7 +4,6 @@ remembers every key it was asked for (to prove what would reach a subject)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +15,8 @@ from emailrelay.handlers.send import SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.kv import Entry
 from emailrelay.store.tracking import TrackingStore
-from tests.fakes import MemoryKeyValue
+from tests.support.fakes import MemoryKeyValue
+from tests.support.send_requests import NATS_MAX_PAYLOAD
 
 DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
 assert DEFAULT_FROM is not None
@@ -29,11 +29,6 @@ RULES = SendRules(
     allowed_reply_to_domains=("linuxfoundation.org",),
     allowed_recipient_domains=(),
 )
-
-VALID = {"to": "jane@example.com", "subject": "Hi", "html": "<p>hi</p>", "text": "hi"}
-
-NATS_MAX_PAYLOAD = 1024 * 1024
-"""nats-server's default max_payload: the largest request any caller can send."""
 
 
 class KeyRecordingKeyValue(MemoryKeyValue):
@@ -105,15 +100,3 @@ def encoded(handler: Callable[[bytes], Awaitable[Reply]]) -> Callable[[bytes], A
         return encode_reply(await handler(data))
 
     return handle
-
-
-def padded_to_max_payload(request: dict[str, str], field_name: str, unit: str = "x ") -> bytes:
-    """``request`` as JSON with ``field_name`` filled with ``unit`` so that the
-    whole body is as large as NATS accepts (``NATS_MAX_PAYLOAD`` bytes)."""
-    empty = len(json.dumps({**request, field_name: ""}).encode())
-    room = NATS_MAX_PAYLOAD - empty
-    per_unit = len(json.dumps(unit).encode()) - 2
-    value = unit * (room // per_unit)
-    body = json.dumps({**request, field_name: value}).encode()
-    assert len(body) <= NATS_MAX_PAYLOAD
-    return body

@@ -33,7 +33,13 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from tests.waiting import LOOPBACK, free_port, wait_for_port, wait_for_port_closed, wait_until
+from tests.support.waiting import (
+    LOOPBACK,
+    free_port,
+    wait_for_port,
+    wait_for_port_closed,
+    wait_until,
+)
 
 Command = Literal["MAIL", "RCPT", "DATA"]
 
