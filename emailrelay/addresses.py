@@ -61,6 +61,15 @@ stdlib parser sees them: it is superlinear (64 KB took 3.2 s), and below this
 bound it costs at most a few milliseconds."""
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_LABEL}(?:\.{_LABEL})*")
+"""A bare ``local@domain`` of dot-atoms, no display name, no comment: most
+addresses callers send. The stdlib parser reads every such string as exactly
+that mailbox (tests/test_addresses.py proves it), at ~80 us a call; this
+takes about 1 us."""
+
+
 def parse_mailbox(value: str) -> Mailbox | None:
     """Exactly one mailbox with a non-empty local part and domain, else ``None``.
 
@@ -72,6 +81,15 @@ def parse_mailbox(value: str) -> Mailbox | None:
     """
     if len(value) > MAX_MAILBOX_VALUE:
         return None
+    if _PLAIN_ADDRESS.fullmatch(value):
+        local_part, _, domain = value.partition("@")
+        if len(local_part) > MAX_LOCAL_PART or len(value) > MAX_ADDRESS:
+            return None
+        return Mailbox("", local_part, domain)
+    return _parse_with_stdlib(value)
+
+
+def _parse_with_stdlib(value: str) -> Mailbox | None:
     try:
         header = _default_policy.header_factory("to", value)
     except Exception:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from emailrelay.addresses import (
+    _parse_with_stdlib,
     domain_is_listed,
     domain_is_within,
     parse_mailbox,
@@ -137,3 +140,23 @@ def test_strip_line_breaks_removes_nul_and_every_splitlines_boundary(boundary: s
     stripped = strip_line_breaks(f"a{boundary}b")
     assert stripped == "ab"
     assert stripped.splitlines() == ["ab"]
+
+
+# the fast path for bare addresses agrees with the stdlib parser
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+
+
+@given(
+    st.from_regex(
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,70}(\.[a-z0-9_-]{1,8}){0,2}@[A-Za-z0-9-]{1,70}(\.[A-Za-z0-9-]{1,70}){0,4}",
+        fullmatch=True,
+    )
+)
+def test_bare_address_fast_path_parses_as_the_stdlib_does(value: str) -> None:
+    assert parse_mailbox(value) == _parse_with_stdlib(value)
+
+
+@given(st.text(alphabet=_ATEXT + '.@ <>"(),;:[]\\é', max_size=40))
+def test_any_short_text_parses_as_the_stdlib_does(value: str) -> None:
+    assert parse_mailbox(value) == _parse_with_stdlib(value)

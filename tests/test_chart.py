@@ -41,7 +41,7 @@ CONTRACT_DEFAULTS = {
     "SMTP_HOST": "localhost",
     "SMTP_PORT": "587",
     "SMTP_TLS_MODE": "auto",
-    "SMTP_POOL_SIZE": "16",
+    "SMTP_POOL_SIZE": "64",
     "SMTP_CONNECTION_MAX_MESSAGES": "100",
     "SMTP_CONNECTION_MAX_AGE": "300s",
     "DEFAULT_SMTP_FROM": "noreply@lfx.linuxfoundation.org",

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import nats
@@ -24,11 +24,20 @@ from nats.aio.subscription import Subscription as _NatsSubscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue as _NatsKeyValue
 
-from emailrelay.store.kv import BucketMissing, Entry, RevisionConflict, StoreError
+from emailrelay.store.kv import (
+    BucketMissing,
+    Derive,
+    Entry,
+    RevisionConflict,
+    StoreError,
+    read_then_write_separately,
+)
 
 log = logging.getLogger(__name__)
 
 aio = trio_asyncio.aio_as_trio
+
+T = TypeVar("T")
 
 
 DRAIN_TIMEOUT = 5
@@ -520,6 +529,27 @@ class JetStreamKeyValue:
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"update failed: {exc!r}") from exc
 
+    async def read_then_write(self, key: str, derive: Derive[T]) -> tuple[T, int | None]:
+        """A get and the create/update ``derive`` asks for, in one crossing
+        into the asyncio loop (see :func:`emailrelay.store.kv.read_then_write`).
+        ``derive`` runs on the asyncio side, between the two round trips."""
+        if len(key) > MAX_KEY_LENGTH:
+            return await read_then_write_separately(self, key, derive)
+        try:
+            with anyio.fail_after(2 * _KV_TIMEOUT):
+                result: tuple[T, int | None] = await aio(_read_then_write)(self._kv, key, derive)
+                return result
+        except _StreamMissing as exc:
+            raise BucketMissing(
+                f"get failed: bucket {self._bucket.name} does not exist"
+            ) from exc.__cause__
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RevisionConflict(key) from exc
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
+            raise await self._classify("read then write", exc) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"read then write failed: {exc!r}") from exc
+
     async def _classify(self, what: str, exc: Exception) -> StoreError:
         """Nobody served the bucket's subjects: the bucket may be gone, or
         JetStream may be unreachable for a moment (a leader election, a
@@ -567,6 +597,29 @@ class _BucketInternals:
             direct=bool(getattr(kv, "_direct", False)),
             js=kv._js,
         )
+
+
+class _StreamMissing(Exception):
+    """A get found the bucket's stream gone (raised on the asyncio side)."""
+
+
+async def _read_then_write(kv: _NatsKeyValue, key: str, derive: Derive[T]) -> tuple[T, int | None]:
+    """Runs on the asyncio side: get, ``derive``, then create or update."""
+    entry: Entry | None
+    try:
+        found = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError as exc:  # also deleted and purged keys
+        if _stream_is_missing(exc):
+            raise _StreamMissing() from exc
+        entry = None
+    else:
+        entry = Entry(value=found.value or b"", revision=int(found.revision or 0))
+    value, result = derive(entry)
+    if value is None:
+        return result, None
+    if entry is None:
+        return result, int(await kv.create(key, value))
+    return result, int(await kv.update(key, value, last=entry.revision))
 
 
 def _check_key_length(key: str) -> None:

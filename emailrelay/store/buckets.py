@@ -24,7 +24,15 @@ import anyio
 
 from emailrelay import api
 from emailrelay.metrics import KV_BUCKET_REOPENS
-from emailrelay.store.kv import BucketMissing, Entry, KeyValue, ListableKeyValue, StoreError
+from emailrelay.store.kv import (
+    BucketMissing,
+    Derive,
+    Entry,
+    KeyValue,
+    ListableKeyValue,
+    StoreError,
+    read_then_write,
+)
 from emailrelay.store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)
@@ -154,6 +162,9 @@ class ReopeningBucket:
 
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._call(lambda kv: kv.update(key, value, last))
+
+    async def read_then_write(self, key: str, derive: Derive[T]) -> tuple[T, int | None]:
+        return await self._call(lambda kv: read_then_write(kv, key, derive))
 
     async def _call(self, operation: Callable[[ListableKeyValue], Awaitable[T]]) -> T:
         kv = self._kv

@@ -11,9 +11,11 @@ re-creating it cures (:mod:`emailrelay.store.buckets`) and waiting does not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,40 @@ class ListableKeyValue(KeyValue, Protocol):
         """Every key that holds a value, in no particular order. Reads the
         whole bucket: for management listings, not for the send path."""
         ...
+
+
+Derive = Callable[[Entry | None], tuple[bytes | None, T]]
+"""What to write given a key's current entry (``None``: no such key): the new
+value (``None``: write nothing) and a result for the caller. Pure: an adapter
+may run it inside its own event loop, between the read and the write."""
+
+
+async def read_then_write(kv: KeyValue, key: str, derive: Derive[T]) -> tuple[T, int | None]:
+    """Read ``key``, then write what ``derive`` makes of it: ``create`` when the
+    key is missing, else ``update`` at the revision read. Returns ``derive``'s
+    result and the new revision (``None`` when nothing was written); a lost race
+    is :class:`RevisionConflict`, as for the single calls.
+
+    An adapter with a ``read_then_write`` method of its own does both in one
+    call (the JetStream adapter: one crossing into the asyncio loop, not two)."""
+    own = getattr(kv, "read_then_write", None)
+    if own is not None:
+        result: tuple[T, int | None] = await own(key, derive)
+        return result
+    return await read_then_write_separately(kv, key, derive)
+
+
+async def read_then_write_separately(
+    kv: KeyValue, key: str, derive: Derive[T]
+) -> tuple[T, int | None]:
+    """:func:`read_then_write` as a ``get`` and a ``create``/``update``."""
+    entry = await kv.get(key)
+    value, result = derive(entry)
+    if value is None:
+        return result, None
+    if entry is None:
+        return result, await kv.create(key, value)
+    return result, await kv.update(key, value, last=entry.revision)
 
 
 MAX_BATCH_KEYS = 1000

@@ -26,6 +26,8 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
 
 import anyio
 from pydantic import ValidationError
@@ -33,7 +35,7 @@ from pydantic import ValidationError
 from emailrelay.api import GROUP_INDEX_BUCKET, RECIPIENTS_BUCKET, TrackingRecord
 from emailrelay.metrics import KV_CONFLICTS
 from emailrelay.store.keys import group_key, index_page_key, is_valid_key
-from emailrelay.store.kv import Entry, KeyValue, RevisionConflict, StoreError
+from emailrelay.store.kv import Entry, KeyValue, RevisionConflict, StoreError, read_then_write
 
 log = logging.getLogger(__name__)
 
@@ -276,35 +278,25 @@ class TrackingStore:
         while pending:
             key = head_key if page == 0 else index_page_key(group_id, page)
             capacity = HEAD_CAPACITY if page == 0 else PAGE_CAPACITY
-            entry = await self._groups.get(key)
+            # The read and the write of one page go to the store together (one
+            # crossing into the asyncio loop); _append_step decides in between.
+            derive = partial(
+                _append_step, pending=pending, capacity=capacity, previous_full=previous_full
+            )
             try:
-                if entry is None:
-                    if not previous_full:
-                        page, previous_full = 0, True
-                        continue
-                    chunk = pending[:capacity]
-                    await self._groups.create(key, json.dumps(chunk).encode())
-                else:
-                    ids = _decode_ids(entry.value)
-                    present = set(ids)
-                    pending = [i for i in pending if i not in present]
-                    room = capacity - len(ids)
-                    if not pending:
-                        break
-                    if room <= 0:
-                        page, previous_full = page + 1, True
-                        continue
-                    chunk = pending[:room]
-                    await self._groups.update(
-                        key, json.dumps(ids + chunk).encode(), last=entry.revision
-                    )
+                step, _ = await read_then_write(self._groups, key, derive)
             except RevisionConflict:
                 KV_CONFLICTS.labels(GROUP_INDEX_BUCKET).inc()
                 attempt += 1
                 await self._backoff(attempt)
                 continue
-            pending = pending[len(chunk) :]
-            if pending:
+            if step.move == "restart":
+                page, previous_full = 0, True
+                continue
+            pending = step.pending
+            if step.move == "done":
+                break
+            if step.move == "next" or pending:
                 page, previous_full = page + 1, True
         self._remember_tail(head_key, page)
 
@@ -327,6 +319,41 @@ class TrackingStore:
         one KV round trip."""
         ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
         await anyio.sleep(random.uniform(0, ceiling))
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one page did for an append: the ids still to add, and where to go."""
+
+    pending: list[str]
+    move: Literal["wrote", "done", "next", "restart"]
+    """``wrote`` (ids added to this page), ``done`` (all of them were there
+    already), ``next`` (this page is full), ``restart`` (the page is missing
+    and may not be created: the tail hint was stale, start at the head)."""
+
+
+def _append_step(
+    entry: Entry | None, *, pending: list[str], capacity: int, previous_full: bool
+) -> tuple[bytes | None, _Step]:
+    """The page's new value (``None``: write nothing) for appending ``pending``
+    to it. Pure: it may run inside the KV adapter, between read and write. An
+    id found on the page is not added again (an earlier attempt whose reply was
+    lost). Page n > 0 may only be created once page n - 1 was seen full."""
+    if entry is None:
+        if not previous_full:
+            return None, _Step(pending, "restart")
+        chunk = pending[:capacity]
+        return json.dumps(chunk).encode(), _Step(pending[len(chunk) :], "wrote")
+    ids = _decode_ids(entry.value)
+    present = set(ids)
+    remaining = [i for i in pending if i not in present]
+    if not remaining:
+        return None, _Step([], "done")
+    room = capacity - len(ids)
+    if room <= 0:
+        return None, _Step(remaining, "next")
+    chunk = remaining[:room]
+    return json.dumps(ids + chunk).encode(), _Step(remaining[len(chunk) :], "wrote")
 
 
 @dataclass(eq=False)
