@@ -35,25 +35,14 @@ REQUEST: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def provider() -> Iterator[SmtpServer]:
-    """This module's own SMTP server: no other module's sends are counted."""
-    with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def own_nats() -> Iterator[NatsServer]:
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def replicas(own_nats: NatsServer, provider: SmtpServer) -> Iterator[list[RelayProcess]]:
+def replicas(
+    module_nats_server: NatsServer, smtp_server: SmtpServer
+) -> Iterator[list[RelayProcess]]:
     """Two relays in the queue group, sharing the bucket."""
     env: dict[str, str | None] = {
-        "NATS_URL": own_nats.url,
-        "SMTP_HOST": provider.host,
-        "SMTP_PORT": str(provider.port),
+        "NATS_URL": module_nats_server.url,
+        "SMTP_HOST": smtp_server.host,
+        "SMTP_PORT": str(smtp_server.port),
         "SMTP_TLS_MODE": "none",
         "EMAIL_ENABLED": "true",
         "SSL_CERT_FILE": None,
@@ -69,15 +58,15 @@ def replicas(own_nats: NatsServer, provider: SmtpServer) -> Iterator[list[RelayP
 
 
 @pytest.fixture(scope="module")
-def caller(own_nats: NatsServer) -> Iterator[SyncNats]:
-    with SyncNats(own_nats.url) as client:
+def caller(module_nats_server: NatsServer) -> Iterator[SyncNats]:
+    with SyncNats(module_nats_server.url) as client:
         yield client
 
 
 @pytest.fixture
-def smtp(provider: SmtpServer, replicas: list[RelayProcess]) -> SmtpServer:
-    provider.reset()
-    return provider
+def smtp(smtp_server: SmtpServer, replicas: list[RelayProcess]) -> SmtpServer:
+    smtp_server.reset()
+    return smtp_server
 
 
 def new_key() -> str:
@@ -256,10 +245,10 @@ def test_the_entry_holds_no_request_content(caller: SyncNats, smtp: SmtpServer) 
 
 
 async def test_the_client_sends_once_per_key(
-    own_nats: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
+    module_nats_server: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
 ) -> None:
     key = new_key()
-    async with EmailRelayClient.connect(servers=own_nats.url) as client:
+    async with EmailRelayClient.connect(servers=module_nats_server.url) as client:
         first = await client.send(idempotency_key=key, **REQUEST)
         again = await client.send(idempotency_key=key, **REQUEST)
     assert again == first
@@ -267,10 +256,18 @@ async def test_the_client_sends_once_per_key(
 
 
 def test_the_cli_sends_once_per_key(
-    own_nats: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
+    module_nats_server: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
 ) -> None:
     key = new_key()
-    command = [sys.executable, "-m", "emailrelay", "send", "--server", own_nats.url, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "emailrelay",
+        "send",
+        "--server",
+        module_nats_server.url,
+        "--json",
+    ]
     for name, value in REQUEST.items():
         command += [f"--{name}", value]
     outputs = [

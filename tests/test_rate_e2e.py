@@ -18,30 +18,18 @@ from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 
 PROVIDER_RATE = 4.0
-"""Messages per second the provider accepts."""
+"""Messages per second the smtp_server accepts."""
 RELAY_RATE = 10.0
-"""SMTP_MAX_SEND_RATE: set above the provider's on purpose, so the provider
+"""SMTP_MAX_SEND_RATE: set above the smtp_server's on purpose, so the smtp_server
 throttles and the relay has to slow down."""
 
 
 @pytest.fixture(scope="module")
-def provider() -> Iterator[SmtpServer]:
-    with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def own_nats() -> Iterator[NatsServer]:
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def relay(own_nats: NatsServer, provider: SmtpServer) -> Iterator[RelayProcess]:
+def relay(module_nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
     env: dict[str, str | None] = {
-        "NATS_URL": own_nats.url,
-        "SMTP_HOST": provider.host,
-        "SMTP_PORT": str(provider.port),
+        "NATS_URL": module_nats_server.url,
+        "SMTP_HOST": smtp_server.host,
+        "SMTP_PORT": str(smtp_server.port),
         "SMTP_TLS_MODE": "none",
         "EMAIL_ENABLED": "true",
         "SSL_CERT_FILE": None,
@@ -53,15 +41,9 @@ def relay(own_nats: NatsServer, provider: SmtpServer) -> Iterator[RelayProcess]:
 
 
 @pytest.fixture(scope="module")
-def caller(own_nats: NatsServer, relay: RelayProcess) -> Iterator[SyncNats]:
-    with SyncNats(own_nats.url) as client:
+def caller(module_nats_server: NatsServer, relay: RelayProcess) -> Iterator[SyncNats]:
+    with SyncNats(module_nats_server.url) as client:
         yield client
-
-
-@pytest.fixture
-def smtp(provider: SmtpServer) -> SmtpServer:
-    provider.reset()
-    return provider
 
 
 def bodies(n: int) -> list[dict[str, Any]]:
@@ -80,7 +62,7 @@ def test_throttled_sends_are_retried_until_every_message_is_out(
     assert sorted(m.rcpt_tos[0] for m in smtp.messages) == sorted(
         f"user{i}@example.org" for i in range(12)
     )
-    assert smtp.throttled > 0  # the provider did throttle: the retries were needed
+    assert smtp.throttled > 0  # the smtp_server did throttle: the retries were needed
 
 
 def test_throttling_lowers_the_send_rate(

@@ -23,46 +23,28 @@ from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 from tests.support.servers.sqs import SqsServer
 from tests.support.waiting import wait_until
-from tests.test_engagement_e2e import REGION, eventing_env
+from tests.test_engagement_e2e import eventing_env
 from tests.test_engagement_events import SES_EXAMPLES, sns_body
 
 
 @pytest.fixture(scope="module")
-def provider() -> Iterator[SmtpServer]:
-    with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def own_nats() -> Iterator[NatsServer]:
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def sqs() -> Iterator[SqsServer]:
-    with SqsServer(region=REGION) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def events_queue(sqs: SqsServer) -> str:
-    return sqs.create_queue(f"ses-events-{uuid.uuid4().hex[:8]}", visibility_timeout=1)
+def events_queue(sqs_server: SqsServer) -> str:
+    return sqs_server.create_queue(f"ses-events-{uuid.uuid4().hex[:8]}", visibility_timeout=1)
 
 
 @pytest.fixture(scope="module")
 def relay(
-    own_nats: NatsServer,
-    provider: SmtpServer,
-    sqs: SqsServer,
+    module_nats_server: NatsServer,
+    smtp_server: SmtpServer,
+    sqs_server: SqsServer,
     events_queue: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RelayProcess]:
     env = eventing_env(
-        own_nats.url,
-        provider,
+        module_nats_server.url,
+        smtp_server,
         events_queue,
-        sqs.endpoint_url,
+        sqs_server.endpoint_url,
         tmp_path_factory.mktemp("aws"),
     )
     with RelayProcess({**env, "SUPPRESSION_ENABLED": "true"}) as process:
@@ -71,15 +53,9 @@ def relay(
 
 
 @pytest.fixture(scope="module")
-def caller(own_nats: NatsServer, relay: RelayProcess) -> Iterator[SyncNats]:
-    with SyncNats(own_nats.url) as client:
+def caller(module_nats_server: NatsServer, relay: RelayProcess) -> Iterator[SyncNats]:
+    with SyncNats(module_nats_server.url) as client:
         yield client
-
-
-@pytest.fixture
-def smtp(provider: SmtpServer) -> SmtpServer:
-    provider.reset()
-    return provider
 
 
 def new_address() -> str:
@@ -119,10 +95,10 @@ def suppressed(caller: SyncNats, address: str) -> bool:
 
 
 def test_a_permanent_bounce_through_sqs_suppresses_its_recipient(
-    caller: SyncNats, sqs: SqsServer, events_queue: str
+    caller: SyncNats, sqs_server: SqsServer, events_queue: str
 ) -> None:
     address = new_address()
-    sqs.send(events_queue, sns_body(bounce(address)))
+    sqs_server.send(events_queue, sns_body(bounce(address)))
     wait_until(lambda: suppressed(caller, address), timeout=15, message="not suppressed")
     entry = get(caller, address)
     assert entry["reason"] == "bounce"
@@ -130,21 +106,21 @@ def test_a_permanent_bounce_through_sqs_suppresses_its_recipient(
 
 
 def test_a_complaint_through_sqs_suppresses_its_recipient(
-    caller: SyncNats, sqs: SqsServer, events_queue: str
+    caller: SyncNats, sqs_server: SqsServer, events_queue: str
 ) -> None:
     address = new_address()
-    sqs.send(events_queue, json.dumps(complaint(address)))  # raw delivery
+    sqs_server.send(events_queue, json.dumps(complaint(address)))  # raw delivery
     wait_until(lambda: suppressed(caller, address), timeout=15, message="not suppressed")
     assert get(caller, address)["reason"] == "complaint"
 
 
 def test_a_transient_bounce_does_not_suppress(
-    caller: SyncNats, sqs: SqsServer, events_queue: str
+    caller: SyncNats, sqs_server: SqsServer, events_queue: str
 ) -> None:
     address, marker = new_address(), new_address()
-    sqs.send(events_queue, sns_body(bounce(address, "Transient")))
-    sqs.send(events_queue, sns_body(bounce(marker)))
-    wait_until(lambda: sqs.queue_depth(events_queue) == 0, timeout=15)
+    sqs_server.send(events_queue, sns_body(bounce(address, "Transient")))
+    sqs_server.send(events_queue, sns_body(bounce(marker)))
+    wait_until(lambda: sqs_server.queue_depth(events_queue) == 0, timeout=15)
     wait_until(lambda: suppressed(caller, marker), timeout=15)
     assert get(caller, address) == {"error": api.ERR_NOT_FOUND}
 
@@ -237,9 +213,17 @@ def test_the_subjects_are_distinct_discovery_endpoints(caller: SyncNats) -> None
 # --- the CLI ------------------------------------------------------------------------
 
 
-def cli(own_nats: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(module_nats_server: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "emailrelay", "suppression", *args, "--server", own_nats.url],
+        [
+            sys.executable,
+            "-m",
+            "emailrelay",
+            "suppression",
+            *args,
+            "--server",
+            module_nats_server.url,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -247,25 +231,25 @@ def cli(own_nats: NatsServer, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_add_list_and_remove(own_nats: NatsServer, caller: SyncNats) -> None:
+def test_cli_add_list_and_remove(module_nats_server: NatsServer, caller: SyncNats) -> None:
     address = new_address()
-    added = cli(own_nats, "add", address)
+    added = cli(module_nats_server, "add", address)
     assert added.returncode == 0, added.stderr
     assert suppressed(caller, address)
-    listed = cli(own_nats, "list", "--limit", "1000")
+    listed = cli(module_nats_server, "list", "--limit", "1000")
     assert listed.returncode == 0
     assert address in listed.stdout
-    removed = cli(own_nats, "remove", address)
+    removed = cli(module_nats_server, "remove", address)
     assert removed.returncode == 0
     assert not suppressed(caller, address)
 
 
-def test_cli_get_of_an_address_not_suppressed_exits_1(own_nats: NatsServer) -> None:
-    done = cli(own_nats, "get", new_address())
+def test_cli_get_of_an_address_not_suppressed_exits_1(module_nats_server: NatsServer) -> None:
+    done = cli(module_nats_server, "get", new_address())
     assert done.returncode == 1
     assert api.ERR_NOT_FOUND in done.stderr
 
 
-def test_cli_checks_the_address_before_asking_the_relay(own_nats: NatsServer) -> None:
-    done = cli(own_nats, "add", "not an address")
+def test_cli_checks_the_address_before_asking_the_relay(module_nats_server: NatsServer) -> None:
+    done = cli(module_nats_server, "add", "not an address")
     assert done.returncode == 2
