@@ -37,7 +37,10 @@ def drain_with_sends_in_flight(
     """Start ``count`` sends against a slow SMTP server, signal the relay while they
     are in flight, and check every one is answered and delivered and the exit is 0."""
     smtp.latency = 0.2
-    relay = relay_factory()
+    # A small pool, so the sends queue behind each other and some are still
+    # waiting when the signal arrives (with the default of 64 connections all
+    # of them could finish in one 0.2 s round).
+    relay = relay_factory({"SMTP_POOL_SIZE": "4"})
     with ThreadPoolExecutor(max_workers=1) as pool:
         replies = pool.submit(
             nats_client.request_many, api.SEND_EMAIL_SUBJECT, [send_request()] * count, 64, 30.0
