@@ -212,7 +212,7 @@ class LoadGenerator(SyncNats):
             self._send_all(batch, concurrency, rate, stop_after), self._loop
         )
 
-    def run(
+    def run_load(
         self,
         requests: Iterable[tuple[str, bytes]],
         concurrency: int,

@@ -250,7 +250,7 @@ def storm() -> Iterator[Storm]:
         first = load.next_number
         kinds = {first + n: kind for n, (_, _, kind) in enumerate(payloads)}
         with HealthWatch({"relay": relay}, interval=0.2) as health, Sampler(relay) as sampler:
-            result = load.run(
+            result = load.run_load(
                 [(subject, data) for subject, data, _ in payloads],
                 CONCURRENCY,
                 stop_after=STORM_LIMIT,
