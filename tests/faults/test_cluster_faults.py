@@ -86,5 +86,8 @@ def test_cluster_losing_the_stream_leader_and_a_relays_own_node_loses_nothing(
             figures.record("leader node down for", leader_back - leader_killed, "s")
             figures.record("relay-0's node down for", own_back - own_killed, "s")
             record_load_figures(result, found)
+            # No assertion on who leads afterwards: the killed leader is
+            # restarted within seconds and may legitimately win the election
+            # again (seen once on a loaded machine). What the fault must not
+            # do is lose, duplicate or untrack an email.
             assert_intact(found, check_callers(result, found.delivered))
-            assert new_leader != leader
