@@ -8,6 +8,7 @@ means the figures include everything the process did, and cost it nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -30,10 +31,22 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different free ports, picked while all are held: two
+    :func:`free_port` calls in a row may return the same port, and a
+    nats-server given it as client and monitor port fails to start."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in socks:
+            sock.bind((LOOPBACK, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -177,8 +190,7 @@ class NatsServer:
     def __init__(self) -> None:
         from emailrelay.dev.natsserver import nats_server_binary
 
-        self.port = free_port()
-        self.monitor_port = free_port()
+        self.port, self.monitor_port = free_ports(2)
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-nats-")
         self._log = Path(self._tmp.name) / "nats-server.log"
         args = [
