@@ -254,6 +254,41 @@ async def test_persistent_4xx_gives_up_at_send_timeout(
     assert smtp.messages == []
 
 
+async def test_a_retry_backoff_would_push_past_the_deadline_is_made_before_it(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    # The outage ends after the first attempt; the next backoff step (5-10 s)
+    # would end long after the 0.8 s deadline, so only a shortened one delivers.
+    smtp.fail_next("MAIL", 421)
+    pool = SmtpPool(
+        lambda: SmtpConnection.open(endpoint(smtp)),
+        size=1,
+        max_messages=1000,
+        max_age=300.0,
+        send_timeout=10.0,
+        backoff_initial=10.0,
+        backoff_max=10.0,
+        last_attempt_reserve=0.3,
+    )
+    started = time.monotonic()
+    await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(0.8))
+    await pool.aclose()
+    assert len(smtp.messages) == 1
+    assert time.monotonic() - started < 0.8
+
+
+async def test_persistent_4xx_with_room_for_one_more_attempt_still_ends_at_the_deadline(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    smtp.fail_all("MAIL", 421)
+    pool = make_pool(endpoint(smtp))
+    started = time.monotonic()
+    with pytest.raises(DeadlinePassed):
+        await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(0.5))
+    await pool.aclose()
+    assert time.monotonic() - started < 2
+
+
 async def test_drop_after_data_is_ambiguous_and_never_retried(
     asyncio_loop: None, smtp: SmtpServer
 ) -> None:

@@ -4,7 +4,10 @@ Connections open lazily, are reused across messages, are replaced after any
 failure, and are recycled after ``max_messages`` messages or ``max_age``
 seconds (Amazon SES recommends not holding one connection for long). Transient
 failures are retried with jittered exponential backoff until the per-send
-deadline; permanent and ambiguous ones are not.
+deadline; permanent and ambiguous ones are not. A backoff step that would
+sleep past the deadline is shortened so that one last attempt starts
+``last_attempt_reserve`` seconds before it: an outage that ends while the
+caller still waits costs that caller nothing.
 
 The per-send deadline is the earlier of ``send_timeout`` and the request's
 own (:class:`~emailrelay.deadline.Deadline`): no transaction, and no retry,
@@ -99,6 +102,7 @@ class SmtpPool:
         backoff_max: float = 5.0,
         pacer: TokenBucket | None = None,
         rate: RateObserver | None = None,
+        last_attempt_reserve: float = 1.0,
     ) -> None:
         self._connect = connect
         self._slots = anyio.Semaphore(size)
@@ -110,6 +114,7 @@ class SmtpPool:
         self._backoff_max = backoff_max
         self._pacer = pacer
         self._rate = rate
+        self._last_attempt_reserve = last_attempt_reserve
         self.open_connections = 0
 
     async def send(
@@ -169,7 +174,16 @@ class SmtpPool:
                     self._show_rate()
                 return
             attempt += 1
-            await backoff.sleep(attempt)
+            await anyio.sleep(self._retry_delay(backoff, attempt))
+
+    def _retry_delay(self, backoff: Backoff, attempt: int) -> float:
+        delay = backoff.delay(attempt)
+        # Within the cancel scope of send(): its deadline is the send's. Once
+        # the last attempt has been made, room is gone and the full delay
+        # applies, so this never turns into a busy loop.
+        room = anyio.current_effective_deadline() - anyio.current_time()
+        room -= self._last_attempt_reserve
+        return min(delay, room) if room > 0 else delay
 
     async def _send_once(
         self, sender: str, recipient: str, message: bytes, outcome: _Outcome
