@@ -81,9 +81,13 @@ class SmtpConnection:
 
     def __init__(self, smtp: aiosmtplib.SMTP) -> None:
         self._smtp = smtp
-        self.data_started = False
+        self._phase = _Phase()
+
+    @property
+    def data_started(self) -> bool:
         """The last :meth:`send` reached DATA: from then on a missing reply
         (timeout, cancellation) leaves the outcome unknown."""
+        return self._phase.data_started
 
     @classmethod
     async def open(cls, endpoint: SmtpEndpoint) -> SmtpConnection:
@@ -91,23 +95,29 @@ class SmtpConnection:
         return cls(smtp)
 
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
-        self.data_started = False
-        await aio(_envelope)(self._smtp, sender, recipient)
-        self.data_started = True
-        data: asyncio.Task[None] = await aio(_start_data)(self._smtp, message)
+        # MAIL, RCPT and DATA run as one asyncio task, started here without a
+        # crossing and awaited in one: every crossing costs a task and a trio
+        # wake-up, and a send is the relay's hottest path.
+        self._phase = phase = _Phase()
+        loop = trio_asyncio.current_loop.get()
+        transaction = loop.create_task(_transaction(self._smtp, sender, recipient, message, phase))
         try:
-            await aio(_outcome)(data)
+            await _outcome(transaction)
         except anyio.get_cancelled_exc_class():
+            if not phase.data_started:
+                # Still in the envelope: nothing was handed over.
+                _abandon(transaction)
+                raise
             # Cancelled during DATA: find out whether the provider took it.
             with anyio.CancelScope(shield=True), anyio.move_on_after(DATA_REPLY_WAIT):
-                await aio(_outcome)(data)
-            if not data.done():
-                data.cancel()
+                await _outcome(transaction)
+            if not transaction.done():
+                _abandon(transaction)
                 raise
             # The provider answered: report what it said (a success stands,
             # and the cancellation is raised again at the caller's next
             # checkpoint, after the caller has taken note).
-            data.result()
+            transaction.result()
 
     async def close(self) -> None:
         await aio(_close)(self._smtp)
@@ -175,7 +185,16 @@ async def _greet(smtp: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
         raise TransientFailure(f"connecting failed: {exc.__class__.__name__}: {exc}") from exc
 
 
-async def _envelope(smtp: aiosmtplib.SMTP, sender: str, recipient: str) -> None:
+@dataclass
+class _Phase:
+    """Set on the asyncio side the moment DATA begins, read on the trio side."""
+
+    data_started: bool = False
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes, phase: _Phase
+) -> None:
     try:
         await smtp.mail(sender)
         await smtp.rcpt(recipient)
@@ -184,9 +203,7 @@ async def _envelope(smtp: aiosmtplib.SMTP, sender: str, recipient: str) -> None:
     except (aiosmtplib.SMTPException, OSError) as exc:
         # A pooled connection the server closed while idle ends up here.
         raise TransientFailure(f"connection lost before DATA: {exc.__class__.__name__}") from exc
-
-
-async def _data(smtp: aiosmtplib.SMTP, message: bytes) -> None:
+    phase.data_started = True
     try:
         await smtp.data(message)
     except aiosmtplib.SMTPResponseException as exc:
@@ -198,13 +215,15 @@ async def _data(smtp: aiosmtplib.SMTP, message: bytes) -> None:
         ) from exc
 
 
-async def _start_data(smtp: aiosmtplib.SMTP, message: bytes) -> asyncio.Task[None]:
-    return asyncio.ensure_future(_data(smtp, message))
+def _abandon(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and consume whatever it ends with: no one awaits it any more."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 async def _outcome(task: asyncio.Task[None]) -> None:
-    """Wait for ``task``; cancelling the wait leaves the task running."""
-    await asyncio.shield(task)
+    """Wait (on the trio side) for ``task``; cancelling the wait leaves the task running."""
+    await trio_asyncio.run_aio_future(asyncio.shield(task))
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:

@@ -56,9 +56,11 @@ log = logging.getLogger(__name__)
 
 
 class Connection(Protocol):
-    data_started: bool
-    """Whether the last :meth:`send` reached DATA (the provider may then
-    have the message, whatever happened next)."""
+    @property
+    def data_started(self) -> bool:
+        """Whether the last :meth:`send` reached DATA (the provider may then
+        have the message, whatever happened next)."""
+        ...
 
     async def send(self, sender: str, recipient: str, message: bytes) -> None: ...
     async def close(self) -> None: ...
