@@ -195,9 +195,13 @@ class _Phase:
 async def _transaction(
     smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes, phase: _Phase
 ) -> None:
+    # No per-command timeouts: the trio side bounds the whole transaction (the
+    # pool's scope ends at SEND_TIMEOUT or the request's deadline, never later
+    # than a command timeout of SmtpEndpoint.timeout would), and each of them
+    # costs a timer and a waiter on the trio-asyncio loop.
     try:
-        await smtp.mail(sender)
-        await smtp.rcpt(recipient)
+        await smtp.mail(sender, timeout=None)
+        await smtp.rcpt(recipient, timeout=None)
     except aiosmtplib.SMTPResponseException as exc:
         raise _reply_failure(exc) from exc
     except (aiosmtplib.SMTPException, OSError) as exc:
@@ -205,7 +209,7 @@ async def _transaction(
         raise TransientFailure(f"connection lost before DATA: {exc.__class__.__name__}") from exc
     phase.data_started = True
     try:
-        await smtp.data(message)
+        await smtp.data(message, timeout=None)
     except aiosmtplib.SMTPResponseException as exc:
         # An explicit reply (to DATA or after the content) means "not accepted".
         raise _reply_failure(exc) from exc
