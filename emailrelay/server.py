@@ -59,8 +59,8 @@ here, once)."""
 
 CUT_OFF_SECONDS = 6.0
 """How long handlers may still take once cut off: a send that had handed its
-message over waits for the provider's final reply (bounded by the SMTP
-timeout, see emailrelay.bridge.smtp), and tracking gets its chance to store or
+message over waits for the provider's final reply (at most
+``DATA_REPLY_WAIT``, see emailrelay.bridge.smtp), and tracking gets its chance to store or
 queue the record. Whatever is still running after that is cancelled unanswered."""
 
 REPLY_TIMEOUT = 5.0
