@@ -77,26 +77,21 @@ def endpoint(
     )
 
 
-def make_pool(
-    target: SmtpEndpoint,
-    *,
-    size: int = 4,
-    max_messages: int = 1000,
-    max_age: float = 300.0,
-    send_timeout: float = 10.0,
-) -> SmtpPool:
+def make_pool(target: SmtpEndpoint, **options: Any) -> SmtpPool:
+    """A pool on ``target`` with quick retries; ``options`` override any argument."""
+
     async def connect() -> Connection:
         return await SmtpConnection.open(target)
 
-    return SmtpPool(
-        connect,
-        size=size,
-        max_messages=max_messages,
-        max_age=max_age,
-        send_timeout=send_timeout,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-    )
+    arguments: dict[str, Any] = {
+        "size": 4,
+        "max_messages": 1000,
+        "max_age": 300.0,
+        "send_timeout": 10.0,
+        "backoff_initial": 0.01,
+        "backoff_max": 0.05,
+    }
+    return SmtpPool(connect, **{**arguments, **options})
 
 
 async def send(pool: SmtpPool) -> None:
@@ -260,15 +255,8 @@ async def test_a_retry_backoff_would_push_past_the_deadline_is_made_before_it(
     # The outage ends after the first attempt; the next backoff step (5-10 s)
     # would end long after the 0.8 s deadline, so only a shortened one delivers.
     smtp.fail_next("MAIL", 421)
-    pool = SmtpPool(
-        lambda: SmtpConnection.open(endpoint(smtp)),
-        size=1,
-        max_messages=1000,
-        max_age=300.0,
-        send_timeout=10.0,
-        backoff_initial=10.0,
-        backoff_max=10.0,
-        last_attempt_reserve=0.3,
+    pool = make_pool(
+        endpoint(smtp), backoff_initial=10.0, backoff_max=10.0, last_attempt_reserve=0.3
     )
     started = time.monotonic()
     await pool.send(SENDER, RECIPIENT, MESSAGE, Deadline.after(0.8))
@@ -499,19 +487,7 @@ class RecordingRate:
 
 
 def rate_pool(smtp: SmtpServer, **options: Any) -> SmtpPool:
-    async def connect() -> Connection:
-        return await SmtpConnection.open(endpoint(smtp))
-
-    return SmtpPool(
-        connect,
-        size=2,
-        max_messages=1000,
-        max_age=300.0,
-        send_timeout=10.0,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-        **options,
-    )
+    return make_pool(endpoint(smtp), size=2, **options)
 
 
 async def test_throttling_replies_are_retried_and_reported_to_the_rate(
