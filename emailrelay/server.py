@@ -59,9 +59,9 @@ here, once)."""
 
 CUT_OFF_SECONDS = 6.0
 """How long handlers may still take once cut off: a send that had handed its
-message over waits for the provider's final reply (at most
-``DATA_REPLY_WAIT``, see emailrelay.bridge.smtp), and tracking gets its chance to store or
-queue the record. Whatever is still running after that is cancelled unanswered."""
+message over waits for the provider's final reply (at most ``DATA_REPLY_WAIT``,
+see emailrelay.bridge.smtp), and tracking gets its chance to store or queue
+the record. Whatever is still running after that is cancelled unanswered."""
 
 REPLY_TIMEOUT = 5.0
 """A reply publish is a write into nats-py's buffer; this only bounds the odd stall."""
