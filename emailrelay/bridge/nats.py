@@ -21,6 +21,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSubscription
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue as _NatsKeyValue
 
@@ -336,7 +337,8 @@ class NatsConnection:
         """The bucket, or ``None`` when it does not exist. Raises
         :class:`StoreError` when JetStream itself is not available."""
         try:
-            kv = await aio(self._client.jetstream().key_value)(bucket)
+            with anyio.fail_after(_KV_TIMEOUT):
+                kv = await aio(self._jetstream().key_value)(bucket)
         except nats.js.errors.BucketNotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
@@ -356,10 +358,16 @@ class NatsConnection:
             direct=True,  # as the Go client creates buckets; lets get_many read in batches
         )
         try:
-            kv = await aio(self._client.jetstream().create_key_value)(config)
+            with anyio.fail_after(_KV_TIMEOUT):
+                kv = await aio(self._jetstream().create_key_value)(config)
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"creating bucket {bucket} failed: {exc!r}") from exc
         return JetStreamKeyValue(kv, self._client)
+
+    def _jetstream(self) -> JetStreamContext:
+        # timeout=None: no per-request timer in nats-py; every call through
+        # this context is bounded by a trio-side scope (_KV_TIMEOUT) instead.
+        return self._client.jetstream(timeout=None)
 
     async def drain(self) -> None:
         """Flush what is pending and close; safe to call on a closed client.
@@ -383,6 +391,10 @@ class NatsConnection:
 
 
 _KV_TIMEOUT = 5.0
+"""Seconds any one KV call may take, enforced on the trio side around each
+crossing. nats-py's own request timeouts are off (:meth:`NatsConnection._jetstream`):
+each would cost a timer and a waiter on the trio-asyncio loop, per round trip,
+to bound what the trio side already bounds."""
 
 
 _GET_MANY_CONCURRENCY = 32  # single gets in flight when batch gets are not available
