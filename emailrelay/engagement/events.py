@@ -107,7 +107,7 @@ class Skipped:
 
 def parse_message(body: str, sqs_message_id: str) -> EngagementEvent | Skipped:
     """Read one SQS message body (SNS-wrapped or raw SES event)."""
-    outer = _json_object(body)
+    outer = json_object(body)
     if outer is None:
         return Skipped("malformed", "body is not a JSON object")
     if "eventType" in outer or "notificationType" in outer:
@@ -117,7 +117,7 @@ def parse_message(body: str, sqs_message_id: str) -> EngagementEvent | Skipped:
     if outer.get("Type", "Notification") != "Notification":
         return Skipped("other", f"SNS message of type {str(outer.get('Type'))[:40]!r}")
     message = outer["Message"]
-    inner = _json_object(message) if isinstance(message, str) else None
+    inner = json_object(message) if isinstance(message, str) else None
     if inner is None:
         return Skipped("malformed", "SNS Message is not an SES event JSON object")
     sns_id = outer.get("MessageId")
@@ -197,7 +197,8 @@ def parse_time(value: object) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def json_object(text: str) -> dict[str, Any] | None:
+    """``text`` parsed as a JSON object; ``None`` for anything else, however malformed or deep."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):

@@ -15,11 +15,10 @@ truth about the address.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
-from emailrelay.engagement.events import parse_time
+from emailrelay.engagement.events import json_object, parse_time
 from emailrelay.store.suppressions import Suppression, SuppressionReason
 
 _RECIPIENT_DETAILS = ("status", "action", "diagnosticCode")
@@ -28,13 +27,13 @@ _RECIPIENT_DETAILS = ("status", "action", "diagnosticCode")
 def suppressions_from_message(body: str, now: datetime) -> list[Suppression]:
     """The suppressions in one SQS message body: an SNS notification whose
     ``Message`` is the SES event, or the SES event itself (raw delivery)."""
-    outer = _json_object(body)
+    outer = json_object(body)
     if outer is None:
         return []
     if "eventType" in outer or "notificationType" in outer:
         return suppressions_from_event(outer, now)
     message = outer.get("Message")
-    inner = _json_object(message) if isinstance(message, str) else None
+    inner = json_object(message) if isinstance(message, str) else None
     return [] if inner is None else suppressions_from_event(inner, now)
 
 
@@ -84,11 +83,3 @@ def suppressions_from_event(event: dict[str, Any], now: datetime) -> list[Suppre
         }
         found.append(Suppression(address.strip(), reason, at, {**summary, **own}))
     return found
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
