@@ -6,9 +6,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -518,28 +527,23 @@ class JetStreamKeyValue:
             raise StoreError(f"listing keys failed: {exc!r}") from exc
 
     async def create(self, key: str, value: bytes) -> int:
-        _check_key_length(key)
-        try:
-            with anyio.fail_after(_KV_TIMEOUT):
-                return int(await aio(self._kv.create)(key, value))
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise RevisionConflict(key) from exc
-        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
-            raise await self._classify("create", exc) from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise StoreError(f"create failed: {exc!r}") from exc
+        return await self._write("create", key, partial(self._kv.create, key, value))
 
     async def update(self, key: str, value: bytes, last: int) -> int:
+        return await self._write("update", key, partial(self._kv.update, key, value, last=last))
+
+    async def _write(self, what: str, key: str, write: Callable[[], Awaitable[int]]) -> int:
+        """One revision-checked write (``write`` calls nats-py), its failures classified."""
         _check_key_length(key)
         try:
             with anyio.fail_after(_KV_TIMEOUT):
-                return int(await aio(self._kv.update)(key, value, last=last))
+                return int(await aio(write)())
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise RevisionConflict(key) from exc
         except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
-            raise await self._classify("update", exc) from exc
+            raise await self._classify(what, exc) from exc
         except (nats.errors.Error, TimeoutError) as exc:
-            raise StoreError(f"update failed: {exc!r}") from exc
+            raise StoreError(f"{what} failed: {exc!r}") from exc
 
     async def read_then_write(self, key: str, derive: Derive[T]) -> tuple[T, int | None]:
         """A get and the create/update ``derive`` asks for, in one crossing
