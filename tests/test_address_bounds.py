@@ -20,9 +20,14 @@ from emailrelay.addresses import (
     MAX_MAILBOX_VALUE,
     parse_mailbox,
 )
-from tests.support.handlers import RULES, handlers
+from tests.support.handlers import handlers
 from tests.support.nats_client import SyncNats
-from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload, send_request
+from tests.support.send_requests import (
+    NATS_MAX_PAYLOAD,
+    RULES,
+    padded_to_max_payload,
+    send_request,
+)
 from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 

@@ -16,21 +16,9 @@ from typing import Any
 import pytest
 
 from emailrelay import api
-from emailrelay.addresses import parse_mailbox
 from emailrelay.handlers.send_decision import NewIds, Send, SendRules, Skip, decide_send
-from tests.support.send_requests import send_request
+from tests.support.send_requests import DEFAULT_FROM, RULES, send_request
 
-DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
-assert DEFAULT_FROM is not None
-
-RULES = SendRules(
-    email_enabled=True,
-    default_from=DEFAULT_FROM,
-    default_from_display_name="LFX Self Serve",
-    allowed_from_domains=("lfx.linuxfoundation.org",),
-    allowed_reply_to_domains=("linuxfoundation.org",),
-    allowed_recipient_domains=(),
-)
 IDS = NewIds(email_id="email-1", group_id="group-1")
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

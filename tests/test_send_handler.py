@@ -16,25 +16,12 @@ import anyio
 import pytest
 
 from emailrelay import api
-from emailrelay.addresses import parse_mailbox
 from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.send import NoTracking, SendEmailHandler, SendRules, TrackingWriter
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
-from tests.support.send_requests import send_request
-
-DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
-assert DEFAULT_FROM is not None
-
-RULES = SendRules(
-    email_enabled=True,
-    default_from=DEFAULT_FROM,
-    default_from_display_name="LFX Self Serve",
-    allowed_from_domains=("lfx.linuxfoundation.org",),
-    allowed_reply_to_domains=("linuxfoundation.org",),
-    allowed_recipient_domains=(),
-)
+from tests.support.send_requests import RULES, send_request
 
 
 @dataclass

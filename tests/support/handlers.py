@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from emailrelay.addresses import parse_mailbox
 from emailrelay.deadline import Deadline
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.replies import Reply, encode_reply
@@ -16,19 +15,7 @@ from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.kv import Entry
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryKeyValue
-from tests.support.send_requests import NATS_MAX_PAYLOAD
-
-DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
-assert DEFAULT_FROM is not None
-
-RULES = SendRules(
-    email_enabled=True,
-    default_from=DEFAULT_FROM,
-    default_from_display_name="LFX Self Serve",
-    allowed_from_domains=("lfx.linuxfoundation.org",),
-    allowed_reply_to_domains=("linuxfoundation.org",),
-    allowed_recipient_domains=(),
-)
+from tests.support.send_requests import NATS_MAX_PAYLOAD, RULES
 
 
 class KeyRecordingKeyValue(MemoryKeyValue):

@@ -1,5 +1,5 @@
-"""The one valid send request every test starts from, and request bodies as
-large as NATS lets a caller send.
+"""The one valid send request every test starts from, the rules it is valid
+under, and request bodies as large as NATS lets a caller send.
 
 A test that needs a particular field says so at the call
 (``send_request(subject="Hello")``); everything it does not name is a value
@@ -10,6 +10,23 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from emailrelay.addresses import parse_mailbox
+from emailrelay.handlers.send_decision import SendRules
+
+DEFAULT_FROM = parse_mailbox("noreply@lfx.linuxfoundation.org")
+assert DEFAULT_FROM is not None
+
+RULES = SendRules(
+    email_enabled=True,
+    default_from=DEFAULT_FROM,
+    default_from_display_name="LFX Self Serve",
+    allowed_from_domains=("lfx.linuxfoundation.org",),
+    allowed_reply_to_domains=("linuxfoundation.org",),
+    allowed_recipient_domains=(),
+)
+"""The relay's rules as the handler tests configure them; ``send_request()``
+passes them."""
 
 NATS_MAX_PAYLOAD = 1024 * 1024
 """nats-server's default max_payload: the largest request any caller can send."""
