@@ -53,6 +53,19 @@ T = TypeVar("T")
 DRAIN_TIMEOUT = 5
 """Seconds nats-py may take to drain the whole connection at shutdown."""
 
+CONNECT_TIMEOUT = 1.0
+"""Seconds one connection attempt may take (TCP, INFO, CONNECT/PONG). A
+reachable nats-server answers in milliseconds, so a second is generous even on
+a loaded host, and an unreachable one (a killed pod whose address now drops
+packets) costs one second before the next server is tried, not nats-py's
+default two."""
+
+RECONNECT_TIME_WAIT = 0.5
+"""Seconds before a server tried less than this long ago is tried again (when
+every server in the list just failed). Half a second: a SIGTERM'd node's
+neighbours take over at once, and a node restarting answers within a second
+or two, so a reply buffered during the reconnect still beats a 10 s caller."""
+
 
 MAX_KEY_LENGTH = 3584
 """Longest KV key this bridge passes to nats-py. A key travels in a subject
@@ -242,8 +255,12 @@ class NatsConnection:
             "name": name,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,  # also retries the first connect
-            "reconnect_time_wait": 1,
-            "connect_timeout": 2,
+            # Part of a reply's time budget (docs/deployment.md, "Tracking
+            # through outages"): a reply published while disconnected waits in
+            # nats-py's buffer until the reconnect. The next server in the
+            # list is tried at once; these bound a server that does not answer.
+            "reconnect_time_wait": RECONNECT_TIME_WAIT,
+            "connect_timeout": CONNECT_TIMEOUT,
             "drain_timeout": DRAIN_TIMEOUT,
             "error_cb": on_error,
             "disconnected_cb": on_disconnected,
