@@ -34,15 +34,22 @@ import trio
 
 from emailrelay import api, looplag, tracing
 from emailrelay.bridge.loop import asyncio_loop
-from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_exit
-from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
+from emailrelay.bridge.nats import DRAIN_TIMEOUT, NatsConnection, NatsUnavailable, drained_on_exit
+from emailrelay.bridge.smtp import DATA_REPLY_WAIT, SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.command import EXIT_FAILURE, EXIT_OK
 from emailrelay.config import Settings
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
-from emailrelay.handlers.send import NoSender, NoTracking, SendEmailHandler, SendRules
+from emailrelay.handlers.send import (
+    SETTLE_WAIT,
+    TRACKING_WAIT,
+    NoSender,
+    SendEmailHandler,
+    SendRules,
+    TrackingOnceOpen,
+)
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.handlers.suppression import (
     AddSuppressionHandler,
@@ -54,7 +61,7 @@ from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.mail.rate import AdaptiveRate, TokenBucket
 from emailrelay.metrics import REQUESTS_EXPIRED, SMTP_SEND_RATE, TRACKING_WRITE_FAILURES
-from emailrelay.server import Handler, RequestServer, bounded_by_deadline
+from emailrelay.server import CUT_OFF_SECONDS, Handler, RequestServer, bounded_by_deadline
 from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
 from emailrelay.store.idempotency import IdempotencyStore
@@ -69,11 +76,24 @@ PENDING_LAST_TRY_SECONDS = 3.0
 """At shutdown, after the last reply: time left to store pending tracking
 writes (within the pod's termination grace beyond SHUTDOWN_GRACE_SECONDS)."""
 
-IDEMPOTENCY_STALE_GRACE = 15.0
+IDEMPOTENCY_STALE_GRACE = DATA_REPLY_WAIT + SETTLE_WAIT + 3.0
 """Seconds beyond SEND_TIMEOUT after which a key still in progress is read as
 outcome unknown (its owner crashed): a live owner's send ends by SEND_TIMEOUT
-plus the wait for a DATA reply (5 s, emailrelay.bridge.smtp) plus one KV
-write (5 s)."""
+plus the wait for a DATA reply (1 s, emailrelay.bridge.smtp), and its outcome
+is written within SETTLE_WAIT (1 s, emailrelay.handlers.send) after that; 3 s
+more cover the replicas' clock skew (wall clocks, NTP-synchronised) and a
+write that lands just after its caller stopped waiting. 5 s in all: with the
+default SEND_TIMEOUT a crashed owner's key reads as outcome unknown after
+13 s."""
+
+
+def shutdown_extra_seconds(tracking_wait: float = TRACKING_WAIT) -> float:
+    """Longest a SIGTERM'd process runs beyond SHUTDOWN_GRACE_SECONDS: the
+    cut-off requests' last DATA reply and key write, a tracking wait, the
+    pending writes' last try, then the NATS drain (12 s with the defaults).
+    The chart's ``terminationGracePeriodExtraSeconds`` must cover it
+    (tests/test_chart.py)."""
+    return CUT_OFF_SECONDS + tracking_wait + PENDING_LAST_TRY_SECONDS + DRAIN_TIMEOUT
 
 
 def run(settings: Settings) -> int:
@@ -174,10 +194,15 @@ async def serve(
             return EXIT_FAILURE
     pool = build_smtp_pool(settings) if settings.email_enabled else None
     pending = PendingTrackingWrites()
+    # Started before the KV store could be opened (a cluster still electing
+    # its JetStream leader): sends are tracked all the same, their writes
+    # waiting in the pending queue until _track_once_available opens it.
+    once_open = TrackingOnceOpen()
     send_handler = SendEmailHandler(
         rules=send_rules(settings),
         sender=tracing.traced_sender(pool if pool is not None else NoSender()),
-        tracking=NoTracking() if tracking is None else tracing.traced_tracking(tracking),
+        tracking=once_open if tracking is None else tracing.traced_tracking(tracking),
+        tracking_wait=settings.tracking_wait,
         on_tracking_failure=TRACKING_WRITE_FAILURES.inc,
         pending=pending,
         on_expired=REQUESTS_EXPIRED.inc,
@@ -238,7 +263,9 @@ async def serve(
                 tg.start_soon(
                     lifecycle.supervise,
                     "tracking",
-                    lambda: _track_once_available(nats, settings, send_handler, requests, service),
+                    lambda: _track_once_available(
+                        nats, settings, send_handler, once_open, requests, service
+                    ),
                 )
             tg.start_soon(
                 lifecycle.supervise,
@@ -332,13 +359,16 @@ async def _track_once_available(
     nats: NatsConnection,
     settings: Settings,
     send_handler: SendEmailHandler,
+    once_open: TrackingOnceOpen,
     requests: RequestServer,
     service: ServiceStats,
 ) -> None:
     """JetStream or the buckets were missing at start (a NATS cluster still
     electing its JetStream leader, buckets an operator has yet to declare):
     look again, with backoff, and start tracking and answering status and
-    analytics as soon as they are there, without a restart."""
+    analytics as soon as they are there, without a restart. Meanwhile the
+    sends' tracking writes wait in the pending queue (``once_open``), which
+    stores them once the buckets are open."""
     backoff = Backoff(initial=1.0, maximum=TRACKING_RETRY_MAX)
     attempt = 0
     while True:
@@ -352,7 +382,7 @@ async def _track_once_available(
             if suppressions is not None:
                 send_handler.start_suppressions(suppressions)
                 await _add_routes(requests, service, suppression_routes(suppressions))
-            send_handler.start_tracking(tracing.traced_tracking(tracking))
+            once_open.open(tracing.traced_tracking(tracking))
             await _add_routes(requests, service, query_routes(tracking, nats))
             return
 

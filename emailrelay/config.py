@@ -195,7 +195,14 @@ class Settings(BaseModel):
         default=256, alias="MAX_IN_FLIGHT"
     )
     max_backlog: Annotated[int, Field(ge=1, le=100_000)] = Field(default=256, alias="MAX_BACKLOG")
-    send_timeout: Seconds = Field(default=30.0, alias="SEND_TIMEOUT")
+    send_timeout: Seconds = Field(default=8.0, alias="SEND_TIMEOUT")
+    """Deadline of a send whose caller sends no ``Emailrelay-Deadline``: 8 s,
+    so that the reply (at most 1.5 s later, see emailrelay.handlers.send)
+    beats the 10 s timeout of the replaced relay's callers."""
+    tracking_wait: Seconds = Field(default=1.0, alias="TRACKING_WAIT")
+    """How long a sent email's reply waits for its tracking writes (never past
+    the request's deadline); what is not stored by then goes to the pending
+    writes (emailrelay.store.pending) and the success goes at once."""
     smtp_max_send_rate: Annotated[float, Field(ge=0, le=100_000)] = Field(
         default=0.0, alias="SMTP_MAX_SEND_RATE"
     )

@@ -40,6 +40,7 @@ from emailrelay.bridge.nats import (
     RequestSubscription,
     drain_all,
 )
+from emailrelay.bridge.smtp import DATA_REPLY_WAIT
 from emailrelay.deadline import Deadline, request_deadline
 from emailrelay.discovery import error_headers
 from emailrelay.handlers.replies import Reply, encode_reply, error_reply
@@ -57,11 +58,13 @@ Handler = Callable[[bytes, Deadline, Mapping[str, str]], Awaitable[Reply]]
 """Request body, its deadline and its headers in, a typed reply out (encoded
 here, once)."""
 
-CUT_OFF_SECONDS = 6.0
+CUT_OFF_SECONDS = DATA_REPLY_WAIT + 1.0
 """How long handlers may still take once cut off: a send that had handed its
 message over waits for the provider's final reply (at most ``DATA_REPLY_WAIT``,
-see emailrelay.bridge.smtp), and tracking gets its chance to store or queue
-the record. Whatever is still running after that is cancelled unanswered."""
+see emailrelay.bridge.smtp), settles its idempotency key (bounded by
+emailrelay.handlers.send.SETTLE_AFTER_DEADLINE) and hands its tracking writes
+to the pending queue (a cut-off deadline leaves no tracking wait). Whatever is
+still running after that is cancelled unanswered."""
 
 REPLY_TIMEOUT = 5.0
 """A reply publish is a write into nats-py's buffer; this only bounds the odd stall."""
@@ -95,7 +98,7 @@ class RequestServer:
         stats: RequestStats | None = None,
         *,
         max_backlog: int | None = None,
-        send_timeout: float = 30.0,
+        send_timeout: float = 8.0,
     ) -> None:
         self._nats = nats
         self._max_in_flight = max_in_flight

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from emailrelay import app
 from emailrelay.config import Settings
 from emailrelay.store.buckets import IDEMPOTENCY_MAX_VALUE, SUPPRESSIONS
 
@@ -53,7 +54,8 @@ CONTRACT_DEFAULTS = {
     "SES_EVENT_MAX_RECEIVES": "5",
     "MAX_IN_FLIGHT": "256",
     "MAX_BACKLOG": "256",
-    "SEND_TIMEOUT": "30s",
+    "SEND_TIMEOUT": "8s",
+    "TRACKING_WAIT": "1s",
     "SHUTDOWN_GRACE_SECONDS": "25",
     "KV_REPLICAS": "1",
     "KV_AUTO_CREATE": "true",
@@ -235,14 +237,31 @@ def test_termination_grace_exceeds_shutdown_grace_by_default(chart: helm_python.
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
     grace = int(plain_env(objects)["SHUTDOWN_GRACE_SECONDS"])
     assert pod["terminationGracePeriodSeconds"] > grace
-    assert pod["terminationGracePeriodSeconds"] == grace + 10
+    assert pod["terminationGracePeriodSeconds"] == grace + 12
+
+
+def test_termination_grace_extra_covers_what_runs_after_the_shutdown_grace(
+    chart: helm_python.Chart,
+) -> None:
+    """Beyond SHUTDOWN_GRACE_SECONDS a SIGTERM'd relay still runs the cut-off
+    requests' last DATA reply and key write, a tracking wait, the pending
+    writes' last try and the NATS drain; computed here from the code's own
+    constants and the chart's TRACKING_WAIT, so a default that grows past the
+    chart's extra seconds fails this test."""
+    objects = render(chart)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    grace = int(plain_env(objects)["SHUTDOWN_GRACE_SECONDS"])
+    tracking_wait = Settings.model_validate(
+        {"TRACKING_WAIT": plain_env(objects)["TRACKING_WAIT"]}
+    ).tracking_wait
+    assert pod["terminationGracePeriodSeconds"] - grace >= app.shutdown_extra_seconds(tracking_wait)
 
 
 def test_termination_grace_follows_a_changed_shutdown_grace(chart: helm_python.Chart) -> None:
     objects = render(chart, {"config": {"shutdownGraceSeconds": 60}})
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
     assert plain_env(objects)["SHUTDOWN_GRACE_SECONDS"] == "60"
-    assert pod["terminationGracePeriodSeconds"] == 70
+    assert pod["terminationGracePeriodSeconds"] == 72
 
 
 def test_termination_grace_not_above_shutdown_grace_is_rejected(
@@ -380,6 +399,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
             "maxInFlight": 64,
             "maxBacklog": 32,
             "sendTimeout": "10s",
+            "trackingWait": "2s",
             "idempotencyTtl": "2h",
         },
         "shutdownGraceSeconds": 40,
@@ -416,6 +436,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "MAX_IN_FLIGHT": "64",
         "MAX_BACKLOG": "32",
         "SEND_TIMEOUT": "10s",
+        "TRACKING_WAIT": "2s",
         "SHUTDOWN_GRACE_SECONDS": "40",
         "LOG_LEVEL": "debug",
         "LOG_FORMAT": "text",

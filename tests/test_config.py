@@ -30,7 +30,7 @@ def test_production_defaults() -> None:
     assert settings.smtp_tls_mode is SmtpTlsMode.AUTO
     assert settings.smtp_pool_size == 64
     assert settings.max_in_flight == 256
-    assert settings.send_timeout == 30.0
+    assert settings.send_timeout == 8.0
     assert settings.shutdown_grace_seconds == 25.0
 
 

@@ -64,7 +64,9 @@ def test_sends_cut_off_by_the_grace_answer_delivery_failed_and_are_never_sent(
 def test_send_handed_over_before_the_cut_off_gets_the_providers_answer(
     relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
-    smtp.latency = 2.0  # the final reply to DATA comes after the grace has run out
+    # The final reply to DATA comes after the grace (0.2 s) has run out, and
+    # within the wait for it after the cut-off (DATA_REPLY_WAIT, 1 s).
+    smtp.latency = 0.8
     relay = relay_factory({"SHUTDOWN_GRACE_SECONDS": "200ms"})
     with ThreadPoolExecutor(max_workers=1) as pool:
         reply = pool.submit(nats_client.request_json, api.SEND_EMAIL_SUBJECT, send_request(), 30.0)

@@ -259,3 +259,43 @@ async def test_last_try_logs_the_ids_left_and_no_address(caplog: pytest.LogCaptu
     [line] = caplog.records
     assert line.email_ids == [r.email_id for r in sent]  # type: ignore[attr-defined]
     assert "jane.doe" not in str(line.__dict__)
+
+
+@dataclass
+class OutageMidway:
+    """The store's writer, which brings the store down again once ``after``
+    records landed: a second outage while the queue drains."""
+
+    store: Store
+    after: int
+    landed: int = 0
+
+    async def create_record(self, record: TrackingRecord) -> None:
+        await self.store.tracking.create_record(record)
+        self.landed += 1
+        if self.landed == self.after:
+            self.store.down()
+
+    async def append_to_group(self, group_id: str, email_id: str) -> None:
+        await self.store.tracking.append_to_group(group_id, email_id)
+
+
+async def test_second_outage_while_draining_loses_nothing_and_indexes_each_once() -> None:
+    store, pending = new_store(), quick_queue()
+    writer = OutageMidway(store, after=10)
+    sent = [record() for _ in range(40)]
+    store.down()
+    for r in sent:
+        pending.add(r, writer)
+    async with writing(pending):
+        store.up()
+        with anyio.fail_after(5):
+            while True:
+                if writer.landed >= 10:
+                    break
+                await anyio.sleep(0.001)
+        assert 0 < len(pending) < 40  # the drain was cut short
+        store.up()
+        await until_empty(pending)
+    assert sorted(store.records.entries) == sorted(r.email_id for r in sent)
+    assert sorted(store.index("g")) == sorted(r.email_id for r in sent)

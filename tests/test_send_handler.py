@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,10 +19,18 @@ import pytest
 from emailrelay import api
 from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.handlers.replies import encode_reply
-from emailrelay.handlers.send import NoTracking, SendEmailHandler, SendRules, TrackingWriter
+from emailrelay.handlers.send import (
+    NoTracking,
+    SendEmailHandler,
+    SendRules,
+    TrackingOnceOpen,
+    TrackingWriter,
+)
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
+from emailrelay.store.pending import PendingTrackingWrites
 from tests.support.send_requests import RULES, send_request
+from tests.test_pending_tracking import until_empty
 
 
 @dataclass
@@ -59,9 +68,21 @@ class FakeTracking:
     failure: Exception = field(default_factory=lambda: StoreError("store down"))
     append_failures_left: int = 0
     creates: int = 0
+    electing: bool = False
+    """Writes hang, as JetStream's do while a stream has no leader."""
+    lost_replies: int = 0
+    """The next creates land but their reply never comes."""
 
     async def create_record(self, record: api.TrackingRecord) -> None:
         await anyio.sleep(0.001)
+        if self.electing:
+            await anyio.sleep_forever()
+        if record in self.records:
+            return  # a retried create that conflicts: the first one landed
+        if self.lost_replies:
+            self.lost_replies -= 1
+            self.records.append(record)
+            await anyio.sleep_forever()
         self.creates += 1
         if self.failures_left:
             self.failures_left -= 1
@@ -116,17 +137,18 @@ class Relay:
 def make_relay(
     rules: SendRules = RULES,
     *,
-    tracking_deadline: float = 10.0,
-    tracking: bool = True,
+    tracking_wait: float = 1.0,
+    tracking: bool | TrackingWriter = True,
     pending: FakePending | None = None,
 ) -> Relay:
     sender, store = FakeSender(), FakeTracking()
+    writer: TrackingWriter = store if tracking is True else tracking or NoTracking()
     failures: list[None] = []
     handler = SendEmailHandler(
         rules,
         sender,
-        store if tracking else NoTracking(),
-        tracking_deadline=tracking_deadline,
+        writer,
+        tracking_wait=tracking_wait,
         on_tracking_failure=lambda: failures.append(None),
         pending=pending,
     )
@@ -453,7 +475,7 @@ async def test_transient_store_failure_is_retried() -> None:
 
 
 async def test_store_failing_for_good_still_answers_success() -> None:
-    relay = make_relay(tracking_deadline=0.2)
+    relay = make_relay(tracking_wait=0.2)
     relay.tracking.failures_left = 10**9
     reply = await relay.send(send_request())
     assert uuid.UUID(reply["email_id"])
@@ -461,14 +483,14 @@ async def test_store_failing_for_good_still_answers_success() -> None:
 
 
 async def test_store_failing_for_good_is_counted() -> None:
-    relay = make_relay(tracking_deadline=0.2)
+    relay = make_relay(tracking_wait=0.2)
     relay.tracking.failures_left = 10**9
     await relay.send(send_request())
     assert relay.tracking_failures == [None]
 
 
 async def test_unexpected_store_exception_still_answers_success() -> None:
-    relay = make_relay(tracking_deadline=0.2)
+    relay = make_relay(tracking_wait=0.2)
     relay.tracking.failures_left = 10**9
     relay.tracking.failure = RuntimeError("bug in the store adapter")
     reply = await relay.send(send_request())
@@ -480,7 +502,7 @@ async def test_unexpected_store_exception_still_answers_success() -> None:
 
 
 def failing_relay(*, capacity: int = 100) -> Relay:
-    relay = make_relay(tracking_deadline=0.2, pending=FakePending(capacity))
+    relay = make_relay(tracking_wait=0.2, pending=FakePending(capacity))
     relay.tracking.failures_left = 10**9
     return relay
 
@@ -514,7 +536,7 @@ async def test_write_handed_to_the_pending_writes_is_not_a_failure() -> None:
 
 
 async def test_pending_write_remembers_the_record_was_stored() -> None:
-    relay = make_relay(tracking_deadline=0.2, pending=FakePending())
+    relay = make_relay(tracking_wait=0.2, pending=FakePending())
     relay.tracking.append_failures_left = 10**9
     await relay.send(send_request())
     assert relay.pending is not None
@@ -530,7 +552,7 @@ async def test_full_pending_queue_counts_the_write_as_failed() -> None:
 
 
 async def test_missing_bucket_goes_to_the_pending_writes_without_retrying() -> None:
-    relay = make_relay(tracking_deadline=60, pending=FakePending())
+    relay = make_relay(tracking_wait=60, pending=FakePending())
     relay.tracking.failures_left = 10**9
     relay.tracking.failure = BucketMissing("email-recipients does not exist")
     await relay.send(send_request())
@@ -548,6 +570,86 @@ async def test_request_deadline_passed_during_the_send_hands_tracking_straight_t
     assert relay.tracking.records == []
     assert relay.pending is not None
     assert [d.record.email_id for d in relay.pending.writes] == [reply["email_id"]]
+
+
+# the reply's bounded wait for tracking (TRACKING_WAIT)
+
+
+async def timed_send(relay: Relay, deadline: Deadline | None = None) -> tuple[float, Any]:
+    """The reply and the seconds it took."""
+    started = anyio.current_time()
+    reply = json.loads(
+        encode_reply(await relay.handler(json.dumps(send_request()).encode(), deadline))
+    )
+    return anyio.current_time() - started, reply
+
+
+async def test_store_not_answering_holds_the_reply_for_the_tracking_wait_only() -> None:
+    relay = make_relay(tracking_wait=0.2, pending=FakePending())
+    relay.tracking.electing = True
+    took, reply = await timed_send(relay)
+    assert "error" not in reply
+    assert 0.2 <= took < 0.6
+
+
+async def test_store_not_answering_within_the_tracking_wait_hands_the_write_to_pending() -> None:
+    relay = make_relay(tracking_wait=0.2, pending=FakePending())
+    relay.tracking.electing = True
+    _, reply = await timed_send(relay)
+    assert relay.pending is not None
+    assert [d.record.email_id for d in relay.pending.writes] == [reply["email_id"]]
+
+
+async def test_a_lost_store_reply_is_tried_again_within_the_tracking_wait() -> None:
+    relay = make_relay(tracking_wait=5, pending=FakePending())
+    relay.tracking.lost_replies = 1
+    took, reply = await timed_send(relay)
+    assert took < 1.0
+    assert [r.email_id for r in relay.tracking.records] == [reply["email_id"]]
+    assert relay.tracking.groups == {reply["group_id"]: [reply["email_id"]]}
+    assert relay.pending is not None
+    assert relay.pending.writes == []
+
+
+async def test_tracking_wait_never_runs_past_the_request_deadline() -> None:
+    relay = make_relay(tracking_wait=30, pending=FakePending())
+    relay.tracking.electing = True
+    took, reply = await timed_send(relay, Deadline.after(0.2))
+    assert "error" not in reply
+    assert took < 0.6
+
+
+async def test_store_not_open_yet_hands_the_write_to_pending_without_waiting() -> None:
+    once_open = TrackingOnceOpen()
+    relay = make_relay(tracking=once_open, tracking_wait=30, pending=FakePending())
+    took, reply = await timed_send(relay)
+    assert "error" not in reply
+    assert took < 0.5
+    assert relay.pending is not None
+    assert [(d.record.email_id, d.writer) for d in relay.pending.writes] == [
+        (reply["email_id"], once_open)
+    ]
+
+
+async def test_writes_kept_before_the_store_opened_land_once_it_opens() -> None:
+    once_open, store = TrackingOnceOpen(), FakeTracking()
+    pending = PendingTrackingWrites(backoff_initial=0.001, backoff_max=0.01)
+    handler = SendEmailHandler(RULES, FakeSender(), once_open, pending=pending)
+    reply = json.loads(encode_reply(await handler(json.dumps(send_request(group_id="g")).encode())))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pending.write_when_possible)
+        once_open.open(store)
+        await until_empty(pending)
+        tg.cancel_scope.cancel()
+    assert [r.email_id for r in store.records] == [reply["email_id"]]
+    assert store.groups == {"g": [reply["email_id"]]}
+
+
+async def test_full_pending_queue_logs_the_email_id_once(caplog: pytest.LogCaptureFixture) -> None:
+    relay = failing_relay(capacity=0)
+    with caplog.at_level(logging.ERROR, logger="emailrelay.handlers.send"):
+        reply = await relay.send(send_request())
+    assert [r.email_id for r in caplog.records] == [reply["email_id"]]  # type: ignore[attr-defined]
 
 
 # deadlines

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import pytest
 
 from emailrelay import api
 from emailrelay.deadline import Deadline
@@ -215,3 +216,86 @@ async def test_an_open_event_suppresses_nobody() -> None:
     body = sns_body(json.loads(json.dumps(SES_EXAMPLES["Open"])))
     await poller_with(suppressions).handle(message(body))
     assert suppressions.added == []
+
+
+# --- keyed sends during a JetStream election ----------------------------------------
+
+
+class ElectingKeyValue(MemoryKeyValue):
+    """Reads answer (a follower serves them); writes hang while ``electing``,
+    as JetStream's do while the stream has no leader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.electing = False
+
+    async def create(self, key: str, value: bytes) -> int:
+        if self.electing:
+            await anyio.sleep_forever()
+        return await super().create(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        if self.electing:
+            await anyio.sleep_forever()
+        return await super().update(key, value, last)
+
+
+def electing_setup() -> tuple[Setup, ElectingKeyValue]:
+    relay = setup()
+    kv = ElectingKeyValue()
+    relay.handler.start_reservations(IdempotencyStore(kv, stale_after=45))
+    return relay, kv
+
+
+async def timed(relay: Setup, **body: Any) -> tuple[float, dict[str, Any]]:
+    started = anyio.current_time()
+    reply = await relay.send(**body)
+    return anyio.current_time() - started, reply
+
+
+async def test_a_reservation_not_made_within_its_bound_answers_delivery_failed_unsent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("emailrelay.handlers.send.RESERVATION_WAIT", 0.2)
+    relay, kv = electing_setup()
+    kv.electing = True
+    took, reply = await timed(relay, idempotency_key=KEY)
+    assert reply == {"error": api.ERR_DELIVERY_FAILED}
+    assert relay.sender.sent == []
+    assert 0.2 <= took < 0.6
+
+
+async def test_a_reservation_is_bounded_by_the_request_deadline_too() -> None:
+    relay, kv = electing_setup()
+    kv.electing = True
+    started = anyio.current_time()
+    reply = await relay.send(Deadline.after(0.2), idempotency_key=KEY)
+    assert reply == {"error": api.ERR_DELIVERY_FAILED}
+    assert anyio.current_time() - started < 0.6
+
+
+async def test_a_key_refused_during_an_election_sends_once_retried_after_it() -> None:
+    relay, kv = electing_setup()
+    kv.electing = True
+    with anyio.fail_after(5):
+        assert await relay.send(Deadline.after(0.2), idempotency_key=KEY) == {
+            "error": api.ERR_DELIVERY_FAILED
+        }
+    kv.electing = False
+    assert "email_id" in await relay.send(idempotency_key=KEY)
+    assert len(relay.sender.sent) == 1
+
+
+async def test_an_outcome_not_stored_within_its_bound_still_answers_the_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("emailrelay.handlers.send.SETTLE_WAIT", 0.2)
+    relay, kv = electing_setup()
+
+    async def deliver_then_lose_the_leader(*args: Any) -> None:
+        kv.electing = True
+
+    relay.sender.send = deliver_then_lose_the_leader  # type: ignore[method-assign]
+    took, reply = await timed(relay, idempotency_key=KEY)
+    assert "email_id" in reply
+    assert 0.2 <= took < 0.6

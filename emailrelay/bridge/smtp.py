@@ -37,10 +37,14 @@ aio = trio_asyncio.aio_as_trio
 
 IMPLICIT_TLS_PORTS = (465, 2465)
 
-DATA_REPLY_WAIT = 5.0
+DATA_REPLY_WAIT = 1.0
 """Once cancelled during DATA, how much longer to wait for the provider's
 final reply; beyond it the outcome is unknown and the cancellation stands
-(the connection is dropped)."""
+(the connection is dropped). Short on purpose: a caller without a deadline
+header gets receipt + SEND_TIMEOUT (8 s), and its reply must leave by
+receipt + 9.5 s to beat its 10 s timeout (a late success is as dangerous as
+an error: the caller sends again). A provider that takes a second past the
+deadline to answer DATA is answered as ambiguous."""
 
 
 @dataclass(frozen=True)

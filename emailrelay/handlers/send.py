@@ -12,8 +12,16 @@ still has time reserves its key, right before the send. The key then ends
 ``completed`` (the provider accepted: a retry gets this reply again),
 ``released`` (nothing was handed over: a retry may send) or ``unknown`` (the
 whole message was handed over and no answer came: a retry gets ``email
-delivery outcome unknown``). A store that cannot reserve fails the send
-(``email delivery failed``): a keyed send never goes out unreserved.
+delivery outcome unknown``). A store that cannot reserve within
+:data:`RESERVATION_WAIT` fails the send (``email delivery failed``, safe to
+retry with the key): a keyed send never goes out unreserved, and during a
+JetStream election it is told so in seconds, not at its deadline.
+
+The reply after a send does not wait for an election: the tracking writes get
+``tracking_wait`` (TRACKING_WAIT, 1 s by default, never past the request's
+deadline); what is not stored by then is handed to the pending writes
+(emailrelay.store.pending) and the success goes at once. A late success is
+as dangerous as an error: its caller times out and sends again.
 
 Suppression (``SUPPRESSION_ENABLED=true``): a suppressed recipient answers
 ``recipient suppressed`` with no SMTP contact and no record. A list that
@@ -63,6 +71,8 @@ from emailrelay.store.kv import BucketMissing, StoreError
 from emailrelay.supervision import Backoff
 
 __all__ = [
+    "RESERVATION_WAIT",
+    "TRACKING_WAIT",
     "NoPending",
     "NoReservations",
     "NoSender",
@@ -73,10 +83,39 @@ __all__ = [
     "SendRules",
     "Sender",
     "SuppressionList",
+    "TrackingNotOpenYet",
+    "TrackingOnceOpen",
     "TrackingWriter",
 ]
 
 log = logging.getLogger(__name__)
+
+TRACKING_WAIT = 1.0
+"""Default of TRACKING_WAIT: a healthy store answers in milliseconds, and a
+JetStream leader election (4 to 9 s after a node is lost) must not hold a reply."""
+
+TRACKING_ATTEMPT_WAIT = 0.3
+"""Longest one attempt of the tracking writes may take within TRACKING_WAIT.
+A JetStream reply lost on the way (the relay's node restarting, a leader
+handing over on SIGTERM) never comes: trying again after 0.3 s stores the
+record within the wait (a retried create that conflicts means the first one
+landed; an append skips an id already indexed), where waiting for the lost
+reply would use up the whole wait and queue it."""
+
+RESERVATION_WAIT = 2.0
+"""Longest wait for an idempotency reservation (its read and its write; a
+reservation cannot be deferred like a tracking write): beyond it the send is
+not made and answers ``email delivery failed``. A healthy store answers in
+milliseconds; 2 s leaves room for a loaded host and still tells a caller with
+a 10 s timeout in time to retry."""
+
+SETTLE_WAIT = 1.0
+"""Longest wait for storing a send's outcome under its key (``_settle``)."""
+
+SETTLE_AFTER_DEADLINE = 0.3
+"""Past the request's deadline (a DATA reply that came late, or a cut-off),
+the outcome's write gets only this long: the reply must still leave by
+receipt + SEND_TIMEOUT + DATA_REPLY_WAIT + this (9.3 s with the defaults)."""
 
 
 class Sender(Protocol):
@@ -149,13 +188,42 @@ class NoSender:
 
 
 class NoTracking:
-    """No KV store (yet): sends are not recorded."""
+    """No KV store: sends are not recorded (unit tests, tools)."""
 
     async def create_record(self, record: api.TrackingRecord) -> None:
         return None
 
     async def append_to_group(self, group_id: str, email_id: str) -> None:
         return None
+
+
+class TrackingNotOpenYet(StoreError):
+    """The KV store has not been opened yet (JetStream electing its first
+    leader, buckets still to be declared)."""
+
+
+class TrackingOnceOpen:
+    """The tracking writer of a relay that started before its KV store could
+    be opened: each write fails at once with :class:`TrackingNotOpenYet` (the
+    send hands it to the pending writes without waiting) until :meth:`open`,
+    from then on it writes to the store. The pending writes hold this object,
+    so what they kept is stored once the buckets open."""
+
+    def __init__(self) -> None:
+        self._store: TrackingWriter | None = None
+
+    def open(self, store: TrackingWriter) -> None:
+        self._store = store
+
+    async def create_record(self, record: api.TrackingRecord) -> None:
+        if self._store is None:
+            raise TrackingNotOpenYet("the KV store is not open yet")
+        await self._store.create_record(record)
+
+    async def append_to_group(self, group_id: str, email_id: str) -> None:
+        if self._store is None:
+            raise TrackingNotOpenYet("the KV store is not open yet")
+        await self._store.append_to_group(group_id, email_id)
 
 
 class NoPending:
@@ -173,7 +241,7 @@ class SendEmailHandler:
         rules: SendRules,
         sender: Sender,
         tracking: TrackingWriter,
-        tracking_deadline: float = 10.0,
+        tracking_wait: float = TRACKING_WAIT,
         new_ids: Callable[[], NewIds] = NewIds.random,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tracking_failure: Callable[[], None] = lambda: None,
@@ -185,7 +253,7 @@ class SendEmailHandler:
         self._rules = rules
         self._sender = sender
         self._tracking = tracking
-        self._tracking_deadline = tracking_deadline
+        self._tracking_wait = tracking_wait
         self._new_ids = new_ids
         self._now = now
         self._on_tracking_failure = on_tracking_failure
@@ -271,7 +339,7 @@ class SendEmailHandler:
         answer = await self._reserve(decision.idempotency, deadline, context)
         if isinstance(answer, Reserved):
             if deadline.expired:
-                await self._settle(self._reservations.release, answer, context)
+                await self._settle(self._reservations.release, answer, context, deadline)
                 self._on_expired()
                 log.info("deadline passed while waiting for the key; not sent", extra=context)
                 return error_reply(api.ERR_DELIVERY_FAILED)
@@ -281,22 +349,32 @@ class SendEmailHandler:
     async def _reserve(
         self, idempotency: Idempotency, deadline: Deadline, context: dict[str, str]
     ) -> Reserved | Reply:
-        """The reservation, or the reply the key already holds. A key another
-        request is sending with is waited on until the deadline."""
+        """The reservation, or the reply the key already holds. The reservation
+        itself gets :data:`RESERVATION_WAIT`; a key another request is sending
+        with is waited on until the deadline."""
+        answer: Reservation | None = None
         try:
-            answer = await self._reservations.reserve(idempotency.key, idempotency.fingerprint)
-            if isinstance(answer, InProgress):
-                IDEMPOTENT_REPLIES.labels("in_progress").inc()
-                until = anyio.current_time() + deadline.remaining()
-                answer = await self._reservations.wait_for_outcome(
-                    idempotency.key, idempotency.fingerprint, until
-                )
+            with deadline.scope():
+                with anyio.fail_after(RESERVATION_WAIT):
+                    answer = await self._reservations.reserve(
+                        idempotency.key, idempotency.fingerprint
+                    )
+                if isinstance(answer, InProgress):
+                    IDEMPOTENT_REPLIES.labels("in_progress").inc()
+                    until = anyio.current_time() + deadline.remaining()
+                    answer = await self._reservations.wait_for_outcome(
+                        idempotency.key, idempotency.fingerprint, until
+                    )
         except Exception as exc:
             IDEMPOTENT_REPLIES.labels("store_failed").inc()
             log.warning(
                 "idempotency key could not be reserved; not sent",
                 extra={**context, "error": repr(exc)},
             )
+            return error_reply(api.ERR_DELIVERY_FAILED)
+        if answer is None:
+            self._on_expired()
+            log.info("deadline passed while reserving the key; not sent", extra=context)
             return error_reply(api.ERR_DELIVERY_FAILED)
         if isinstance(answer, Reserved):
             IDEMPOTENT_REPLIES.labels("reserved").inc()
@@ -336,14 +414,14 @@ class SendEmailHandler:
             log.warning("email delivery outcome unknown", extra={**context, "reason": exc.reason})
             if reserved is None:
                 return error_reply(api.ERR_DELIVERY_FAILED)
-            await self._settle(self._reservations.mark_unknown, reserved, context)
+            await self._settle(self._reservations.mark_unknown, reserved, context, deadline)
             return error_reply(api.ERR_DELIVERY_OUTCOME_UNKNOWN)
         except SendFailure as exc:
             if isinstance(exc, DeadlinePassed):
                 self._on_expired()
             log.warning("email delivery failed", extra={**context, "reason": exc.reason})
             if reserved is not None:
-                await self._settle(self._reservations.release, reserved, context)
+                await self._settle(self._reservations.release, reserved, context, deadline)
             return error_reply(api.ERR_DELIVERY_FAILED)
         log.info("email sent", extra=context)
         reply = api.SendEmailReply(email_id=email.email_id, group_id=email.group_id)
@@ -351,7 +429,9 @@ class SendEmailHandler:
             # First, before tracking: the shorter the time between the
             # provider's acceptance and this write, the smaller the window in
             # which a crash leaves the key in progress.
-            await self._settle(lambda r: self._reservations.complete(r, reply), reserved, context)
+            await self._settle(
+                lambda r: self._reservations.complete(r, reply), reserved, context, deadline
+            )
 
         # Without a store there is nothing to write and nothing to retry (a
         # deadline passing inside the retry loop would count a no-op as lost).
@@ -364,12 +444,16 @@ class SendEmailHandler:
         write: Callable[[Reserved], Awaitable[None]],
         reserved: Reserved,
         context: dict[str, str],
+        deadline: Deadline,
     ) -> None:
-        """Store a send's outcome under its key. A failure only logs: the
-        entry stays in progress and reads as outcome unknown after
-        ``SEND_TIMEOUT`` plus a grace, so no retry sends twice."""
+        """Store a send's outcome under its key, within :data:`SETTLE_WAIT`
+        (:data:`SETTLE_AFTER_DEADLINE` once the deadline passed: the reply
+        must not wait for an election). A failure only logs: the entry stays
+        in progress and reads as outcome unknown after ``SEND_TIMEOUT`` plus a
+        grace, so no retry sends twice."""
+        wait = min(SETTLE_WAIT, max(deadline.remaining(), 0.0) + SETTLE_AFTER_DEADLINE)
         try:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.fail_after(wait):
                 await write(reserved)
         except Exception as exc:
             IDEMPOTENCY_WRITE_FAILURES.inc()
@@ -381,23 +465,28 @@ class SendEmailHandler:
     async def _write_tracking(
         self, tracking: TrackingWriter, record: api.TrackingRecord, deadline: Deadline
     ) -> None:
-        """Store the record, then index it, retrying a failing store while the
-        request's time allows: until its deadline (``deadline.scope()`` also ends
-        at once when the shutdown grace cuts requests off), ``tracking_deadline``
-        at most. What is not stored by then is handed to the pending writes,
-        which finish it once the store is back. Either way the email is out, so
-        the caller gets its success (an error would invite a duplicate send)."""
+        """Store the record, then index it, retrying a failing store for
+        ``tracking_wait`` at most and never past the request's deadline
+        (``deadline.scope()`` also ends at once when the shutdown grace cuts
+        requests off). What is not stored by then is handed to the pending
+        writes, which finish it once the store answers. Either way the email
+        is out, so the caller gets its success at once (an error, or a success
+        that comes after the caller gave up, would invite a duplicate send)."""
         record_stored = False
-        backoff = Backoff(initial=0.05, maximum=2.0)
+        backoff = Backoff(initial=0.05, maximum=0.5)
         attempt = 0
-        with deadline.scope(), anyio.move_on_after(self._tracking_deadline):
+        wait = min(self._tracking_wait, max(deadline.remaining(), 0.0))
+        with deadline.scope(), anyio.move_on_after(wait):
             while True:
                 try:
-                    if not record_stored:
-                        await tracking.create_record(record)
-                        record_stored = True
-                    await tracking.append_to_group(record.group_id, record.email_id)
+                    with anyio.fail_after(TRACKING_ATTEMPT_WAIT):
+                        if not record_stored:
+                            await tracking.create_record(record)
+                            record_stored = True
+                        await tracking.append_to_group(record.group_id, record.email_id)
                     return
+                except TrackingNotOpenYet:
+                    break  # started during an election: straight to the pending writes
                 except BucketMissing as exc:
                     # The bucket is gone and could not be opened again: waiting
                     # here would only slow the reply down.
@@ -422,6 +511,8 @@ class SendEmailHandler:
                 extra={"email_id": record.email_id, "group_id": record.group_id},
             )
             return
+        # The pending writes are full (JetStream gone for long): this id is
+        # logged here, once, and counted; the caller still gets its success.
         self._on_tracking_failure()
         log.error(
             "tracking write failed for good; the email was sent",

@@ -162,6 +162,7 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "MAX_IN_FLIGHT" $limits.maxInFlight)
   (list "MAX_BACKLOG" $limits.maxBacklog)
   (list "SEND_TIMEOUT" $limits.sendTimeout)
+  (list "TRACKING_WAIT" $limits.trackingWait)
   (list "IDEMPOTENCY_TTL" $limits.idempotencyTtl)
   (list "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds)
   (list "LOG_LEVEL" $log.level)
