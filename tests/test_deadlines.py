@@ -123,6 +123,51 @@ def test_without_the_header_no_transaction_starts_after_send_timeout(
     assert relay.metric(EXPIRED) == 1
 
 
+# --- callers of the replaced relay: no header, a 10 s timeout ------------------
+
+REPLY_BY = 9.5
+"""With the default SEND_TIMEOUT (8 s), every reply leaves by receipt + 9.5 s."""
+
+
+def timed_request(
+    nats_client: SyncNats, body: dict[str, str], timeout: float = 10.0
+) -> tuple[float, object]:
+    sent_at = time.perf_counter()
+    reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, body, timeout=timeout)
+    return time.perf_counter() - sent_at, reply
+
+
+def test_without_the_header_a_data_reply_that_never_comes_answers_failed_before_ten_seconds(
+    relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
+) -> None:
+    relay_factory()  # SEND_TIMEOUT's default
+    smtp.latency = 30.0  # the final reply to DATA does not come in time
+    took, reply = timed_request(nats_client, send_request())
+    assert reply == DELIVERY_FAILED
+    assert took <= REPLY_BY
+
+
+def test_without_the_header_a_keyed_data_reply_that_never_comes_answers_outcome_unknown(
+    relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
+) -> None:
+    relay_factory()
+    smtp.latency = 30.0
+    body = {**send_request(), "idempotency_key": f"late-data-{time.monotonic_ns()}"}
+    took, reply = timed_request(nats_client, body)
+    assert reply == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN}
+    assert took <= REPLY_BY
+
+
+def test_without_the_header_a_send_that_ends_at_the_deadline_still_succeeds_in_time(
+    relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
+) -> None:
+    relay_factory()
+    smtp.latency = 8.2  # the provider accepts just after the 8 s deadline
+    took, reply = timed_request(nats_client, send_request())
+    assert isinstance(reply, dict) and "email_id" in reply
+    assert took <= REPLY_BY
+
+
 def test_send_within_its_deadline_is_sent(
     relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
 ) -> None:

@@ -211,7 +211,8 @@ def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
             message="the sends did not start",
         )
         server.stop()
-        # Down until every tracking write has given up its in-request wait (10 s).
+        # Down until every tracking write has given up its in-request wait
+        # (TRACKING_WAIT, 1 s) and gone to the pending queue.
         wait_until(
             lambda: metric(relay, "emailrelay_tracking_pending") == count,
             timeout=30,
@@ -267,3 +268,116 @@ def test_pending_writes_left_at_shutdown_are_logged_with_their_ids(
         ]
         assert [entry["email_ids"] for entry in lost] == [[email_id]]
         assert request["to"] not in json.dumps(lost)
+
+
+def stop_with_sends_in_flight(
+    server: NatsServer, client: SyncNats, relay: RelayProcess, group_id: str, count: int
+) -> None:
+    """Publish ``count`` sends the SMTP server is slow to accept, stop NATS while
+    they are with the provider, and wait until their tracking writes are pending."""
+    for _ in range(count):
+        client.publish(api.SEND_EMAIL_SUBJECT, send_request(group_id=group_id))
+    wait_until(
+        lambda: metric(relay, "emailrelay_requests_in_flight") == count,
+        message="the sends did not start",
+    )
+    server.stop()
+    wait_until(
+        lambda: metric(relay, "emailrelay_tracking_pending") == count,
+        timeout=30,
+        message=f"the tracking writes were not handed to the pending queue\n{relay.logs()}",
+    )
+
+
+def all_tracked_once(server: NatsServer, smtp: SmtpServer, group_id: str) -> None:
+    """Wait until every email the SMTP server received is recorded and indexed,
+    and check that the index holds each id once."""
+    sent = [email_id for _, email_id in tracking_ids(smtp)]
+    with SyncNats(server.url) as after:
+
+        def stored() -> bool:
+            index = set(group_index(after, group_id))
+            return all(
+                e in index and after.kv_get(api.RECIPIENTS_BUCKET, e) is not None for e in sent
+            )
+
+        wait_until(stored, timeout=30, message="pending writes did not land")
+        assert sorted(group_index(after, group_id)) == sorted(sent)
+
+
+def failed_pending_attempts(relay: RelayProcess) -> int:
+    return relay.stderr().count("pending tracking write failed")
+
+
+def test_outage_longer_than_the_pending_retry_bound_loses_no_record(
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
+) -> None:
+    server, count = own_nats_server, 5
+    smtp.latency = 2.0
+    group_id = unique_group("long-outage")
+    with running_relay(server, smtp) as relay:
+        stop_with_sends_in_flight(server, client, relay, group_id, count)
+        # Six failed passes: the backoff between them has reached its 5 s cap.
+        wait_until(
+            lambda: failed_pending_attempts(relay) >= 6,
+            timeout=60,
+            message=f"the pending writes stopped retrying\n{relay.logs()}",
+        )
+        server.start()
+        all_tracked_once(server, smtp, group_id)
+        assert metric(relay, "emailrelay_tracking_pending") == 0
+
+
+def test_second_outage_right_after_the_first_loses_no_record_and_indexes_each_once(
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
+) -> None:
+    server, count = own_nats_server, 10
+    smtp.latency = 2.0
+    group_id = unique_group("two-outages")
+    with running_relay(server, smtp) as relay:
+        stop_with_sends_in_flight(server, client, relay, group_id, count)
+        server.start()
+        relay.wait_ready()
+        server.stop()  # while the queue drains, or before its next pass
+        server.start()
+        all_tracked_once(server, smtp, group_id)
+        assert metric(relay, "emailrelay_tracking_pending") == 0
+
+
+def test_sigterm_while_pending_writes_hold_entries_stores_them_in_the_last_try(
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
+) -> None:
+    server, count = own_nats_server, 5
+    smtp.latency = 2.0
+    group_id = unique_group("sigterm")
+    with running_relay(server, smtp) as relay:
+        stop_with_sends_in_flight(server, client, relay, group_id, count)
+        # Let the queue back off past its first tries, so it still holds
+        # every entry when the store returns and the signal comes.
+        wait_until(lambda: failed_pending_attempts(relay) >= 3, timeout=30)
+        server.start()
+        relay.terminate()
+        assert relay.wait(timeout=30) == 0
+        logs = relay.stderr()
+        assert "pending tracking writes stored" not in logs  # not before the signal
+        assert "tracking writes lost at shutdown" not in logs
+    all_tracked_once(server, smtp, group_id)
+
+
+def test_relay_started_before_the_buckets_open_tracks_its_sends_once_they_do(
+    own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
+) -> None:
+    group_id, count = unique_group("before-open"), 5
+    with running_relay(own_nats_server, smtp, {"KV_AUTO_CREATE": "false"}) as relay:
+        for _ in range(count):
+            send(client, group_id=group_id)
+        assert metric(relay, "emailrelay_tracking_pending") == count
+        declare_buckets(client)
+        wait_until(
+            lambda: len(group_index(client, group_id)) == count,
+            timeout=60,
+            message=f"the sends made before the buckets opened were not indexed\n{relay.logs()}",
+        )
+        for _, email_id in tracking_ids(smtp):
+            assert client.kv_get(api.RECIPIENTS_BUCKET, email_id) is not None
+        assert metric(relay, "emailrelay_tracking_write_failures_total") == 0
