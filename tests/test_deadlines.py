@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import nats
@@ -131,7 +132,7 @@ REPLY_BY = 9.5
 
 def timed_request(
     nats_client: SyncNats, body: dict[str, str], timeout: float = 10.0
-) -> tuple[float, object]:
+) -> tuple[float, Any]:
     sent_at = time.perf_counter()
     reply = nats_client.request_json(api.SEND_EMAIL_SUBJECT, body, timeout=timeout)
     return time.perf_counter() - sent_at, reply
@@ -164,7 +165,7 @@ def test_without_the_header_a_send_that_ends_at_the_deadline_still_succeeds_in_t
     relay_factory()
     smtp.latency = 8.2  # the provider accepts just after the 8 s deadline
     took, reply = timed_request(nats_client, send_request())
-    assert isinstance(reply, dict) and "email_id" in reply
+    assert "email_id" in reply
     assert took <= REPLY_BY
 
 

@@ -9,6 +9,7 @@ node" (it learns the others from the cluster and reconnects to them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import TracebackType
 from typing import Self
@@ -70,6 +71,25 @@ class NatsCluster:
 
         wait_until(elected, timeout=timeout, interval=0.2, message=f"{stream} has no leader")
         return leader[0]
+
+    def move_leader_off(self, client: SyncNats, stream: str, node: str) -> str:
+        """Ask ``stream``'s leader to step down until a node other than ``node``
+        leads it (JetStream API, leader stepdown); the new leader's name."""
+        leader = self.stream_leader(client, stream)
+        for _ in range(10):
+            if leader != node:
+                return leader
+            # The API may not answer while the leader changes.
+            with contextlib.suppress(Exception):
+                client.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=5)
+            wait_until(
+                lambda old=leader: self.stream_leader(client, stream) != old,  # type: ignore[misc]
+                timeout=15,
+                interval=0.2,
+                message=f"{stream}: {leader} did not step down",
+            )
+            leader = self.stream_leader(client, stream)
+        raise AssertionError(f"{stream} kept coming back to {node}")
 
     def close(self) -> None:
         for node in self.nodes.values():

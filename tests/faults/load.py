@@ -13,6 +13,7 @@ no relay took the request), a caller-side timeout, or a publish that failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -159,9 +160,15 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 class LoadGenerator(SyncNats):
     """Callers on one NATS connection (reconnecting forever, like SyncNats)."""
 
-    def __init__(self, url: str, *, timeout: float = CALLER_TIMEOUT) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = CALLER_TIMEOUT, deadline_header: bool = True
+    ) -> None:
+        """``deadline_header=False``: callers of the replaced relay, which send no
+        ``Emailrelay-Deadline`` and just wait ``timeout`` seconds."""
         super().__init__(url, name="emailrelay-fault-load")
         self.timeout = timeout
+        self.deadline_header = deadline_header
+        self._stopped = asyncio.Event()
         self._prefix = f"_INBOX.load-{uuid.uuid4().hex}"
         self._requests: dict[int, Request] = {}
         self._waiting: dict[int, asyncio.Event] = {}
@@ -236,14 +243,23 @@ class LoadGenerator(SyncNats):
 
         async def one(index: int, request: Request) -> None:
             if rate is not None:
-                await asyncio.sleep(max(0.0, started + index / rate - time.time()))
+                with contextlib.suppress(TimeoutError):  # woken early by stop()
+                    await asyncio.wait_for(
+                        self._stopped.wait(), max(0.0, started + index / rate - time.time())
+                    )
             async with limit:
-                if stop_after is not None and time.time() - started > stop_after:
+                if self._stopped.is_set() or (
+                    stop_after is not None and time.time() - started > stop_after
+                ):
                     return
                 event = asyncio.Event()
                 self._waiting[request.number] = event
                 request.sent_at = time.time()
-                headers = {DEADLINE_HEADER: str(int(request.deadline * 1000))}
+                headers = (
+                    {DEADLINE_HEADER: str(int(request.deadline * 1000))}
+                    if self.deadline_header
+                    else None
+                )
                 try:
                     await self.nc.publish(
                         request.subject,
@@ -263,6 +279,10 @@ class LoadGenerator(SyncNats):
 
         await asyncio.gather(*(one(index, request) for index, request in enumerate(batch)))
         return LoadResult(batch, started, time.time())
+
+    def stop(self) -> None:
+        """Start no new request from now on (those sent still wait for their reply)."""
+        self._loop.call_soon_threadsafe(self._stopped.set)
 
     def settle(self) -> None:
         """A round trip to the server, so replies already published have arrived."""
