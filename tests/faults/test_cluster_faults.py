@@ -32,6 +32,7 @@ from tests.faults.load import LoadGenerator, LoadResult, Request, new_run, perce
 from tests.faults.relays import running_relays
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import wait_until
 
@@ -58,6 +59,14 @@ def kill_and_restart(node: NatsServer, smtp: SmtpServer, run: str) -> tuple[floa
     return killed_at, time.time()
 
 
+def wait_until_tracking(relays: list[RelayProcess]) -> None:
+    wait_until(
+        lambda: all("tracking on" in relay.stderr() for relay in relays),
+        timeout=60,
+        message="relays never turned tracking on",
+    )
+
+
 def record_stall(label: str, result: LoadResult, killed_at: float) -> None:
     first = result.first_success_after(killed_at)
     figures.record(f"{label}: first success sent after the kill", first or "none", "s")
@@ -79,11 +88,7 @@ def test_cluster_losing_the_stream_leader_and_a_relays_own_node_loses_nothing(
             # the relays start; their tracking writes then wait in the pending
             # queue until the buckets open. The faults under test come later:
             # start the load once both relays track.
-            wait_until(
-                lambda: all("tracking on" in relay.stderr() for relay in relays),
-                timeout=60,
-                message="relays never turned tracking on",
-            )
+            wait_until_tracking(relays)
             running = load.start(sends(run, 900), concurrency=32, rate=30)
             wait_until(lambda: len(delivered(fault_smtp, run)) >= 60, timeout=30)
 
@@ -238,11 +243,7 @@ def test_callers_without_a_deadline_get_every_success_in_time_through_a_leader_k
             SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
             SyncNats(cluster.urls) as watcher_kv,  # type: ignore[arg-type]
         ):
-            wait_until(
-                lambda: all("tracking on" in relay.stderr() for relay in relays),
-                timeout=60,
-                message="relays never turned tracking on",
-            )
+            wait_until_tracking(relays)
             cluster.move_leader_off(kv, RECORDS_STREAM, "n3")
             watch = TrackingWatch(fault_smtp, watcher_kv, run)
             with watch.running():
@@ -320,11 +321,7 @@ def test_keyed_sends_during_an_election_answer_within_the_reservation_bound_and_
             SyncNats(n3.url) as caller,
             SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
         ):
-            wait_until(
-                lambda: all("tracking on" in relay.stderr() for relay in relays),
-                timeout=60,
-                message="relays never turned tracking on",
-            )
+            wait_until_tracking(relays)
             leader = cluster.move_leader_off(kv, IDEMPOTENCY_STREAM, "n3")
             cluster.nodes[leader].kill()
             killed_at = time.time()
