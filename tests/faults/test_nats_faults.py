@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from emailrelay.handlers.send import TRACKING_WAIT
 from tests.faults import figures
 from tests.faults.audit import (
     assert_intact,
@@ -23,7 +24,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
-TRACKING_RETRY = 10.0
+TRACKING_RETRY = TRACKING_WAIT
 """How long the relay retries a tracking write before the reply (SendEmailHandler)."""
 
 
