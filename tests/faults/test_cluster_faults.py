@@ -172,9 +172,13 @@ class Phase:
 
 
 def record_phase(
-    phase: Phase, result: LoadResult, found: list[Delivered], tracked_at: dict[str, float]
+    phase: Phase,
+    result: LoadResult,
+    found: list[Delivered],
+    tracked_at: dict[str, float] | None = None,
 ) -> list[Request]:
-    """Print the phase's figures; its requests."""
+    """Print the phase's figures (how soon each email was tracked when
+    ``tracked_at`` is given, see :class:`TrackingWatch`); its requests."""
     requests = phase.requests(result)
     latencies = sorted(r.latency for r in requests if r.latency is not None)
     outcomes = [r.outcome for r in requests]
@@ -186,6 +190,7 @@ def record_phase(
         for r in requests
         if r.outcome == "ok" and r.answer is not None and r.body["email_id"] in by_email
     }
+    tracked_at = tracked_at if tracked_at is not None else {}
     lags = [tracked_at[e] - at for e, at in replied.items() if e in tracked_at]
     label = phase.name
     figures.record(f"{label}: requests", len(requests))
@@ -200,8 +205,11 @@ def record_phase(
     figures.record(f"{label}: p99", percentile(latencies, 0.99), "s")
     figures.record(f"{label}: max", latencies[-1] if latencies else 0.0, "s")
     figures.record(f"{label}: longest gap between successes", max(gaps, default=0.0), "s")
-    figures.record(f"{label}: tracked within (after the reply, max)", max(lags, default=0.0), "s")
-    figures.record(f"{label}: untracked when the load ended", len(replied) - len(lags))
+    if tracked_at:
+        figures.record(
+            f"{label}: tracked within (after the reply, max)", max(lags, default=0.0), "s"
+        )
+        figures.record(f"{label}: untracked when the load ended", len(replied) - len(lags))
     return requests
 
 
@@ -366,3 +374,55 @@ def test_keyed_sends_during_an_election_answer_within_the_reservation_bound_and_
             found = delivered(fault_smtp, run)
             assert len(found) == len(answers)
             assert sorted(d.number or 0 for d in found) == list(range(len(answers)))
+
+
+# --- no leader at all, for longer than the pending writes' retry bound -----------------
+
+NO_QUORUM_SECONDS = 15.0
+"""Longer than the pending writes' backoff cap (5 s, emailrelay.store.pending),
+so they retry at the cap several times before the store answers."""
+
+
+def test_no_leader_for_longer_than_the_pending_retry_bound_answers_every_send_in_time(
+    fault_smtp: SmtpServer,
+) -> None:
+    """Two of three nodes killed: no stream has a leader (no quorum) for 15 s,
+    while the relay's own node and its callers stay up. Every send answers
+    its success within TRACKING_WAIT plus a margin, and every email is
+    recorded and indexed once the quorum is back."""
+    run = new_run()
+    fault_smtp.latency = 0.02
+    with NatsCluster() as cluster:
+        n1, n2, n3 = cluster.nodes.values()
+        with (
+            running_relays([n1.url], fault_smtp, {"KV_REPLICAS": "3"}) as relays,
+            LoadGenerator(n1.url, deadline_header=False) as load,
+            SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
+        ):
+            wait_until_tracking(relays)
+            running = load.start(sends(run, int(RATE * 120)), concurrency=64, rate=RATE)
+            wait_until(lambda: len(delivered(fault_smtp, run)) >= 25, timeout=30)
+            n2.kill()
+            n3.kill()
+            killed_at = time.time()
+            wait_until(lambda: time.time() - killed_at >= NO_QUORUM_SECONDS, timeout=60)
+            n2.start(wait=False)
+            n3.start(wait=False)
+            for node in cluster.nodes.values():
+                node.wait_healthy(timeout=60)
+            back = time.time()
+            wait_until(lambda: time.time() - back >= AFTER_RESTART_SECONDS, timeout=60)
+            load.stop()
+            result = running.result(timeout=60)
+            load.settle()
+            found = audit_when_tracked(fault_smtp, kv, run, timeout=30 - (time.time() - back))
+            sent = LoadResult(
+                [r for r in result.requests if r.sent_at], result.started, time.time()
+            )
+            outage = Phase("no quorum", killed_at, back)
+            during = record_phase(outage, sent, found.delivered)
+            record_load_figures(sent, found)
+
+            assert_every_request_succeeded(outage, during)
+            assert latency_percentile(during, 1.0) <= 3.0
+            assert_intact(found, check_callers(sent, found.delivered))
