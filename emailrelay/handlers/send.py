@@ -270,10 +270,6 @@ class SendEmailHandler:
         """Check the suppression list from now on (its bucket became available)."""
         self._suppressions = suppressions
 
-    def start_tracking(self, tracking: TrackingWriter) -> None:
-        """Record sends from now on (the KV store became available after start)."""
-        self._tracking = tracking
-
     async def __call__(
         self,
         data: bytes,
