@@ -6,6 +6,8 @@
     └── task group (trio, with a trio-asyncio loop open for nats-py and aiosmtplib)
         ├── NATS request subscriptions -> backlog (MAX_BACKLOG) -> handlers (MAX_IN_FLIGHT)
         │      (send, status, analytics; suppression.* when SUPPRESSION_ENABLED=true)
+        │      reads (status, analytics, suppression get/list): own budget
+        │      (MAX_READS_IN_FLIGHT), never paused; beyond it answered `overloaded`
         ├── NATS service discovery ($SRV.PING/INFO/STATS, every instance answers)
         ├── health server (/livez, /readyz, /metrics)
         ├── asyncio loop watchdog (/livez)
@@ -191,6 +193,7 @@ async def serve(
         stats=service,
         max_backlog=settings.max_backlog,
         send_timeout=settings.send_timeout,
+        max_reads_in_flight=settings.max_reads_in_flight,
     )
     lifecycle.hurry = requests.cut_off
     watchdog = LoopWatchdog()

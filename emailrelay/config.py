@@ -195,6 +195,9 @@ class Settings(BaseModel):
         default=256, alias="MAX_IN_FLIGHT"
     )
     max_backlog: Annotated[int, Field(ge=1, le=100_000)] = Field(default=256, alias="MAX_BACKLOG")
+    max_reads_in_flight: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=16, alias="MAX_READS_IN_FLIGHT"
+    )
     send_timeout: Seconds = Field(default=30.0, alias="SEND_TIMEOUT")
     smtp_max_send_rate: Annotated[float, Field(ge=0, le=100_000)] = Field(
         default=0.0, alias="SMTP_MAX_SEND_RATE"

@@ -53,6 +53,7 @@ CONTRACT_DEFAULTS = {
     "SES_EVENT_MAX_RECEIVES": "5",
     "MAX_IN_FLIGHT": "256",
     "MAX_BACKLOG": "256",
+    "MAX_READS_IN_FLIGHT": "16",
     "SEND_TIMEOUT": "30s",
     "SHUTDOWN_GRACE_SECONDS": "25",
     "KV_REPLICAS": "1",
@@ -379,6 +380,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "limits": {
             "maxInFlight": 64,
             "maxBacklog": 32,
+            "maxReadsInFlight": 8,
             "sendTimeout": "10s",
             "idempotencyTtl": "2h",
         },
@@ -415,6 +417,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "SES_EVENT_MAX_RECEIVES": "7",
         "MAX_IN_FLIGHT": "64",
         "MAX_BACKLOG": "32",
+        "MAX_READS_IN_FLIGHT": "8",
         "SEND_TIMEOUT": "10s",
         "SHUTDOWN_GRACE_SECONDS": "40",
         "LOG_LEVEL": "debug",
