@@ -196,7 +196,8 @@ class SendEmailRequest(_Request):
     idempotency_key: StrictStr = ""
     """An addition: at most :data:`MAX_IDEMPOTENCY_KEY_CHARS` characters; the
     same as the :data:`IDEMPOTENCY_HEADER` header (both set and different is
-    an ``invalid request payload``). A retry with the same key and the same
+    an ``invalid request payload``), compared trimmed; only whitespace, or a
+    blank header, is an ``invalid request payload``. A retry with the same key and the same
     request gets the first reply, and never sends a second message."""
 
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
