@@ -216,7 +216,11 @@ async def serve(
                 lambda: serve_health(
                     settings.http_host,
                     settings.port,
-                    lambda: nats.is_connected and subscribed.is_set(),
+                    lambda: (
+                        nats.is_connected
+                        and subscribed.is_set()
+                        and (pool is None or pool.misconfiguration is None)
+                    ),
                     lifecycle.stopping,
                     sock=http_socket,
                     is_alive=watchdog.alive,
