@@ -291,13 +291,15 @@ async def _stop_when_nats_closes(nats: NatsConnection, lifecycle: Lifecycle) -> 
 
 def suppression_routes(store: SuppressionStore) -> dict[str, Handler]:
     """The suppression list's subjects (SUPPRESSION_ENABLED=true); a request
-    still running at its deadline answers ``internal error``."""
+    still running at its deadline answers ``internal error``, except a list
+    page: ``overloaded`` (it was slow, not failing; what it read of the list
+    is kept for the retry)."""
     return {
         api.SUPPRESSION_GET_SUBJECT: bounded_by_deadline(
             GetSuppressionHandler(store), api.ERR_INTERNAL
         ),
         api.SUPPRESSION_LIST_SUBJECT: bounded_by_deadline(
-            ListSuppressionsHandler(store), api.ERR_INTERNAL
+            ListSuppressionsHandler(store), api.ERR_OVERLOADED
         ),
         api.SUPPRESSION_ADD_SUBJECT: bounded_by_deadline(
             AddSuppressionHandler(store), api.ERR_INTERNAL

@@ -442,6 +442,10 @@ def bounded_by_deadline(handler: Callable[[bytes], Awaitable[Reply]], failure: s
     async def handle(data: bytes, deadline: Deadline, headers: Mapping[str, str]) -> Reply:
         with deadline.scope():
             return await handler(data)
+        log.warning(
+            "request cut off at its deadline",
+            extra={"handler": type(handler).__name__, "answer": failure},
+        )
         return error_reply(failure)
 
     return handle

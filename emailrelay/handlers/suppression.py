@@ -91,11 +91,7 @@ class ListSuppressionsHandler:
             return error_reply(api.ERR_INVALID_PAYLOAD)
         limit = parsed.limit or api.DEFAULT_SUPPRESSION_PAGE
         try:
-            # One more than asked: whether a next page exists.
-            page = await self._store.list(min(limit + 1, api.MAX_SUPPRESSION_PAGE), parsed.offset)
-            more = len(page) > limit
-            if limit == api.MAX_SUPPRESSION_PAGE and len(page) == limit:
-                more = bool(await self._store.list(1, parsed.offset + limit))
+            page, more = await self._store.page(limit, parsed.offset)
         except StoreError as exc:
             log.warning("suppression list failed", extra={"error": str(exc)})
             return error_reply(api.ERR_INTERNAL)
