@@ -116,8 +116,10 @@ ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset
 ERR_ADDRESS_REQUIRED = "address is required"
 ERR_INVALID_ADDRESS = "invalid address"
 ERR_OVERLOADED = "overloaded"
-"""An addition: a read (:data:`READ_SUBJECTS`) arrived while the relay already
-ran ``MAX_READS_IN_FLIGHT`` of them; nothing was read. Retry after a pause."""
+"""An addition: a read (:data:`READ_SUBJECTS`) arrived while the relay
+already held twice ``MAX_READS_IN_FLIGHT`` of them (running and waiting), or
+a suppression list page ran out of time; nothing was answered from the store.
+Retry after a pause."""
 
 CONTRACT_ERRORS = frozenset(
     {

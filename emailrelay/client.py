@@ -131,9 +131,9 @@ class InternalError(EmailRelayError):
 
 
 class Overloaded(EmailRelayError):
-    """``overloaded``: the relay already ran as many reads (status, analytics,
-    suppression get/list) as it takes at once; nothing was read. Retry after a
-    pause."""
+    """``overloaded``: the relay already held as many reads (status,
+    analytics, suppression get/list) as it takes; nothing was read. Retry
+    after a pause."""
 
 
 class UnexpectedReply(EmailRelayError):

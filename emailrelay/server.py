@@ -15,11 +15,11 @@ with the subject's failure reply, never handled later.
 
 Reads (:data:`emailrelay.api.READ_SUBJECTS`: status, analytics, suppression
 get and list) take another way: they have their own budget,
-``max_reads_in_flight``, start at once within it, and their subscriptions
-are never paused, so a full send backlog never leaves a caller's status query
-without an answer. A read beyond the budget is shed: answered at once with
-``overloaded`` (NATS service error code 503), counted in
-``emailrelay_requests_shed_total`` and logged at most once a second.
+``max_reads_in_flight`` running and as many again waiting, and their
+subscriptions are never paused, so a full send backlog never leaves a
+caller's status query without an answer. A read beyond the budget is shed:
+answered at once with ``overloaded`` (NATS service error code 503), counted
+in ``emailrelay_requests_shed_total`` and logged at most once a second.
 
 Stopping (SIGTERM, or a fatal failure elsewhere) drains the subscriptions
 first, which delivers what nats-py already buffered, then lets the backlog
@@ -234,7 +234,7 @@ class RequestServer:
         if self._cut_off:
             self._refuse.send_nowait((request, api.ERR_INTERNAL))
             return
-        if self._reads >= self._max_reads:
+        if self._reads >= 2 * self._max_reads:
             self._shed(request, api.ERR_OVERLOADED)
             return
         try:
@@ -257,7 +257,7 @@ class RequestServer:
                 extra={
                     "subject": request.subject,
                     "shed": self._shed_unlogged,
-                    "reads_in_flight": self._reads,
+                    "reads": self._reads,
                     "max_reads_in_flight": self._max_reads,
                     "backlog": self._waiting,
                 },
@@ -338,23 +338,35 @@ class RequestServer:
             self._done.set()
 
     async def _dispatch_reads(self, handlers: anyio.abc.TaskGroup) -> None:
-        """Start every read at once: ``_deliver_read`` kept them within budget."""
+        """Start reads, at most ``max_reads_in_flight`` at once; the rest wait
+        (``_deliver_read`` sheds what would wait beyond as many again)."""
+        limiter = anyio.CapacityLimiter(self._max_reads)
+        holding: _Waiting | None = None
         try:
             with self._read_intake_scope:
                 async for waiting in self._receive_read:
-                    handlers.start_soon(self._handle, waiting, self._read_finished)
+                    holding = waiting
+                    await limiter.acquire_on_behalf_of(waiting)
+                    holding = None
+                    handlers.start_soon(
+                        self._handle, waiting, partial(self._read_finished, limiter, waiting)
+                    )
             # Cut off: what still waits is answered, never handled.
+            if holding is not None:
+                self._reads -= 1
+                self._refuse_waiting(holding)
             while True:
                 try:
                     waiting = self._receive_read.receive_nowait()
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-                self._read_finished()
+                self._reads -= 1
                 self._refuse_waiting(waiting)
         finally:
             self._receive_read.close()
 
-    def _read_finished(self) -> None:
+    def _read_finished(self, limiter: anyio.CapacityLimiter, waiting: _Waiting) -> None:
+        limiter.release_on_behalf_of(waiting)
         self._reads -= 1
 
     def _taken(self, waiting: _Waiting) -> None:

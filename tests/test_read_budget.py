@@ -1,6 +1,7 @@
-"""Reads have their own budget (MAX_READS_IN_FLIGHT) beside the send backlog:
-a full send backlog never pauses them, and a read beyond the budget answers
-``overloaded`` (503) at once, counted per subject.
+"""Reads have their own budget (MAX_READS_IN_FLIGHT running, as many again
+waiting) beside the send backlog: a full send backlog never pauses them, and
+a read beyond the budget answers ``overloaded`` (503) at once, counted per
+subject.
 
 Fast tests of :class:`emailrelay.server.RequestServer` over a stand-in NATS
 connection; the same behaviour against a real nats-server and relay is in
@@ -116,15 +117,17 @@ async def test_a_read_beyond_its_budget_answers_overloaded_with_code_503() -> No
     ):
         nats.request(api.GET_EMAIL_STATUS_SUBJECT, "first")
         await wait_for(status.running)
-        nats.request(api.GET_EMAIL_STATUS_SUBJECT, "second")
-        body, headers = await nats.answer("second")
+        nats.request(api.GET_EMAIL_STATUS_SUBJECT, "waits")
+        nats.request(api.GET_EMAIL_STATUS_SUBJECT, "shed")
+        body, headers = await nats.answer("shed")
         assert json.loads(body) == {"error": "overloaded"}
         assert headers == {"Nats-Service-Error": "overloaded", "Nats-Service-Error-Code": "503"}
         assert "first" not in nats.replies
         status.release.set()
-        body, _ = await nats.answer("first")
-        assert "error" not in json.loads(body)
-    assert status.started == 1
+        for reply in ("first", "waits"):
+            body, _ = await nats.answer(reply)
+            assert "error" not in json.loads(body)
+    assert status.started == 2
 
 
 async def test_a_shed_read_is_counted_by_subject() -> None:
@@ -134,11 +137,13 @@ async def test_a_shed_read_is_counted_by_subject() -> None:
     async with serving(nats, {subject: analytics}, max_in_flight=4, max_reads_in_flight=1):
         nats.request(subject, "first")
         await wait_for(analytics.running)
+        nats.request(subject, "waits")
         for n in range(3):
             nats.request(subject, f"shed-{n}")
         for n in range(3):
             await nats.answer(f"shed-{n}")
         analytics.release.set()
+        await nats.answer("waits")
     assert shed(subject) - before == 3
 
 
