@@ -10,7 +10,9 @@ first until ``offset + limit`` were found, for every page) and for
 - 20 concurrent pages of 100 at offsets 7,100 to 9,000;
 - a page after another replica added one address.
 
-Both ways run in the same process against the same bucket. Figures only:
+Both ways run in the same process against the same bucket. Then the same
+pages through a relay subprocess (``suppression.list`` over NATS, default
+settings), as callers see them. Figures only:
 nothing here asserts timing (tests/test_suppression_paging.py asserts what
 the pages hold).
 """
@@ -32,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import anyio
 import trio
+import trio_asyncio
 
+from emailrelay import api
+from emailrelay.bridge.nats import NatsConnection
 from emailrelay.store.buckets import SUPPRESSIONS
 from emailrelay.store.kv import MAX_BATCH_KEYS, ListableKeyValue, StoreError
 from emailrelay.store.suppressions import (
@@ -43,7 +48,10 @@ from emailrelay.store.suppressions import (
     suppression_key,
 )
 from tests.support.jetstream_kv import replicas_on_one_bucket
+from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
+from tests.support.servers.relay import RelayProcess
+from tests.support.waiting import wait_until
 
 asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
 logging.getLogger("emailrelay").setLevel(logging.ERROR)
@@ -141,6 +149,53 @@ async def main(url: str) -> None:
     print(f"{'a page after another replica added one':38} {'':>10} {after_add:>9.3f}s")
 
 
+async def fill_relay_bucket(url: str) -> None:
+    async with trio_asyncio.open_loop():
+        nats = await NatsConnection.connect([url], None, give_up_after=10)
+        try:
+            kv = await nats.key_value(api.SUPPRESSIONS_BUCKET)
+            assert kv is not None, "the relay creates the bucket"
+            await fill(kv)
+        finally:
+            await nats.drain()
+
+
+def through_the_relay(server: NatsServer) -> None:
+    env = {
+        "NATS_URL": server.url,
+        "EMAIL_ENABLED": "false",
+        "SUPPRESSION_ENABLED": "true",
+        "LOG_LEVEL": "warning",
+    }
+    with RelayProcess(env) as relay, SyncNats(server.url) as caller:
+        relay.wait_ready()
+        wait_until(
+            lambda: "suppressions" in caller.request_json(api.SUPPRESSION_LIST_SUBJECT, {}),
+            message="suppression.list not served",
+        )
+        trio.run(fill_relay_bucket, server.url)
+        page = {"limit": 100, "offset": 9000}
+        start = time.perf_counter()
+        caller.request_json(api.SUPPRESSION_LIST_SUBJECT, page, timeout=30)
+        first = time.perf_counter() - start
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            caller.request_json(api.SUPPRESSION_LIST_SUBJECT, page, timeout=30)
+            runs.append(time.perf_counter() - start)
+        pages = [{"limit": 100, "offset": 9000 - 100 * n} for n in range(20)]
+        start = time.perf_counter()
+        replies = caller.request_many(api.SUPPRESSION_LIST_SUBJECT, pages, 20, timeout=30)
+        twenty = time.perf_counter() - start
+    errors = [r["error"] for r in replies if "error" in r]
+    print("through a relay (NATS request/reply, MAX_READS_IN_FLIGHT default)")
+    print(f"{'first page at offset 9,000':38} {first:>9.3f}s")
+    print(f"{'a later page at offset 9,000':38} {statistics.median(runs):>9.3f}s")
+    print(f"{'20 concurrent pages of 100':38} {twenty:>9.3f}s  errors: {errors or 'none'}")
+
+
 if __name__ == "__main__":
     with NatsServer() as server:
         trio.run(main, server.url)
+    with NatsServer() as server:
+        through_the_relay(server)
