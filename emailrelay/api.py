@@ -47,6 +47,18 @@ SUPPRESSION_SUBJECTS = (
     SUPPRESSION_REMOVE_SUBJECT,
 )
 
+READ_SUBJECTS = frozenset(
+    {
+        GET_EMAIL_STATUS_SUBJECT,
+        GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT,
+        SUPPRESSION_GET_SUBJECT,
+        SUPPRESSION_LIST_SUBJECT,
+    }
+)
+"""The subjects that only read. They have their own budget
+(``MAX_READS_IN_FLIGHT``) and are never paused by a full send backlog; a read
+beyond the budget answers ``overloaded`` (see docs/contract.md, "Overload")."""
+
 DEADLINE_HEADER = "Emailrelay-Deadline"
 """Request header: when the caller stops waiting, as absolute Unix time in
 milliseconds (an integer). The relay starts no SMTP transaction after it and
@@ -103,6 +115,11 @@ ERR_RECIPIENT_SUPPRESSED = "recipient suppressed"
 ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset"
 ERR_ADDRESS_REQUIRED = "address is required"
 ERR_INVALID_ADDRESS = "invalid address"
+ERR_OVERLOADED = "overloaded"
+"""An addition: a read (:data:`READ_SUBJECTS`) arrived while the relay
+already held twice ``MAX_READS_IN_FLIGHT`` of them (running and waiting), or
+a suppression list page ran out of time; nothing was answered from the store.
+Retry after a pause."""
 
 CONTRACT_ERRORS = frozenset(
     {
@@ -125,6 +142,7 @@ CONTRACT_ERRORS = frozenset(
         ERR_RECIPIENT_SUPPRESSED,
         ERR_ADDRESS_REQUIRED,
         ERR_INVALID_ADDRESS,
+        ERR_OVERLOADED,
     }
 )
 """Every error string of the contract (a small fixed set: safe as a metric label)."""
@@ -134,9 +152,11 @@ SERVICE_ERROR_CODES = {
     ERR_DELIVERY_FAILED: "502",
     ERR_INTERNAL: "500",
     ERR_DELIVERY_OUTCOME_UNKNOWN: "502",
+    ERR_OVERLOADED: "503",
 }
 """HTTP-like ``Nats-Service-Error-Code`` values, as NATS services use them:
-no such record (404), the provider refused (502), anything else of ours (500);
+no such record (404), the provider refused (502), too busy to read (503),
+anything else of ours (500);
 every other error is the caller's mistake (400, see :func:`service_error_code`)."""
 
 
@@ -178,7 +198,8 @@ class SendEmailRequest(_Request):
     idempotency_key: StrictStr = ""
     """An addition: at most :data:`MAX_IDEMPOTENCY_KEY_CHARS` characters; the
     same as the :data:`IDEMPOTENCY_HEADER` header (both set and different is
-    an ``invalid request payload``). A retry with the same key and the same
+    an ``invalid request payload``), compared trimmed; only whitespace, or a
+    blank header, is an ``invalid request payload``. A retry with the same key and the same
     request gets the first reply, and never sends a second message."""
 
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)

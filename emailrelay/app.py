@@ -6,6 +6,8 @@
     └── task group (trio, with a trio-asyncio loop open for nats-py and aiosmtplib)
         ├── NATS request subscriptions -> backlog (MAX_BACKLOG) -> handlers (MAX_IN_FLIGHT)
         │      (send, status, analytics; suppression.* when SUPPRESSION_ENABLED=true)
+        │      reads (status, analytics, suppression get/list): own budget
+        │      (MAX_READS_IN_FLIGHT), never paused; beyond it answered `overloaded`
         ├── NATS service discovery ($SRV.PING/INFO/STATS, every instance answers)
         ├── health server (/livez, /readyz, /metrics)
         ├── asyncio loop watchdog (/livez)
@@ -216,6 +218,7 @@ async def serve(
         stats=service,
         max_backlog=settings.max_backlog,
         send_timeout=settings.send_timeout,
+        max_reads_in_flight=settings.max_reads_in_flight,
     )
     lifecycle.hurry = requests.cut_off
     watchdog = LoopWatchdog()
@@ -238,7 +241,11 @@ async def serve(
                 lambda: serve_health(
                     settings.http_host,
                     settings.port,
-                    lambda: nats.is_connected and subscribed.is_set(),
+                    lambda: (
+                        nats.is_connected
+                        and subscribed.is_set()
+                        and (pool is None or pool.misconfiguration is None)
+                    ),
                     lifecycle.stopping,
                     sock=http_socket,
                     is_alive=watchdog.alive,
@@ -311,13 +318,15 @@ async def _stop_when_nats_closes(nats: NatsConnection, lifecycle: Lifecycle) -> 
 
 def suppression_routes(store: SuppressionStore) -> dict[str, Handler]:
     """The suppression list's subjects (SUPPRESSION_ENABLED=true); a request
-    still running at its deadline answers ``internal error``."""
+    still running at its deadline answers ``internal error``, except a list
+    page: ``overloaded`` (it was slow, not failing; what it read of the list
+    is kept for the retry)."""
     return {
         api.SUPPRESSION_GET_SUBJECT: bounded_by_deadline(
             GetSuppressionHandler(store), api.ERR_INTERNAL
         ),
         api.SUPPRESSION_LIST_SUBJECT: bounded_by_deadline(
-            ListSuppressionsHandler(store), api.ERR_INTERNAL
+            ListSuppressionsHandler(store), api.ERR_OVERLOADED
         ),
         api.SUPPRESSION_ADD_SUBJECT: bounded_by_deadline(
             AddSuppressionHandler(store), api.ERR_INTERNAL

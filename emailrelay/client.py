@@ -130,6 +130,12 @@ class InternalError(EmailRelayError):
     """``internal error``: the relay's store failed; worth retrying later."""
 
 
+class Overloaded(EmailRelayError):
+    """``overloaded``: the relay already held as many reads (status,
+    analytics, suppression get/list) as it takes; nothing was read. Retry
+    after a pause."""
+
+
 class UnexpectedReply(EmailRelayError):
     """The reply is neither an error nor the model the contract promises."""
 
@@ -161,6 +167,7 @@ ERRORS: dict[str, type[EmailRelayError]] = {
     api.ERR_RECIPIENT_SUPPRESSED: RecipientSuppressed,
     api.ERR_ADDRESS_REQUIRED: AddressRequired,
     api.ERR_INVALID_ADDRESS: InvalidAddress,
+    api.ERR_OVERLOADED: Overloaded,
 }
 """Contract error string -> the exception raised for it."""
 

@@ -203,6 +203,9 @@ class Settings(BaseModel):
     """How long a sent email's reply waits for its tracking writes (never past
     the request's deadline); what is not stored by then goes to the pending
     writes (emailrelay.store.pending) and the success goes at once."""
+    max_reads_in_flight: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=16, alias="MAX_READS_IN_FLIGHT"
+    )
     smtp_max_send_rate: Annotated[float, Field(ge=0, le=100_000)] = Field(
         default=0.0, alias="SMTP_MAX_SEND_RATE"
     )

@@ -87,6 +87,13 @@ REQUEST_INTAKE_PAUSED = Gauge(
     "emailrelay_request_intake_paused",
     "1 while the backlog is full and this replica has left the queue group, else 0.",
 )
+REQUESTS_SHED = Counter(
+    "emailrelay_requests_shed",
+    "Requests answered at once without being handled because this replica was too "
+    "busy, by subject: reads beyond MAX_READS_IN_FLIGHT (overloaded), sends past "
+    "twice MAX_BACKLOG (email delivery failed).",
+    ["subject"],
+)
 REQUESTS_EXPIRED = Counter(
     "emailrelay_requests_expired",
     "Send requests whose deadline (Emailrelay-Deadline, else receipt + SEND_TIMEOUT) "

@@ -13,6 +13,14 @@ is down to half, they are resumed. The requests already on their way when a
 pause begins still arrive; past twice the bound they are answered at once
 with the subject's failure reply, never handled later.
 
+Reads (:data:`emailrelay.api.READ_SUBJECTS`: status, analytics, suppression
+get and list) take another way: they have their own budget,
+``max_reads_in_flight`` running and as many again waiting, and their
+subscriptions are never paused, so a full send backlog never leaves a
+caller's status query without an answer. A read beyond the budget is shed:
+answered at once with ``overloaded`` (NATS service error code 503), counted
+in ``emailrelay_requests_shed_total`` and logged at most once a second.
+
 Stopping (SIGTERM, or a fatal failure elsewhere) drains the subscriptions
 first, which delivers what nats-py already buffered, then lets the backlog
 and every handler finish within the grace period. When the grace runs out
@@ -29,9 +37,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import anyio
+import anyio.abc
 
 from emailrelay import api, tracing
 from emailrelay.bridge.nats import (
@@ -50,6 +60,7 @@ from emailrelay.metrics import (
     REQUEST_SECONDS,
     REQUESTS,
     REQUESTS_IN_FLIGHT,
+    REQUESTS_SHED,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,9 @@ REPLY_TIMEOUT = 5.0
 """A reply publish is a write into nats-py's buffer; this only bounds the odd stall."""
 
 RESUME_RETRY_SECONDS = 1.0
+
+SHED_LOG_INTERVAL = 1.0
+"""Shed requests are logged at most this often (seconds), with their count."""
 
 
 class RequestStats(Protocol):
@@ -99,23 +113,34 @@ class RequestServer:
         *,
         max_backlog: int | None = None,
         send_timeout: float = 8.0,
+        max_reads_in_flight: int = 16,
     ) -> None:
         self._nats = nats
         self._max_in_flight = max_in_flight
         self._max_backlog = max_backlog if max_backlog is not None else max_in_flight
+        self._max_reads = max_reads_in_flight
         self._send_timeout = send_timeout
         self._stats = stats
         self._routes: dict[str, Handler] = {}
         self._subscriptions: list[RequestSubscription] = []
+        self._pausable: list[RequestSubscription] = []
         # Unbounded channels: the bound is kept by pausing the subscriptions
-        # and, past twice the bound, by answering at once (see _deliver).
+        # and, past twice the bound, by answering at once (see _deliver);
+        # reads are counted against their budget as they arrive.
         self._send, self._receive = anyio.create_memory_object_stream[_Waiting](math.inf)
-        self._refuse, self._refusals = anyio.create_memory_object_stream[IncomingRequest](math.inf)
+        self._send_read, self._receive_read = anyio.create_memory_object_stream[_Waiting](math.inf)
+        self._refuse, self._refusals = anyio.create_memory_object_stream[
+            tuple[IncomingRequest, str]
+        ](math.inf)
         self._waiting = 0
+        self._reads = 0
+        self._shed_unlogged = 0
+        self._shed_logged_at = -math.inf
         self._deadlines: set[Deadline] = set()
         self._paused = False
         self._intake_changed = anyio.Event()
         self._intake_scope = anyio.CancelScope()
+        self._read_intake_scope = anyio.CancelScope()
         self._intake_lock = anyio.Lock()
         self._stopping = False
         self._cut_off = False
@@ -129,6 +154,9 @@ class RequestServer:
             self._routes[subject] = handler
             subscription = await self._nats.queue_subscribe(subject, api.QUEUE_GROUP, self._deliver)
             self._subscriptions.append(subscription)
+            if subject in api.READ_SUBJECTS:
+                continue  # never paused: reads have their own budget
+            self._pausable.append(subscription)
             if self._paused:
                 await subscription.pause()
         log.info("serving requests", extra={"subjects": sorted(routes), "queue": api.QUEUE_GROUP})
@@ -141,6 +169,7 @@ class RequestServer:
             return
         self._cut_off = True
         self._intake_scope.cancel()
+        self._read_intake_scope.cancel()
         for deadline in list(self._deadlines):
             deadline.cut_off()
 
@@ -159,6 +188,7 @@ class RequestServer:
                 async with self._intake_lock:
                     await drain_all(self._subscriptions)
                 self._send.close()
+                self._send_read.close()
                 with anyio.move_on_after(grace - (time.monotonic() - started)):
                     await self._done.wait()
                 cut_off = not self._done.is_set()
@@ -183,19 +213,60 @@ class RequestServer:
         deadline = request_deadline(
             request.headers, request.received_at, request.received_wall, self._send_timeout
         )
-        if self._cut_off or self._waiting >= 2 * self._max_backlog:
-            self._refuse.send_nowait(request)
+        if request.subject in api.READ_SUBJECTS:
+            self._deliver_read(request, deadline)
+            return
+        if self._cut_off:
+            self._refuse.send_nowait((request, _failure_for(request.subject)))
+            return
+        if self._waiting >= 2 * self._max_backlog:
+            self._shed(request, _shed_reply_for(request.subject))
             return
         try:
             self._send.send_nowait(_Waiting(request, deadline))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._refuse.send_nowait(request)
+            self._refuse.send_nowait((request, _failure_for(request.subject)))
             return
         self._deadlines.add(deadline)
         self._waiting += 1
         REQUEST_BACKLOG.set(self._waiting)
         if self._waiting >= self._max_backlog and not self._paused:
             self._intake_changed.set()
+
+    def _deliver_read(self, request: IncomingRequest, deadline: Deadline) -> None:
+        if self._cut_off:
+            self._refuse.send_nowait((request, api.ERR_INTERNAL))
+            return
+        if self._reads >= 2 * self._max_reads:
+            self._shed(request, api.ERR_OVERLOADED)
+            return
+        try:
+            self._send_read.send_nowait(_Waiting(request, deadline))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._refuse.send_nowait((request, api.ERR_INTERNAL))
+            return
+        self._deadlines.add(deadline)
+        self._reads += 1
+
+    def _shed(self, request: IncomingRequest, error: str) -> None:
+        """Answer at once, unhandled, because this replica is too busy."""
+        REQUESTS_SHED.labels(request.subject).inc()
+        self._refuse.send_nowait((request, error))
+        self._shed_unlogged += 1
+        now = time.monotonic()
+        if now - self._shed_logged_at >= SHED_LOG_INTERVAL:
+            log.warning(
+                "overloaded; shedding requests",
+                extra={
+                    "subject": request.subject,
+                    "shed": self._shed_unlogged,
+                    "reads": self._reads,
+                    "max_reads_in_flight": self._max_reads,
+                    "backlog": self._waiting,
+                },
+            )
+            self._shed_logged_at = now
+            self._shed_unlogged = 0
 
     async def _regulate_intake(self) -> None:
         """Pause the subscriptions while the backlog is full; resume at half."""
@@ -215,11 +286,11 @@ class RequestServer:
                 "request backlog full; pausing intake (other replicas take the requests)",
                 extra={"backlog": self._waiting, "max_backlog": self._max_backlog},
             )
-            for subscription in self._subscriptions:
+            for subscription in self._pausable:
                 await subscription.pause()
         elif self._paused and self._waiting <= self._max_backlog // 2:
             try:
-                for subscription in self._subscriptions:
+                for subscription in self._pausable:
                     await subscription.resume()
             except Exception as exc:
                 log.warning("resuming intake failed; trying again", extra={"error": repr(exc)})
@@ -232,8 +303,8 @@ class RequestServer:
 
     async def _answer_refusals(self) -> None:
         async with self._refusals:
-            async for request in self._refusals:
-                error = error_reply(_failure_for(request.subject))
+            async for request, failure in self._refusals:
+                error = error_reply(failure)
                 await _respond(request, error)
                 self._count(request.subject, 0, error)
 
@@ -244,13 +315,16 @@ class RequestServer:
         holding: _Waiting | None = None
         try:
             async with anyio.create_task_group() as handlers:
+                handlers.start_soon(self._dispatch_reads, handlers)
                 with self._intake_scope:
                     async for waiting in self._receive:
                         holding = waiting
                         await limiter.acquire_on_behalf_of(waiting)
                         holding = None
                         self._taken(waiting)
-                        handlers.start_soon(self._handle, waiting, limiter)
+                        handlers.start_soon(
+                            self._handle, waiting, partial(limiter.release_on_behalf_of, waiting)
+                        )
                 # Cut off: what still waits is answered, never handled.
                 if holding is not None:
                     self._taken(holding)
@@ -266,6 +340,38 @@ class RequestServer:
             self._receive.close()
             self._done.set()
 
+    async def _dispatch_reads(self, handlers: anyio.abc.TaskGroup) -> None:
+        """Start reads, at most ``max_reads_in_flight`` at once; the rest wait
+        (``_deliver_read`` sheds what would wait beyond as many again)."""
+        limiter = anyio.CapacityLimiter(self._max_reads)
+        holding: _Waiting | None = None
+        try:
+            with self._read_intake_scope:
+                async for waiting in self._receive_read:
+                    holding = waiting
+                    await limiter.acquire_on_behalf_of(waiting)
+                    holding = None
+                    handlers.start_soon(
+                        self._handle, waiting, partial(self._read_finished, limiter, waiting)
+                    )
+            # Cut off: what still waits is answered, never handled.
+            if holding is not None:
+                self._reads -= 1
+                self._refuse_waiting(holding)
+            while True:
+                try:
+                    waiting = self._receive_read.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                self._reads -= 1
+                self._refuse_waiting(waiting)
+        finally:
+            self._receive_read.close()
+
+    def _read_finished(self, limiter: anyio.CapacityLimiter, waiting: _Waiting) -> None:
+        limiter.release_on_behalf_of(waiting)
+        self._reads -= 1
+
     def _taken(self, waiting: _Waiting) -> None:
         self._waiting -= 1
         REQUEST_BACKLOG.set(self._waiting)
@@ -274,9 +380,9 @@ class RequestServer:
 
     def _refuse_waiting(self, waiting: _Waiting) -> None:
         self._deadlines.discard(waiting.deadline)
-        self._refuse.send_nowait(waiting.request)
+        self._refuse.send_nowait((waiting.request, _failure_for(waiting.request.subject)))
 
-    async def _handle(self, waiting: _Waiting, limiter: anyio.CapacityLimiter) -> None:
+    async def _handle(self, waiting: _Waiting, release: Callable[[], None]) -> None:
         request, deadline = waiting.request, waiting.deadline
         started = time.perf_counter_ns()
         REQUESTS_IN_FLIGHT.inc()
@@ -298,7 +404,7 @@ class RequestServer:
         finally:
             self._deadlines.discard(deadline)
             REQUESTS_IN_FLIGHT.dec()
-            limiter.release_on_behalf_of(waiting)
+            release()
 
     def _count(self, subject: str, elapsed_ns: int, error: api.ErrorReply | None) -> None:
         REQUESTS.labels(subject, _outcome(error)).inc()
@@ -323,6 +429,13 @@ def _failure_for(subject: str) -> str:
     return api.ERR_DELIVERY_FAILED if subject == api.SEND_EMAIL_SUBJECT else api.ERR_INTERNAL
 
 
+def _shed_reply_for(subject: str) -> str:
+    """The reply to a request shed because this replica is too busy: a send
+    keeps "not sent" (``email delivery failed``, safe to retry); anything
+    else is ``overloaded``, never a store failure."""
+    return api.ERR_DELIVERY_FAILED if subject == api.SEND_EMAIL_SUBJECT else api.ERR_OVERLOADED
+
+
 async def serve_requests(
     nats: NatsConnection,
     routes: Mapping[str, Handler],
@@ -344,6 +457,10 @@ def bounded_by_deadline(handler: Callable[[bytes], Awaitable[Reply]], failure: s
     async def handle(data: bytes, deadline: Deadline, headers: Mapping[str, str]) -> Reply:
         with deadline.scope():
             return await handler(data)
+        log.warning(
+            "request cut off at its deadline",
+            extra={"handler": type(handler).__name__, "answer": failure},
+        )
         return error_reply(failure)
 
     return handle

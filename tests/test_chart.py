@@ -56,6 +56,7 @@ CONTRACT_DEFAULTS = {
     "MAX_BACKLOG": "256",
     "SEND_TIMEOUT": "8s",
     "TRACKING_WAIT": "1s",
+    "MAX_READS_IN_FLIGHT": "16",
     "SHUTDOWN_GRACE_SECONDS": "25",
     "KV_REPLICAS": "1",
     "KV_AUTO_CREATE": "true",
@@ -398,6 +399,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "limits": {
             "maxInFlight": 64,
             "maxBacklog": 32,
+            "maxReadsInFlight": 8,
             "sendTimeout": "10s",
             "trackingWait": "2s",
             "idempotencyTtl": "2h",
@@ -435,6 +437,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "SES_EVENT_MAX_RECEIVES": "7",
         "MAX_IN_FLIGHT": "64",
         "MAX_BACKLOG": "32",
+        "MAX_READS_IN_FLIGHT": "8",
         "SEND_TIMEOUT": "10s",
         "TRACKING_WAIT": "2s",
         "SHUTDOWN_GRACE_SECONDS": "40",

@@ -256,4 +256,4 @@ def test_stopped_instance_no_longer_answers(
 def test_every_error_string_is_a_contract_error_with_a_service_code() -> None:
     strings = {value for name, value in vars(api).items() if name.startswith("ERR_")}
     assert strings == api.CONTRACT_ERRORS
-    assert {api.service_error_code(s) for s in strings} == {"400", "404", "500", "502"}
+    assert {api.service_error_code(s) for s in strings} == {"400", "404", "500", "502", "503"}

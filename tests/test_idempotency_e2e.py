@@ -207,6 +207,26 @@ def test_header_and_field_that_differ_are_an_invalid_payload(
     assert smtp.messages == []
 
 
+def test_a_padded_key_in_field_and_header_is_one_key(smtp: SmtpServer, caller: SyncNats) -> None:
+    key = f" {new_key()} "
+    body = {**REQUEST, "idempotency_key": key}
+    first = caller.request_json(api.SEND_EMAIL_SUBJECT, body, headers={api.IDEMPOTENCY_HEADER: key})
+    assert "email_id" in first
+    assert send(caller, key.strip()) == first
+    assert len(smtp.messages) == 1
+
+
+def test_a_blank_idempotency_header_is_an_invalid_payload_and_sends_nothing(
+    smtp: SmtpServer, caller: SyncNats
+) -> None:
+    reply = caller.request_json(
+        api.SEND_EMAIL_SUBJECT, REQUEST, headers={api.IDEMPOTENCY_HEADER: "   "}
+    )
+    assert reply == {"error": api.ERR_INVALID_PAYLOAD}
+    assert send(caller, "  \t ") == {"error": api.ERR_INVALID_PAYLOAD}
+    assert smtp.messages == []
+
+
 def test_a_key_longer_than_256_characters_is_an_invalid_payload(
     smtp: SmtpServer, caller: SyncNats
 ) -> None:

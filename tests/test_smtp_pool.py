@@ -22,6 +22,7 @@ from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.mail.errors import (
     AmbiguousFailure,
     DailyQuotaFailure,
+    MisconfiguredFailure,
     PermanentFailure,
     SendFailure,
 )
@@ -378,6 +379,52 @@ async def test_tls_mode_none_allows_credentials_in_clear(
     await pool.aclose()
     assert [(a.over_tls, a.succeeded) for a in clear_auth_smtp.auth_attempts] == [(False, True)]
     assert len(clear_auth_smtp.messages) == 1
+
+
+async def test_credentials_for_a_server_without_auth_fail_at_once_and_are_not_retried(
+    asyncio_loop: None, smtp: SmtpServer
+) -> None:
+    pool = make_pool(endpoint(smtp, credentials=CREDENTIALS))
+    with pytest.raises(MisconfiguredFailure, match=f"SMTP_USERNAME is set but {smtp.host}"):
+        await send(pool)
+    await pool.aclose()
+    assert smtp.connections == 1
+    assert smtp.messages == []
+
+
+async def test_a_server_without_auth_is_logged_once_without_the_credentials(
+    asyncio_loop: None, smtp: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(endpoint(smtp, credentials=CREDENTIALS))
+    for _ in range(3):
+        with pytest.raises(MisconfiguredFailure):
+            await send(pool)
+    await pool.aclose()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "SMTP_USERNAME" in errors[0]
+    assert smtp.host in errors[0]
+    assert not [r for r in caplog.records if CREDENTIALS[0] in r.getMessage()]
+    assert not [r for r in caplog.records if CREDENTIALS[1] in r.getMessage()]
+    assert pool.misconfiguration is not None
+
+
+async def test_the_misconfiguration_clears_once_a_connection_logs_in(
+    asyncio_loop: None, smtp: SmtpServer, clear_auth_smtp: SmtpServer
+) -> None:
+    # The operator points the relay at a server that authenticates.
+    servers = [smtp]
+
+    async def connect() -> Connection:
+        return await SmtpConnection.open(endpoint(servers[-1], credentials=CREDENTIALS))
+
+    pool = SmtpPool(connect, size=1, max_messages=1000, max_age=300.0, send_timeout=10.0)
+    with pytest.raises(MisconfiguredFailure):
+        await send(pool)
+    servers.append(clear_auth_smtp)
+    await send(pool)
+    await pool.aclose()
+    assert pool.misconfiguration is None
 
 
 async def test_starttls_mode_refuses_a_server_without_starttls(

@@ -179,6 +179,18 @@ def test_add_refuses_what_is_not_an_address(caller: SyncNats) -> None:
     assert add(caller, "") == {"error": api.ERR_ADDRESS_REQUIRED}
 
 
+def test_get_of_an_address_longer_than_any_entry_is_not_found(caller: SyncNats) -> None:
+    over_long = "x" * 320 + "@example.org"
+    assert get(caller, over_long) == {"error": api.ERR_NOT_FOUND}
+
+
+def test_remove_of_an_address_longer_than_any_entry_changes_nothing(caller: SyncNats) -> None:
+    over_long = "x" * 320 + "@example.org"
+    reply = caller.request_json(api.SUPPRESSION_REMOVE_SUBJECT, {"address": over_long})
+    assert reply == {"address": over_long, "changed": False}
+    assert add(caller, over_long) == {"error": api.ERR_INVALID_ADDRESS}
+
+
 def test_list_pages_through_every_suppressed_address(caller: SyncNats) -> None:
     for _ in range(3):
         add(caller, new_address())

@@ -35,11 +35,15 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue as _NatsKeyValue
 
 from emailrelay.store.kv import (
+    MAX_BATCH_KEYS,
     BucketMissing,
+    Change,
+    Changes,
     Derive,
     Entry,
     RevisionConflict,
     StoreError,
+    every_entry,
     read_then_write_separately,
 )
 
@@ -543,6 +547,39 @@ class JetStreamKeyValue:
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"listing keys failed: {exc!r}") from exc
 
+    async def changes(self, after: int) -> Changes:
+        """The next writes after revision ``after``, at most 1,000
+        (:class:`~emailrelay.store.kv.FollowableKeyValue`): one stream info
+        (the bucket's incarnation and last revision), then one batch direct
+        get of the stream from ``after + 1`` (``next_by_subj``, nats-server
+        2.11+). Without batch gets: the whole bucket (``complete``)."""
+        if not self._batch_get_available():
+            return await every_entry(self)
+        assert self._client is not None
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                info = await aio(self._bucket.js.stream_info)(self._bucket.stream)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                raise BucketMissing(f"bucket {self._bucket.name} does not exist") from exc
+            raise StoreError(f"stream info failed: {exc!r}") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"stream info failed: {exc!r}") from exc
+        epoch, last = str(info.created), int(info.state.last_seq or 0)
+        if after >= last:
+            return Changes(epoch, after, [])
+        prefix = self._bucket.prefix
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                batch, pending = await aio(_direct_get_range)(
+                    self._client, self._bucket.stream, prefix + ">", after + 1, MAX_BATCH_KEYS
+                )
+        except (_BatchGetFailed, nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"reading changes failed: {exc!r}") from exc
+        changes = [Change(subject[len(prefix) :], entry) for subject, _, entry in batch]
+        revision = max((sequence for _, sequence, _ in batch), default=last)
+        return Changes(epoch, revision, changes, more=pending > 0)
+
     async def create(self, key: str, value: bytes) -> int:
         return await self._write("create", key, partial(self._kv.create, key, value))
 
@@ -702,6 +739,51 @@ def decode_batch_get_reply(
         return None
     subject = headers.get("Nats-Subject", "")
     return subject, Entry(value=data, revision=int(headers.get("Nats-Sequence", "0")))
+
+
+async def _direct_get_range(
+    client: Client, stream: str, subjects: str, start: int, batch: int
+) -> tuple[list[tuple[str, int, Entry | None]], int]:
+    """Up to ``batch`` messages of ``stream`` on ``subjects`` from sequence
+    ``start`` on, in order, as ``(subject, sequence, entry)`` (``None``: a
+    delete or purge marker), from one batch direct get (ADR-31
+    ``next_by_subj``); and how many more there are after them."""
+    done: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    found: list[tuple[str, int, Entry | None]] = []
+
+    async def on_reply(msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status:
+            if not done.done():
+                done.set_result((status, int(headers.get("Nats-Num-Pending", "0") or 0)))
+            return
+        found.append(_range_part(headers, msg.data))
+
+    inbox = client.new_inbox()
+    subscription = await client.subscribe(
+        inbox, cb=on_reply, pending_msgs_limit=0, pending_bytes_limit=0
+    )
+    try:
+        request = {"seq": start, "next_by_subj": subjects, "batch": batch}
+        await client.publish(
+            f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+        )
+        status, pending = await done
+    finally:
+        await subscription.unsubscribe()
+    if status == "404":
+        return [], 0
+    if status != "204":
+        raise _BatchGetFailed(status)
+    return found, pending
+
+
+def _range_part(headers: Mapping[str, str], data: bytes) -> tuple[str, int, Entry | None]:
+    sequence = int(headers.get("Nats-Sequence", "0"))
+    deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
+    entry = None if deleted else Entry(value=data, revision=sequence)
+    return headers.get("Nats-Subject", ""), sequence, entry
 
 
 class _BatchGetFailed(nats.errors.Error):

@@ -28,6 +28,7 @@ from emailrelay.addresses import redact
 from emailrelay.config import SmtpTlsMode
 from emailrelay.mail.errors import (
     AmbiguousFailure,
+    MisconfiguredFailure,
     PermanentFailure,
     SendFailure,
     TransientFailure,
@@ -177,6 +178,16 @@ async def _greet(smtp: aiosmtplib.SMTP, endpoint: SmtpEndpoint) -> None:
                 raise PermanentFailure(
                     "refusing to send SMTP credentials without TLS: the server offers no "
                     "STARTTLS (set SMTP_TLS_MODE=none only for a trusted local relay)"
+                )
+            if smtp.is_ehlo_or_helo_needed:
+                await smtp.ehlo()  # STARTTLS forgets what the first EHLO said
+            if not smtp.supports_extension("auth"):
+                # aiosmtplib reports this as a plain SMTPException, which
+                # would read as transient and be retried until the deadline.
+                raise MisconfiguredFailure(
+                    f"SMTP_USERNAME is set but {endpoint.host}:{endpoint.port} does not "
+                    "offer SMTP AUTH: no send can succeed; point SMTP_HOST/SMTP_PORT at a "
+                    "server that authenticates, or unset SMTP_USERNAME and SMTP_PASSWORD"
                 )
             await smtp.login(*endpoint.credentials)
     except aiosmtplib.SMTPAuthenticationError as exc:

@@ -516,10 +516,11 @@ class SendEmailHandler:
         )
 
 
-def _idempotency_header(headers: Mapping[str, str] | None) -> str:
+def _idempotency_header(headers: Mapping[str, str] | None) -> str | None:
     """The ``Idempotency-Key`` header's value (name matched case-insensitively,
-    as HTTP-style headers are); empty when absent."""
+    as HTTP-style headers are); ``None`` when absent (present and blank is
+    ``""``, which the rules refuse)."""
     if not headers:
-        return ""
+        return None
     wanted = api.IDEMPOTENCY_HEADER.lower()
-    return next((value for name, value in headers.items() if name.lower() == wanted), "")
+    return next((value for name, value in headers.items() if name.lower() == wanted), None)

@@ -94,28 +94,46 @@ SKIPPED_REPLY = api.SendEmailReply(email_id="", group_id="")
 Decision = Send | Skip | api.ErrorReply
 
 
+def idempotency_key_of(field: str, header: str | None) -> str | None:
+    """The request's idempotency key (``""``: none), or ``None`` when the
+    key is unusable (an ``invalid request payload``, nothing sent).
+
+    nats-py hands header values over trimmed, so the field is trimmed too
+    before the two are compared and used: ``"order 7 "`` in both is one key,
+    ``order 7``. An empty field means absent, as every empty field does; a
+    field of only whitespace, or a header that is present but blank, is
+    refused: sending it unkeyed would let the caller's retry send twice.
+    Both set and different, or longer than ``MAX_IDEMPOTENCY_KEY_CHARS``
+    after trimming, is refused too."""
+    key = field.strip()
+    if field and not key:
+        return None
+    if header is not None:
+        header = header.strip()
+        if not header or (key and key != header):
+            return None
+        key = header
+    return key if len(key) <= api.MAX_IDEMPOTENCY_KEY_CHARS else None
+
+
 def decide_send(
     request: bytes,
     rules: SendRules,
     new_ids: NewIds,
     now: datetime,
-    idempotency_header: str = "",
+    idempotency_header: str | None = None,
 ) -> Decision:
     """The contract's checks on the request body, in the contract's order
     (docs/contract.md): payload, required fields, recipient allowlist,
     ``to``, ``from``, ``reply_to``, then ``EMAIL_ENABLED``. ``now`` becomes
     the record's ``sent_at``. ``idempotency_header``: the request's
-    ``Idempotency-Key`` header, the same as the ``idempotency_key`` field
-    (both set and different: ``invalid request payload``)."""
+    ``Idempotency-Key`` header (``None`` when absent), the same as the
+    ``idempotency_key`` field (see :func:`idempotency_key_of`)."""
     parsed = parse_request(request, api.SendEmailRequest)
     if parsed is None or len(parsed.group_id.encode()) > api.MAX_GROUP_ID_BYTES:
         return error_reply(api.ERR_INVALID_PAYLOAD)
-    idempotency_key = parsed.idempotency_key or idempotency_header
-    if (
-        parsed.idempotency_key
-        and idempotency_header
-        and parsed.idempotency_key != idempotency_header
-    ) or len(idempotency_key) > api.MAX_IDEMPOTENCY_KEY_CHARS:
+    idempotency_key = idempotency_key_of(parsed.idempotency_key, idempotency_header)
+    if idempotency_key is None:
         return error_reply(api.ERR_INVALID_PAYLOAD)
     if not (parsed.to and parsed.subject and parsed.html and parsed.text):
         return error_reply(api.ERR_SEND_FIELDS_REQUIRED)

@@ -9,7 +9,9 @@ Errors: ``invalid request payload`` (not a JSON object, wrong types, a
 ``limit`` or ``offset`` out of range), ``address is required``, ``invalid
 address`` (``add`` takes only one mailbox: a typo must not suppress a
 string no send would ever match), ``not found`` (``get`` of an address not
-suppressed) and ``internal error`` (the store failed).
+suppressed) and ``internal error`` (the store failed). An address longer
+than any entry can hold (:func:`could_be_listed`) is answered without the
+store: ``get`` ``not found``, ``remove`` ``changed: false``.
 """
 
 from __future__ import annotations
@@ -50,9 +52,15 @@ def _address(data: bytes) -> str | api.ErrorReply:
     address = strip_line_breaks(parsed.address).strip()
     if not address:
         return error_reply(api.ERR_ADDRESS_REQUIRED)
-    if len(address) > MAX_ADDRESS_CHARS:
-        return error_reply(api.ERR_INVALID_ADDRESS)
     return address
+
+
+def could_be_listed(address: str) -> bool:
+    """Whether the list can hold ``address``: its compared form (the bare
+    address of a mailbox, else the text) is at most ``MAX_ADDRESS_CHARS``.
+    ``add`` refuses anything longer and a send's recipient is at most 254
+    characters, so a longer one is not listed, whatever it is."""
+    return len(normalize_address(address)) <= MAX_ADDRESS_CHARS
 
 
 class GetSuppressionHandler:
@@ -63,6 +71,8 @@ class GetSuppressionHandler:
         address = _address(data)
         if isinstance(address, api.ErrorReply):
             return address
+        if not could_be_listed(address):
+            return error_reply(api.ERR_NOT_FOUND)
         try:
             found = await self._store.get(address)
         except StoreError as exc:
@@ -81,11 +91,7 @@ class ListSuppressionsHandler:
             return error_reply(api.ERR_INVALID_PAYLOAD)
         limit = parsed.limit or api.DEFAULT_SUPPRESSION_PAGE
         try:
-            # One more than asked: whether a next page exists.
-            page = await self._store.list(min(limit + 1, api.MAX_SUPPRESSION_PAGE), parsed.offset)
-            more = len(page) > limit
-            if limit == api.MAX_SUPPRESSION_PAGE and len(page) == limit:
-                more = bool(await self._store.list(1, parsed.offset + limit))
+            page, more = await self._store.page(limit, parsed.offset)
         except StoreError as exc:
             log.warning("suppression list failed", extra={"error": str(exc)})
             return error_reply(api.ERR_INTERNAL)
@@ -108,6 +114,8 @@ class AddSuppressionHandler:
         address = _address(data)
         if isinstance(address, api.ErrorReply):
             return address
+        if len(address) > MAX_ADDRESS_CHARS:
+            return error_reply(api.ERR_INVALID_ADDRESS)
         mailbox = parse_mailbox(address)
         if mailbox is None:
             return error_reply(api.ERR_INVALID_ADDRESS)
@@ -132,6 +140,8 @@ class RemoveSuppressionHandler:
         address = _address(data)
         if isinstance(address, api.ErrorReply):
             return address
+        if not could_be_listed(address):
+            return api.SuppressionChangeReply(address=normalize_address(address), changed=False)
         try:
             removed = await self._store.remove(address)
         except StoreError as exc:

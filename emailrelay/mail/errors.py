@@ -22,6 +22,12 @@ class PermanentFailure(SendFailure):
     forbids sending: trying again would fail the same way."""
 
 
+class MisconfiguredFailure(PermanentFailure):
+    """The relay's own settings do not fit the server (credentials set for a
+    server that offers no AUTH): every send fails the same way until an
+    operator changes them, so none is retried."""
+
+
 class AmbiguousFailure(SendFailure):
     """The whole message was handed over but no final reply came (connection
     dropped, timeout): it may have been delivered, so it is never retried."""

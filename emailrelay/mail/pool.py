@@ -37,6 +37,7 @@ from emailrelay.deadline import Deadline, DeadlinePassed
 from emailrelay.mail.errors import (
     AmbiguousFailure,
     DailyQuotaFailure,
+    MisconfiguredFailure,
     PermanentFailure,
     SendFailure,
     TransientFailure,
@@ -118,6 +119,10 @@ class SmtpPool:
         self._rate = rate
         self._last_attempt_reserve = last_attempt_reserve
         self.open_connections = 0
+        self.misconfiguration: str | None = None
+        """Why the last connection could not be used whatever the message
+        (:class:`MisconfiguredFailure`, e.g. credentials for a server without
+        AUTH); ``None`` once a connection is opened again."""
 
     async def send(
         self, sender: str, recipient: str, message: bytes, deadline: Deadline | None = None
@@ -238,7 +243,15 @@ class SmtpPool:
             connection = await self._connect()
         except SendFailure as exc:
             SMTP_REPLIES.labels(_failure_class(exc)).inc()
+            if isinstance(exc, MisconfiguredFailure):
+                if self.misconfiguration is None:
+                    # Once, not per send: every send fails alike until fixed.
+                    log.error("smtp: %s", exc.reason)
+                self.misconfiguration = exc.reason
             raise
+        if self.misconfiguration is not None:
+            log.info("smtp: connected again; the SMTP settings fit the server now")
+            self.misconfiguration = None
         self.open_connections += 1
         SMTP_CONNECTIONS.inc()
         return _Pooled(connection, opened_at=time.monotonic())

@@ -26,11 +26,13 @@ from emailrelay import api
 from emailrelay.metrics import KV_BUCKET_REOPENS
 from emailrelay.store.kv import (
     BucketMissing,
+    Changes,
     Derive,
     Entry,
     KeyValue,
     ListableKeyValue,
     StoreError,
+    changes_of,
     read_then_write,
 )
 from emailrelay.store.tracking import TrackingStore
@@ -156,6 +158,11 @@ class ReopeningBucket:
 
     async def keys(self) -> list[str]:
         return await self._call(lambda kv: kv.keys())
+
+    async def changes(self, after: int) -> Changes:
+        """See :class:`~emailrelay.store.kv.FollowableKeyValue`; a re-opened
+        bucket has another ``epoch``, so followers start over."""
+        return await self._call(lambda kv: changes_of(kv, after))
 
     async def create(self, key: str, value: bytes) -> int:
         return await self._call(lambda kv: kv.create(key, value))

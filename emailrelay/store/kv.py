@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -66,6 +66,44 @@ class ListableKeyValue(KeyValue, Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Change:
+    """A key's latest write: its entry, or ``None`` when it was deleted or purged."""
+
+    key: str
+    entry: Entry | None
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What :meth:`FollowableKeyValue.changes` found: ``changes`` in
+    revision order (a key may appear more than once: its later write wins),
+    up to ``revision``.
+
+    ``epoch`` names the bucket's incarnation: it differs once the bucket was
+    deleted and created again (revisions then start over), and a follower
+    starts again from revision 0. ``more``: there are writes after
+    ``revision``, ask again. ``complete``: ``changes`` is every key there is
+    (an adapter that cannot follow writes lists everything), so a follower
+    replaces what it knew."""
+
+    epoch: str
+    revision: int
+    changes: list[Change]
+    more: bool = False
+    complete: bool = False
+
+
+@runtime_checkable
+class FollowableKeyValue(ListableKeyValue, Protocol):
+    async def changes(self, after: int) -> Changes:
+        """The writes after revision ``after`` (the first ones, when there
+        are many: see ``more``), each key's latest. Reads only those writes
+        (plus one small request), so a follower that keeps up pays for what
+        changed, not for the bucket."""
+        ...
+
+
 Derive = Callable[[Entry | None], tuple[bytes | None, T]]
 """What to write given a key's current entry (``None``: no such key): the new
 value (``None``: write nothing) and a result for the caller. Pure: an adapter
@@ -102,3 +140,22 @@ async def read_then_write_separately(
 
 MAX_BATCH_KEYS = 1000
 """JetStream answers a batch get of at most 1,000 subjects (413 beyond)."""
+
+
+async def changes_of(kv: ListableKeyValue, after: int) -> Changes:
+    """``kv.changes(after)`` where the adapter can follow its writes; else
+    every key there is (``complete``), read in batches."""
+    if isinstance(kv, FollowableKeyValue):
+        return await kv.changes(after)
+    return await every_entry(kv)
+
+
+async def every_entry(kv: ListableKeyValue) -> Changes:
+    """The whole bucket as :class:`Changes` (``complete``): every key listed,
+    then read in batches of :data:`MAX_BATCH_KEYS`."""
+    keys = await kv.keys()
+    found: list[Change] = []
+    for start in range(0, len(keys), MAX_BATCH_KEYS):
+        entries = await kv.get_many(keys[start : start + MAX_BATCH_KEYS])
+        found += [Change(key, entry) for key, entry in entries.items()]
+    return Changes("", 0, found, complete=True)

@@ -16,6 +16,7 @@ under whoever holds it, ``jetstream_down`` makes opening fail.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ import anyio
 from emailrelay.store.kv import (
     MAX_BATCH_KEYS,
     BucketMissing,
+    Change,
+    Changes,
     Entry,
     RevisionConflict,
     StoreError,
@@ -40,6 +43,9 @@ class MemoryKeyValue:
         self.gets = 0
         self.batch_gets = 0
         self.writes = 0
+        self.values_read = 0
+        """Entries handed out by ``get_many`` and ``changes``: what a read cost."""
+        self.epoch = uuid.uuid4().hex
         self._sequence = 0
 
     def _check(self, key: str) -> None:
@@ -63,7 +69,28 @@ class MemoryKeyValue:
         for key in keys:
             self._check(key)
         self.batch_gets += 1
-        return {key: self.entries[key] for key in keys if key in self.entries}
+        found = {key: self.entries[key] for key in keys if key in self.entries}
+        self.values_read += len(found)
+        return found
+
+    async def changes(self, after: int) -> Changes:
+        """The writes after ``after``, each key's latest, at most
+        ``MAX_BATCH_KEYS`` a call (as the JetStream adapter reads its stream)."""
+        await anyio.lowlevel.checkpoint()
+        self._check("")
+        later = sorted(
+            ((key, entry) for key, entry in self.entries.items() if entry.revision > after),
+            key=lambda item: item[1].revision,
+        )
+        batch = later[:MAX_BATCH_KEYS]
+        self.values_read += len(batch)
+        revision = batch[-1][1].revision if batch else max(after, self._sequence)
+        return Changes(
+            self.epoch,
+            revision,
+            [Change(key, entry) for key, entry in batch],
+            more=len(later) > len(batch),
+        )
 
     async def keys(self) -> list[str]:
         await anyio.lowlevel.checkpoint()

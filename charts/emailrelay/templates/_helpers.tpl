@@ -161,6 +161,7 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "SES_EVENT_MAX_RECEIVES" $ses.eventMaxReceives)
   (list "MAX_IN_FLIGHT" $limits.maxInFlight)
   (list "MAX_BACKLOG" $limits.maxBacklog)
+  (list "MAX_READS_IN_FLIGHT" $limits.maxReadsInFlight)
   (list "SEND_TIMEOUT" $limits.sendTimeout)
   (list "TRACKING_WAIT" $limits.trackingWait)
   (list "IDEMPOTENCY_TTL" $limits.idempotencyTtl)
