@@ -26,7 +26,12 @@ from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
-from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.servers.sqs import (
+    ACCESS_KEY_ID,
+    SECRET_ACCESS_KEY,
+    SqsServer,
+    relay_aws_env,
+)
 from tests.support.waiting import free_port, wait_until
 from tests.test_engagement_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
 
@@ -48,19 +53,6 @@ def sqs_boto(sqs_server: SqsServer) -> Iterator[Any]:
     client.close()
 
 
-def aws_env(endpoint_url: str, tmp: Path) -> dict[str, str | None]:
-    """Dummy keys, a region, the SQS endpoint, and no config file or metadata service."""
-    return {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        "AWS_REGION": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_ENDPOINT_URL_SQS": endpoint_url,
-        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
-    }
-
-
 def eventing_env(
     nats_url: str, smtp: SmtpServer, queue_url: str, endpoint_url: str, tmp: Path
 ) -> dict[str, str | None]:
@@ -73,7 +65,7 @@ def eventing_env(
         "SES_EVENTING_ENABLED": "true",
         "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
         "SES_EVENT_MAX_RECEIVES": str(MAX_RECEIVES),
-        **aws_env(endpoint_url, tmp),
+        **relay_aws_env(endpoint_url, tmp, REGION),
     }
 
 
@@ -399,7 +391,7 @@ def test_closed_sqs_endpoint_stops_the_relay_after_three_failures_with_backoff(
     env = {
         "SES_EVENTING_ENABLED": "true",
         "SES_ENGAGEMENT_SQS_QUEUE_URL": f"{closed}/123456789012/ses-events",
-        **aws_env(closed, tmp_path),
+        **relay_aws_env(closed, tmp_path, REGION),
     }
     relay = relay_factory(env, wait_ready=False)
 
@@ -427,7 +419,7 @@ def test_eventing_without_the_kv_store_exits_at_once(
             "NATS_URL": plain_nats.url,
             "SES_EVENTING_ENABLED": "true",
             "SES_ENGAGEMENT_SQS_QUEUE_URL": f"{sqs_server.endpoint_url}/123456789012/q",
-            **aws_env(sqs_server.endpoint_url, tmp_path),
+            **relay_aws_env(sqs_server.endpoint_url, tmp_path, REGION),
         }
         relay = relay_factory(env, wait_ready=False)
         code = relay.wait(timeout=30)

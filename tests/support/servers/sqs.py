@@ -8,6 +8,7 @@ request's SigV4 credential scope, so clients must sign for :attr:`region`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -19,6 +20,20 @@ from tests.support.waiting import LOOPBACK, wait_for_port, wait_for_port_closed
 # Dummy keys: moto accepts any, and explicit keys keep boto3 off the credential chain.
 ACCESS_KEY_ID = "AKIDEXAMPLETESTONLY"
 SECRET_ACCESS_KEY = "test-secret-not-real"
+
+
+def relay_aws_env(endpoint_url: str, tmp: Path, region: str = "us-east-1") -> dict[str, str | None]:
+    """A relay's AWS environment: dummy keys, a region, ``endpoint_url`` as its SQS
+    endpoint, and no config file, credentials file or metadata service to fall back on."""
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+        "AWS_REGION": region,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL_SQS": endpoint_url,
+        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
+    }
 
 
 class SqsServer:
