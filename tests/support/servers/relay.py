@@ -54,6 +54,9 @@ RELAY_VARIABLES = frozenset(
         "SES_ENGAGEMENT_SQS_QUEUE_URL",
         "LOG_LEVEL",
         "LOG_ADD_SOURCE",
+        # A CA bundle of the developer's would change which SMTP certificates
+        # the relay trusts; a test that wants one passes it as an override.
+        "SSL_CERT_FILE",
     }
 )
 
