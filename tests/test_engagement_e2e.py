@@ -37,6 +37,7 @@ from tests.test_engagement_events import EVENT_TYPES, SES_EXAMPLES, ses_event, s
 
 REGION = "us-east-1"
 MAX_RECEIVES = 2
+SQS_EVENTS = "emailrelay_sqs_events_total"
 EXAMPLE_SES_MESSAGE_ID = "EXAMPLE7c191be45-e9aedb9a-02f9-4d12-a87d-dd0099a07f8a-000000"
 
 
@@ -97,6 +98,16 @@ def relay(relay_env_for_queue: dict[str, str | None]) -> Iterator[RelayProcess]:
     with RelayProcess(relay_env_for_queue) as process:
         process.wait_ready()
         yield process
+
+
+@pytest.fixture(autouse=True)
+def queue_left_empty(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The module's tests share one queue: a test that leaves a message in it
+    fails itself, not the test that happens to run next."""
+    yield
+    if "events_queue" in request.fixturenames and "relay" in request.fixturenames:
+        sqs_server: SqsServer = request.getfixturevalue("sqs_server")
+        wait_for_empty_queue(sqs_server, request.getfixturevalue("events_queue"))
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -270,12 +281,16 @@ def test_poison_messages_are_deleted_and_do_not_block_the_queue(
         sns_body(unknown),
         sns_body(ses_event("Rendering Failure", email_id)),
     ]
+    retried_before = relay.metric_sum(SQS_EVENTS, outcome="retry")
     for body in poison:
         sqs_server.send(events_queue, body)
     sqs_server.send(events_queue, sns_body(ses_event("Open", email_id)))
 
     wait_for_record(nats_client, email_id, "open_count", 1)
     wait_for_empty_queue(sqs_server, events_queue)
+    # Deleted at their first receive: none was left for redelivery (which would
+    # also empty the queue, after SES_EVENT_MAX_RECEIVES receives).
+    assert relay.metric_sum(SQS_EVENTS, outcome="retry") == retried_before
 
 
 def test_event_for_a_missing_record_is_redelivered_then_deleted(
