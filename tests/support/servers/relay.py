@@ -292,9 +292,7 @@ def _read(path: Path) -> str:
         return ""
 
 
-def relay_defaults(
-    nats_server: NatsServer | str, smtp_server: SmtpServer
-) -> dict[str, str | None]:
+def relay_defaults(nats_server: NatsServer | str, smtp_server: SmtpServer) -> dict[str, str | None]:
     """A relay against these servers with sending on and no TLS (``nats_server``:
     a server, or the URL of one, such as a cluster node's)."""
     return {
