@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import anyio
 import pytest
+import trio.testing
 from prometheus_client import REGISTRY
 
 from emailrelay.api import GROUP_INDEX_BUCKET, RECIPIENTS_BUCKET, TrackingRecord
@@ -23,6 +24,7 @@ from emailrelay.store.kv import StoreError
 from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryBuckets, MemoryKeyValue
+from tests.support.waiting import wait_for
 
 
 def record(group_id: str = "g", subject: str = "hello") -> TrackingRecord:
@@ -110,7 +112,7 @@ async def test_pending_write_lands_once_the_store_recovers() -> None:
     store.down()
     assert pending.add(sent, store.tracking)
     async with writing(pending):
-        await anyio.sleep(0.02)
+        await wait_for(lambda: store.records.failures, message="no write was tried")
         assert len(pending) == 1
         store.up()
         await until_empty(pending)
@@ -167,11 +169,11 @@ async def test_writes_wait_for_a_missing_bucket_an_operator_declares_again() -> 
     host = MemoryBuckets(RECIPIENTS_BUCKET, GROUP_INDEX_BUCKET)
     tracking = await open_tracking_store(host, BucketPolicy(auto_create=False))
     assert tracking is not None
-    host.delete(GROUP_INDEX_BUCKET)
+    gone = host.delete(GROUP_INDEX_BUCKET)
     pending, sent = quick_queue(), record()
     pending.add(sent, tracking)
     async with writing(pending):
-        await anyio.sleep(0.02)
+        await wait_for(lambda: gone.failures, message="no index write was tried")
         assert len(pending) == 1
         host.declare(GROUP_INDEX_BUCKET)
         await until_empty(pending)
@@ -183,7 +185,9 @@ async def test_while_the_store_is_down_each_pass_tries_one_write() -> None:
     for _ in range(100):
         pending.add(record(), writer)
     async with writing(pending):
-        await anyio.sleep(0.05)
+        await wait_for(lambda: writer.attempts, message="no write was tried")
+        # Every task blocked: the writer is in its 10 s backoff, not trying more.
+        await trio.testing.wait_all_tasks_blocked()
     assert writer.attempts == 1
 
 

@@ -40,9 +40,14 @@ class MemoryKeyValue:
         self.gets = 0
         self.batch_gets = 0
         self.writes = 0
+        self.failures = 0
+        """Calls that raised (closed, missing, a failing key): what a test waits on
+        to know the code under test met the failure."""
         self._sequence = 0
 
     def _check(self, key: str) -> None:
+        if self.missing or self.closed or key in self.failing_keys:
+            self.failures += 1
         if self.missing:
             raise BucketMissing("bucket deleted")
         if self.closed:
