@@ -68,7 +68,7 @@ def test_send_handed_over_before_the_cut_off_gets_the_providers_answer(
     relay = relay_factory({"SHUTDOWN_GRACE_SECONDS": "200ms"})
     with ThreadPoolExecutor(max_workers=1) as pool:
         reply = pool.submit(nats_client.request_json, api.SEND_EMAIL_SUBJECT, send_request(), 30.0)
-        wait_until(lambda: smtp.open_connections == 1, message="the send did not start")
+        smtp.wait_for_data(1)  # DATA has begun: the send is handed over
         relay.terminate()
         answered = reply.result(timeout=30)
     assert "email_id" in answered, answered

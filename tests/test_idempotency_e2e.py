@@ -20,6 +20,7 @@ import nats.errors
 import pytest
 
 from emailrelay import api
+from emailrelay.bridge.smtp import DATA_REPLY_WAIT
 from emailrelay.client import EmailRelayClient
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
@@ -173,10 +174,11 @@ def test_without_a_key_a_dropped_connection_stays_delivery_failed(
 def test_deadline_passing_after_data_began_holds_the_key_as_outcome_unknown(
     smtp: SmtpServer, caller: SyncNats
 ) -> None:
-    # Longer than the caller's deadline plus the relay's wait for a DATA reply.
-    smtp.latency = 7.0
+    # Longer than the caller's deadline plus the relay's wait for a DATA reply;
+    # the deadline leaves a busy machine 3 s to bring the send to DATA.
+    smtp.latency = 3.0 + DATA_REPLY_WAIT + 1.5
     key = new_key()
-    deadline = str(int((time.time() + 1.5) * 1000))
+    deadline = str(int((time.time() + 3.0) * 1000))
     body = {**REQUEST, "idempotency_key": key}
     reply = caller.request_json(
         api.SEND_EMAIL_SUBJECT, body, timeout=15, headers={api.DEADLINE_HEADER: deadline}
