@@ -5,6 +5,7 @@ test_tracking_recovery.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import uuid
@@ -21,7 +22,7 @@ from prometheus_client import REGISTRY
 from emailrelay.api import GROUP_INDEX_BUCKET, RECIPIENTS_BUCKET, TrackingRecord
 from emailrelay.store.buckets import BucketPolicy, open_tracking_store
 from emailrelay.store.kv import StoreError
-from emailrelay.store.pending import PendingTrackingWrites
+from emailrelay.store.pending import MAX_BYTES, MAX_WRITES, PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryBuckets, MemoryKeyValue
 from tests.support.waiting import wait_for
@@ -222,6 +223,32 @@ async def test_queue_is_bounded_in_bytes_too() -> None:
     pending, writer = quick_queue(max_bytes=small * 3), CountingWriter()
     assert not pending.add(record(subject="x" * small * 3), writer)
     assert pending.add(record(), writer)
+
+
+def test_the_contracts_bounds_are_the_defaults() -> None:
+    """docs/contract.md: 10,000 writes or 64 MiB of records."""
+    assert (MAX_WRITES, MAX_BYTES) == (10_000, 64 * 1024 * 1024)
+    defaults = inspect.signature(PendingTrackingWrites).parameters
+    assert defaults["max_writes"].default == MAX_WRITES
+    assert defaults["max_bytes"].default == MAX_BYTES
+
+
+async def test_a_default_queue_takes_10000_writes_and_drops_the_next() -> None:
+    pending, writer = PendingTrackingWrites(), CountingWriter()
+    taken = [pending.add(record(), writer) for _ in range(MAX_WRITES)]
+    assert all(taken)
+    assert not pending.add(record(), writer)
+    assert len(pending) == MAX_WRITES
+
+
+async def test_a_default_queue_holds_at_most_64_mib_of_records() -> None:
+    pending, writer = PendingTrackingWrites(), CountingWriter()
+    big = len(record(subject="s" * 60_000).to_json())
+    taken = 0
+    while pending.add(record(subject="s" * 60_000), writer):
+        taken += 1
+    assert taken == MAX_BYTES // big  # far below 10,000: the byte bound held
+    assert pending.add(record(), writer)  # a small one still fits
 
 
 async def test_gauge_counts_pending_writes() -> None:
