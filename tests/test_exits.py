@@ -74,3 +74,49 @@ def test_send_handed_over_before_the_cut_off_gets_the_providers_answer(
     assert "email_id" in answered, answered
     assert len(smtp.messages) == 1
     assert relay.wait() == 0, relay.logs()
+
+
+def test_a_second_signal_cuts_the_drain_off_at_once(
+    relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
+) -> None:
+    smtp.fail_all("MAIL", 451)  # the sends retry until they are cut off
+    relay = relay_factory(
+        {"MAX_IN_FLIGHT": "2", "SHUTDOWN_GRACE_SECONDS": "120s", "SEND_TIMEOUT": "120s"}
+    )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        replies = pool.submit(
+            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [send_request()] * 4, 4, 60.0
+        )
+        wait_until(lambda: relay.metric("emailrelay_request_backlog") == 2, message="no backlog")
+        relay.terminate()
+        wait_until(lambda: "draining" in relay.stderr(), message="the first signal was not seen")
+        assert relay.returncode is None  # draining: the 120 s grace is running
+        relay.terminate()
+        # Far sooner than the grace: the second signal ended it.
+        answered = replies.result(timeout=30)
+        code = relay.wait(timeout=30)
+    assert answered == [DELIVERY_FAILED] * 4
+    assert "second signal" in relay.stderr()
+    assert code == 0, relay.logs()
+    assert smtp.messages == []
+
+
+def test_a_query_cut_off_at_shutdown_answers_internal_error(
+    relay_factory: RelayFactory, nats_client: SyncNats, smtp: SmtpServer
+) -> None:
+    smtp.fail_all("MAIL", 451)  # two sends hold both slots until they are cut off
+    relay = relay_factory(
+        {"MAX_IN_FLIGHT": "2", "SHUTDOWN_GRACE_SECONDS": "1s", "SEND_TIMEOUT": "60s"}
+    )
+    query = {"email_id": "no-such-email"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sends = pool.submit(
+            nats_client.request_many, api.SEND_EMAIL_SUBJECT, [send_request()] * 2, 2, 30.0
+        )
+        wait_until(lambda: len(smtp.mail_times) >= 2, message="the sends did not start")
+        queried = pool.submit(nats_client.request_json, api.GET_EMAIL_STATUS_SUBJECT, query, 30.0)
+        wait_until(lambda: relay.metric("emailrelay_request_backlog") == 1, message="no backlog")
+        relay.terminate()
+        assert queried.result(timeout=30) == {"error": api.ERR_INTERNAL}
+        assert sends.result(timeout=30) == [DELIVERY_FAILED] * 2
+    assert relay.wait() == 0, relay.logs()
