@@ -24,16 +24,17 @@ from tests.conftest import RelayFactory
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess
+from tests.support.servers.relay import RelayProcess, relay_defaults
 from tests.support.servers.smtp import SmtpServer
 from tests.support.servers.sqs import (
     ACCESS_KEY_ID,
     SECRET_ACCESS_KEY,
     SqsServer,
     relay_aws_env,
+    relay_eventing_env,
 )
+from tests.support.ses_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
 from tests.support.waiting import free_port, wait_until
-from tests.test_engagement_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
 
 REGION = "us-east-1"
 MAX_RECEIVES = 2
@@ -58,15 +59,10 @@ def eventing_env(
     nats_url: str, smtp: SmtpServer, queue_url: str, endpoint_url: str, tmp: Path
 ) -> dict[str, str | None]:
     return {
-        "NATS_URL": nats_url,
-        "SMTP_HOST": smtp.host,
-        "SMTP_PORT": str(smtp.port),
-        "SMTP_TLS_MODE": "none",
-        "EMAIL_ENABLED": "true",
-        "SES_EVENTING_ENABLED": "true",
-        "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
-        "SES_EVENT_MAX_RECEIVES": str(MAX_RECEIVES),
-        **relay_aws_env(endpoint_url, tmp, REGION),
+        **relay_defaults(nats_url, smtp),
+        **relay_eventing_env(
+            queue_url, endpoint_url, tmp, max_receives=MAX_RECEIVES, region=REGION
+        ),
     }
 
 

@@ -18,8 +18,9 @@ from emailrelay.engagement.poller import PollerAborted, PollerSettings, poll_eng
 from emailrelay.sqs import SqsError, SqsMessage
 from emailrelay.store.kv import StoreError
 from emailrelay.supervision import Backoff as ReceiveBackoff
+from tests.support.fakes import FakeStore, message
+from tests.support.ses_events import EMAIL_ID, ses_event, sns_body
 from tests.support.waiting import wait_for
-from tests.test_engagement_events import EMAIL_ID, ses_event, sns_body
 
 
 class FakeQueue:
@@ -49,34 +50,9 @@ class FakeQueue:
         return []
 
 
-class FakeStore:
-    def __init__(self, record: TrackingRecord | None, error: Exception | None = None) -> None:
-        self.record = record
-        self.error = error
-
-    async def update_record(
-        self, email_id: str, change: Callable[[TrackingRecord], bool]
-    ) -> TrackingRecord | None:
-        if self.error is not None:
-            raise self.error
-        if self.record is None or self.record.email_id != email_id:
-            return None
-        change(self.record)
-        return self.record
-
-
 def a_record() -> TrackingRecord:
     return TrackingRecord(
         group_id="g", email_id=EMAIL_ID, to="r@example.com", subject="s", sent_at=datetime.now(UTC)
-    )
-
-
-def message(body: str, message_id: str = "m1", receive_count: int = 1) -> SqsMessage:
-    return SqsMessage(
-        message_id=message_id,
-        receipt_handle=f"h-{message_id}",
-        body=body,
-        receive_count=receive_count,
     )
 
 

@@ -5,8 +5,6 @@ The same behaviours are proven end to end in test_send_e2e.py.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import uuid
 from dataclasses import dataclass, field, replace
@@ -21,32 +19,8 @@ from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.send import NoTracking, SendEmailHandler, SendRules, TrackingWriter
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
+from tests.support.fakes import FakeSender
 from tests.support.send_requests import RULES, send_request
-
-
-@dataclass
-class Sent:
-    sender: str
-    recipient: str
-    message: bytes
-
-    @property
-    def parsed(self) -> Any:
-        return email.message_from_bytes(self.message, policy=email.policy.default)
-
-
-@dataclass
-class FakeSender:
-    sent: list[Sent] = field(default_factory=list)
-    failure: Exception | None = None
-    delay: float = 0.0
-
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
-        if self.delay:
-            await anyio.sleep(self.delay)
-        if self.failure is not None:
-            raise self.failure
-        self.sent.append(Sent(sender, recipient, message))
 
 
 @dataclass

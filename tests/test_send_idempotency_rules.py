@@ -21,12 +21,10 @@ from emailrelay.mail.errors import AmbiguousFailure, TransientFailure
 from emailrelay.store.idempotency import IdempotencyStore, Reserved, request_fingerprint
 from emailrelay.store.kv import StoreError
 from emailrelay.store.suppressions import Suppression
-from tests.support.fakes import MemoryKeyValue
-from tests.support.send_requests import send_request
+from tests.support.fakes import FakeSender, FakeStore, MemoryKeyValue, message
+from tests.support.send_requests import RULES, send_request
+from tests.support.ses_events import SES_EXAMPLES, sns_body
 from tests.support.waiting import wait_for
-from tests.test_engagement_events import SES_EXAMPLES, sns_body
-from tests.test_engagement_poller import FakeStore, message
-from tests.test_send_handler import RULES, FakeSender
 
 KEY = "order-42"
 

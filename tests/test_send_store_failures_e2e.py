@@ -29,10 +29,9 @@ from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, relay_defaults, running_relay
 from tests.support.servers.smtp import SmtpServer, tracked_email_ids
-from tests.support.servers.sqs import SqsServer, relay_aws_env
+from tests.support.servers.sqs import SqsServer, relay_eventing_env
+from tests.support.ses_events import bounce, sns_body
 from tests.support.waiting import wait_until
-from tests.test_engagement_events import sns_body
-from tests.test_suppression_e2e import bounce
 
 BUCKETS = (buckets.RECIPIENTS, buckets.GROUP_INDEX, buckets.SUPPRESSIONS)
 IDEMPOTENCY = buckets.idempotency_bucket(24 * 3600.0)
@@ -95,9 +94,7 @@ def relay(
     env = {
         "KV_AUTO_CREATE": "false",
         "SUPPRESSION_ENABLED": "true",
-        "SES_EVENTING_ENABLED": "true",
-        "SES_ENGAGEMENT_SQS_QUEUE_URL": events_queue,
-        **relay_aws_env(sqs_server.endpoint_url, tmp_path_factory.mktemp("aws")),
+        **relay_eventing_env(events_queue, sqs_server.endpoint_url, tmp_path_factory.mktemp("aws")),
     }
     with running_relay(module_nats_server, held_smtp, env) as process:
         yield process

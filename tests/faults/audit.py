@@ -32,7 +32,6 @@ from tests.support.nats_client import SyncNats
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import wait_until
 
-_TRACKING = re.compile(rb"^X-LFX-TRACKING-ID: ([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _SUBJECT = re.compile(rb"^Subject: ([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _FROM_NAME = re.compile(rb'^From: "?([^"<\r\n]*?)"? <', re.IGNORECASE | re.MULTILINE)
 
@@ -58,9 +57,7 @@ def delivered(smtp: SmtpServer, run: str) -> list[Delivered]:
         if subject is None or not subject.group(1).decode(errors="replace").startswith(marker):
             continue
         number = subject.group(1).decode().rpartition("#")[2]
-        tracking = _TRACKING.search(head)
-        value = tracking.group(1).decode() if tracking else ""
-        group_id, _, email_id = value.rpartition("/")
+        group_id, email_id = message.tracking() or ("", "")
         sender = _FROM_NAME.search(head)
         found.append(
             Delivered(

@@ -35,7 +35,7 @@ from emailrelay import api
 from tests.conftest import RelayFactory
 from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.smtp import SmtpServer, tracked_email_ids
 
 pytestmark = pytest.mark.faults
 
@@ -193,10 +193,5 @@ def test_memory_stays_flat_at_ten_times_the_sustainable_rate(
     assert max(rss for _, rss, _, _ in samples) - early < 25, "RSS kept growing"
     assert max(backlog for _, _, backlog, _ in samples) <= 2 * MAX_BACKLOG
     assert outcomes["caller timeout"] == 0
-    received = {
-        line.decode().rpartition("/")[2]
-        for message in smtp.messages
-        for line in message.header_lines()
-        if line.startswith(api.TRACKING_HEADER.encode() + b": ")
-    }
+    received = set(tracked_email_ids(smtp.messages))
     assert received <= ok_ids, "an email went out for a caller that got no success"

@@ -24,9 +24,9 @@ from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
-from tests.support.servers.sqs import SqsServer, relay_aws_env
+from tests.support.servers.sqs import SqsServer, relay_eventing_env
+from tests.support.ses_events import ses_event, sns_body
 from tests.support.waiting import wait_until
-from tests.test_engagement_events import ses_event, sns_body
 
 pytestmark = pytest.mark.faults
 
@@ -51,11 +51,7 @@ def eventing_relay(
             nats.url,
             fault_smtp,
             "relay-0",
-            {
-                "SES_EVENTING_ENABLED": "true",
-                "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
-                **relay_aws_env(flaky_sqs.url, tmp_path, REGION),
-            },
+            relay_eventing_env(queue_url, flaky_sqs.url, tmp_path, region=REGION),
         )
         with RelayProcess(env) as relay:
             relay.wait_ready()

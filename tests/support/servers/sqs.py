@@ -36,6 +36,26 @@ def relay_aws_env(endpoint_url: str, tmp: Path, region: str = "us-east-1") -> di
     }
 
 
+def relay_eventing_env(
+    queue_url: str,
+    endpoint_url: str,
+    tmp: Path,
+    *,
+    max_receives: int | None = None,
+    region: str = "us-east-1",
+) -> dict[str, str | None]:
+    """A relay's settings for polling ``queue_url`` at ``endpoint_url`` (SES events on,
+    with :func:`relay_aws_env`); add them to ``relay_defaults``."""
+    env = {
+        "SES_EVENTING_ENABLED": "true",
+        "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
+        **relay_aws_env(endpoint_url, tmp, region),
+    }
+    if max_receives is not None:
+        env["SES_EVENT_MAX_RECEIVES"] = str(max_receives)
+    return env
+
+
 class SqsServer:
     """moto's server on a free loopback port, serving SQS (and every other mocked service)."""
 
