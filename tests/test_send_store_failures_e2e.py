@@ -1,7 +1,7 @@
 """The send path's failure rules end to end (issue 11's rules that
 test_send_idempotency_rules.py proves on fakes): relay subprocesses, a real
-nats-server whose buckets the tests delete and re-create, an SMTP server of
-this module's own that can hold DATA, moto's SQS.
+nats-server whose buckets the tests delete and re-create, the SMTP server
+(which holds DATA for ``latency`` seconds), moto's SQS.
 
 The module's relay runs with ``KV_AUTO_CREATE=false``, so a bucket deleted
 here stays gone (the store is down for real) until the test puts it back;
@@ -57,19 +57,6 @@ def bucket_exists(client: SyncNats, name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def held_smtp() -> Iterator[SmtpServer]:
-    """An SMTP server of the module's own: tests hold DATA on it (``latency``)."""
-    with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-def smtp(held_smtp: SmtpServer) -> SmtpServer:
-    held_smtp.reset()
-    return held_smtp
-
-
-@pytest.fixture(scope="module")
 def events_queue(sqs_server: SqsServer) -> str:
     return sqs_server.create_queue(f"ses-events-{uuid.uuid4().hex[:8]}", visibility_timeout=1)
 
@@ -84,7 +71,7 @@ def caller(module_nats_server: NatsServer) -> Iterator[SyncNats]:
 @pytest.fixture(scope="module")
 def relay(
     module_nats_server: NatsServer,
-    held_smtp: SmtpServer,
+    smtp_server: SmtpServer,
     sqs_server: SqsServer,
     events_queue: str,
     caller: SyncNats,
@@ -96,7 +83,7 @@ def relay(
         "SUPPRESSION_ENABLED": "true",
         **relay_eventing_env(events_queue, sqs_server.endpoint_url, tmp_path_factory.mktemp("aws")),
     }
-    with running_relay(module_nats_server, held_smtp, env) as process:
+    with running_relay(module_nats_server, smtp_server, env) as process:
         yield process
 
 
