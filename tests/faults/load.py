@@ -146,8 +146,8 @@ class LoadResult:
         return max(b - a for a, b in itertools.pairwise(times))
 
     def then(self, later: LoadResult) -> LoadResult:
-        """This load and a later one (retries) as one result; a request number
-        retried appears twice, and the audit ties a delivery to the later one."""
+        """This load and a later one (retries) as one result: a request number
+        retried appears once per attempt, and the audit weighs every attempt."""
         return LoadResult(self.requests + later.requests, self.started, later.finished)
 
     def latencies(self) -> list[float]:

@@ -18,7 +18,9 @@ Every load-and-fault test has the same shape::
 - ``nats_urls=[...]``: servers the test manages (a :class:`~tests.faults.cluster.NatsCluster`'s
   ``urls``, say). The callers and the KV client get every URL; ``relays`` may
   then be a list of URLs, one relay per URL, each relay's own node (for a
-  cluster: ``relays=[n1.url, n2.url], nats_urls=cluster.urls``).
+  cluster: ``relays=[n1.url, n2.url], nats_urls=cluster.urls``, inside the
+  test's ``with NatsCluster() as cluster``; the scenario never stops servers
+  it did not start, so a test may kill and restart them).
 - ``relay_env``: settings for every relay (``{"KV_REPLICAS": "3"}``), over
   :func:`~tests.faults.relays.fault_relay_env` (itself over
   :func:`~tests.support.servers.relay.relay_defaults`).
