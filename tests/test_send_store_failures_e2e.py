@@ -87,12 +87,30 @@ def relay(
         yield process
 
 
+def usable_again(caller: SyncNats, bucket: str) -> bool:
+    """Whether the relay uses ``bucket`` again: it looks for a missing bucket at
+    most once a second, so a bucket just re-created may not be seen yet."""
+    if bucket == api.IDEMPOTENCY_BUCKET:
+        return "email_id" in send(caller, new_key())
+    if bucket == api.SUPPRESSIONS_BUCKET:
+        reply = caller.request_json(api.SUPPRESSION_GET_SUBJECT, {"address": new_address()})
+        return bool(reply == {"error": api.ERR_NOT_FOUND})
+    return True
+
+
 @pytest.fixture(autouse=True)
 def restored_buckets(caller: SyncNats, relay: RelayProcess) -> Iterator[None]:
+    """Re-create what a test deleted, and wait until the relay uses it again."""
     yield
     for spec in (*BUCKETS, IDEMPOTENCY):
         if not bucket_exists(caller, spec.name):
             caller.create_bucket(spec.name, max_value_size=spec.max_value_size, direct=True)
+            wait_until(
+                lambda: usable_again(caller, spec.name),  # noqa: B023 - called at once
+                timeout=15,
+                interval=0.2,
+                message=f"the relay did not use {spec.name} again",
+            )
 
 
 def new_key() -> str:

@@ -128,8 +128,11 @@ class Scenario:
 
     def retry_keyed(self, result: LoadResult, concurrency: int = 16) -> LoadResult:
         """Send again, with the same idempotency key, every keyed request that was
-        not a success (a caller that timed out or was refused retries); the two
-        loads as one result."""
+        not a success (a caller that timed out or was refused retries, once the
+        relays that still run are ready again); the two loads as one result."""
+        for relay in self.relays:
+            if relay.returncode is None:
+                relay.wait_ready(timeout=30)
         again = [
             (r.subject, r.payload) for r in result.requests if r.outcome != "ok" and is_keyed(r)
         ]

@@ -29,7 +29,8 @@ def test_relay_sigkilled_under_load_loses_nothing_but_its_own_in_flight_tracking
     """Keyed senders retry what the kill cost them with the same key: a key the
     victim held mid-send answers "outcome unknown" or its first reply, never a
     second message."""
-    with fault_scenario(fault_smtp, relays=2, latency=0.05) as scene:
+    # 0.2 s in DATA: the victim holds keyed sends when it dies.
+    with fault_scenario(fault_smtp, relays=2, latency=0.2) as scene:
         victim, survivor = scene.relays
         plain = scene.send_load(600, concurrency=CONCURRENCY, rate=60)
         keyed = scene.send_load(200, concurrency=KEYED_CONCURRENCY, rate=20, first=600, keyed=True)
