@@ -263,7 +263,7 @@ def test_key_of_a_relay_killed_mid_data_reads_as_outcome_unknown_after_the_stale
         def outcome_unknown() -> bool:
             reply = client.request_json(api.SEND_EMAIL_SUBJECT, body, timeout=10)
             answers.append((time.time(), reply))
-            return reply == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN}
+            return bool(reply == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN})
 
         with RelayProcess(env) as survivor:
             survivor.wait_ready()
