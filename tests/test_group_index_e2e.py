@@ -1,5 +1,6 @@
 """Group indexes past one page, end to end (outside the ``scale`` session):
-a relay on a nats-server of this module's own, a group seeded in the
+a relay on a nats-server of this module's own (``smtp`` resets the shared
+SMTP server the relay sends to), a group seeded in the
 ``email-group-index`` and ``email-recipients`` buckets as docs/contract.md
 lays them out, then sends and paged status queries on the wire.
 
@@ -22,6 +23,7 @@ from emailrelay.store.keys import group_key, index_page_key
 from emailrelay.store.tracking import HEAD_CAPACITY
 from tests.support.nats_client import SyncNats
 from tests.support.servers.relay import RelayProcess
+from tests.support.servers.smtp import SmtpServer
 
 
 def seed_group(client: SyncNats, group_id: str, count: int) -> list[str]:
@@ -72,7 +74,7 @@ def whole_group(client: SyncNats, group_id: str) -> list[str]:
 
 def send_to(client: SyncNats, group_id: str) -> str:
     body = {"to": "jane@example.org", "subject": "hi", "html": "x", "text": "x"}
-    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**body, "group_id": group_id})
+    reply = client.request_json(api.SEND_EMAIL_SUBJECT, {**body, "group_id": group_id}, timeout=10)
     return str(reply["email_id"])
 
 
@@ -82,7 +84,7 @@ def stored_ids(client: SyncNats, key: str) -> list[str] | None:
 
 
 def test_sends_to_a_full_head_go_to_the_first_page_and_read_back_in_order(
-    module_relay: RelayProcess, module_nats_client: SyncNats
+    module_relay: RelayProcess, module_nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
     group = f"g-{uuid.uuid4()}"
     seeded = seed_group(module_nats_client, group, HEAD_CAPACITY)
@@ -94,7 +96,7 @@ def test_sends_to_a_full_head_go_to_the_first_page_and_read_back_in_order(
 
 
 def test_a_legacy_head_of_more_than_1000_ids_is_read_whole(
-    module_relay: RelayProcess, module_nats_client: SyncNats
+    module_relay: RelayProcess, module_nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
     group = f"legacy-{uuid.uuid4()}"
     seeded = seed_group(module_nats_client, group, HEAD_CAPACITY + 500)
@@ -102,7 +104,7 @@ def test_a_legacy_head_of_more_than_1000_ids_is_read_whole(
 
 
 def test_a_send_to_a_legacy_head_is_appended_after_it_without_rewriting_it(
-    module_relay: RelayProcess, module_nats_client: SyncNats
+    module_relay: RelayProcess, module_nats_client: SyncNats, smtp: SmtpServer
 ) -> None:
     group = f"legacy-{uuid.uuid4()}"
     seeded = seed_group(module_nats_client, group, HEAD_CAPACITY + 500)
