@@ -7,6 +7,7 @@ tests/faults/test_backlog.py (``nox -s faults``)."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import nats.errors
@@ -14,8 +15,10 @@ import pytest
 
 from emailrelay import api
 from tests.conftest import RelayFactory
+from tests.faults.load import LoadGenerator
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
+from tests.support.servers.nats import NatsServer
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import wait_until
 
@@ -39,3 +42,26 @@ def test_full_backlog_leaves_the_queue_group_until_half_has_drained(
     wait_until(lambda: relay.metric(PAUSED) == 0, message="intake not resumed")
     assert "email_id" in nats_client.request_json(api.SEND_EMAIL_SUBJECT, send_request())
     assert len(smtp.messages) == 4
+
+
+def test_requests_past_twice_the_backlog_are_answered_delivery_failed_at_once_and_not_sent(
+    relay_factory: RelayFactory, nats_server: NatsServer, smtp: SmtpServer
+) -> None:
+    """A burst lands before intake can pause: past 2 x MAX_BACKLOG waiting,
+    each request is answered ``email delivery failed`` on arrival (never a
+    silence, never a send); once intake pauses, callers see no responders."""
+    smtp.latency = 1.0
+    relay_factory({"MAX_IN_FLIGHT": "1", "MAX_BACKLOG": "1"})
+    with LoadGenerator(nats_server.url, timeout=30.0) as load:
+        burst = [(api.SEND_EMAIL_SUBJECT, json.dumps(send_request()).encode())] * 40
+        result = load.run_load(burst, concurrency=40)
+        load.settle()
+    outcomes = result.outcomes()
+    refused = result.with_outcome(api.ERR_DELIVERY_FAILED)
+    first_success = min(r.answer.at for r in result.successes() if r.answer is not None)
+    assert set(outcomes) <= {"ok", api.ERR_DELIVERY_FAILED, "no responders"}, outcomes
+    assert refused, f"no request past the backlog was refused: {outcomes}"
+    assert outcomes["ok"] <= 3, outcomes  # one in flight, at most two waiting
+    assert all(r.answer is not None and r.answer.at < first_success for r in refused)
+    assert result.more_than_one_relay_reply() == []
+    assert len(smtp.wait_for_messages(outcomes["ok"])) == outcomes["ok"]

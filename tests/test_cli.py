@@ -28,7 +28,7 @@ from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
 from tests.support.nats_client import SyncNats, silent_subscriber
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import REPO_ROOT, RelayProcess, running_relay
-from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.smtp import SmtpServer, tracked_email_ids
 from tests.support.waiting import LOOPBACK, free_port
 
 SEND_FLAGS = ["--to", "someone@example.com", "--subject", "CLI test", "--text", "hi"]
@@ -83,10 +83,7 @@ def test_send_prints_the_ids_and_exits_0(
     done = send(nats_server.url, *SEND_FLAGS_HTML, "--group-id", "cli-send")
     assert done.returncode == 0, done.stderr
     [message] = smtp.wait_for_messages(1)
-    tracking = next(
-        line for line in message.header_lines() if line.startswith(b"X-LFX-TRACKING-ID:")
-    )
-    email_id = tracking.decode().rsplit("/", 1)[1]
+    [email_id] = tracked_email_ids([message])
     assert f"email_id={email_id}" in done.stdout
     assert "group_id=cli-send" in done.stdout
 

@@ -70,12 +70,12 @@ async def test_cut_off_ends_the_scopes_opened_on_a_deadline() -> None:
     deadline = Deadline.after(60)
     async with anyio.create_task_group() as tg:
 
-        async def work() -> None:
+        async def work(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             with deadline.scope():
+                task_status.started()
                 await anyio.sleep_forever()
 
-        tg.start_soon(work)
-        await anyio.sleep(0.01)
+        await tg.start(work)  # returns once the scope is open
         deadline.cut_off()
     assert deadline.expired
 

@@ -158,7 +158,12 @@ def test_second_lock_on_a_state_dir_names_the_holders_pid(tmp_path: Path) -> Non
 
 def test_lock_is_free_again_once_released(tmp_path: Path) -> None:
     StateDirLock.acquire(tmp_path).release()
-    StateDirLock.acquire(tmp_path).release()
+    again = StateDirLock.acquire(tmp_path)  # raises StateDirInUse if still held
+    try:
+        with pytest.raises(StateDirInUse):  # and the new lock holds
+            StateDirLock.acquire(tmp_path)
+    finally:
+        again.release()
 
 
 def test_running_stack_is_found_through_its_state_dir(tmp_path: Path) -> None:

@@ -24,14 +24,21 @@ from tests.conftest import RelayFactory
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess
+from tests.support.servers.relay import RelayProcess, relay_defaults
 from tests.support.servers.smtp import SmtpServer
-from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.servers.sqs import (
+    ACCESS_KEY_ID,
+    SECRET_ACCESS_KEY,
+    SqsServer,
+    relay_aws_env,
+    relay_eventing_env,
+)
+from tests.support.ses_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
 from tests.support.waiting import free_port, wait_until
-from tests.test_engagement_events import EVENT_TYPES, SES_EXAMPLES, ses_event, sns_body
 
 REGION = "us-east-1"
 MAX_RECEIVES = 2
+SQS_EVENTS = "emailrelay_sqs_events_total"
 EXAMPLE_SES_MESSAGE_ID = "EXAMPLE7c191be45-e9aedb9a-02f9-4d12-a87d-dd0099a07f8a-000000"
 
 
@@ -48,32 +55,14 @@ def sqs_boto(sqs_server: SqsServer) -> Iterator[Any]:
     client.close()
 
 
-def aws_env(endpoint_url: str, tmp: Path) -> dict[str, str | None]:
-    """Dummy keys, a region, the SQS endpoint, and no config file or metadata service."""
-    return {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        "AWS_REGION": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_ENDPOINT_URL_SQS": endpoint_url,
-        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
-    }
-
-
 def eventing_env(
     nats_url: str, smtp: SmtpServer, queue_url: str, endpoint_url: str, tmp: Path
 ) -> dict[str, str | None]:
     return {
-        "NATS_URL": nats_url,
-        "SMTP_HOST": smtp.host,
-        "SMTP_PORT": str(smtp.port),
-        "SMTP_TLS_MODE": "none",
-        "EMAIL_ENABLED": "true",
-        "SES_EVENTING_ENABLED": "true",
-        "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
-        "SES_EVENT_MAX_RECEIVES": str(MAX_RECEIVES),
-        **aws_env(endpoint_url, tmp),
+        **relay_defaults(nats_url, smtp),
+        **relay_eventing_env(
+            queue_url, endpoint_url, tmp, max_receives=MAX_RECEIVES, region=REGION
+        ),
     }
 
 
@@ -105,6 +94,16 @@ def relay(relay_env_for_queue: dict[str, str | None]) -> Iterator[RelayProcess]:
     with RelayProcess(relay_env_for_queue) as process:
         process.wait_ready()
         yield process
+
+
+@pytest.fixture(autouse=True)
+def queue_left_empty(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The module's tests share one queue: a test that leaves a message in it
+    fails itself, not the test that happens to run next."""
+    yield
+    if "events_queue" in request.fixturenames and "relay" in request.fixturenames:
+        sqs_server: SqsServer = request.getfixturevalue("sqs_server")
+        wait_for_empty_queue(sqs_server, request.getfixturevalue("events_queue"))
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -278,12 +277,16 @@ def test_poison_messages_are_deleted_and_do_not_block_the_queue(
         sns_body(unknown),
         sns_body(ses_event("Rendering Failure", email_id)),
     ]
+    retried_before = relay.metric_sum(SQS_EVENTS, outcome="retry")
     for body in poison:
         sqs_server.send(events_queue, body)
     sqs_server.send(events_queue, sns_body(ses_event("Open", email_id)))
 
     wait_for_record(nats_client, email_id, "open_count", 1)
     wait_for_empty_queue(sqs_server, events_queue)
+    # Deleted at their first receive: none was left for redelivery (which would
+    # also empty the queue, after SES_EVENT_MAX_RECEIVES receives).
+    assert relay.metric_sum(SQS_EVENTS, outcome="retry") == retried_before
 
 
 def test_event_for_a_missing_record_is_redelivered_then_deleted(
@@ -399,7 +402,7 @@ def test_closed_sqs_endpoint_stops_the_relay_after_three_failures_with_backoff(
     env = {
         "SES_EVENTING_ENABLED": "true",
         "SES_ENGAGEMENT_SQS_QUEUE_URL": f"{closed}/123456789012/ses-events",
-        **aws_env(closed, tmp_path),
+        **relay_aws_env(closed, tmp_path, REGION),
     }
     relay = relay_factory(env, wait_ready=False)
 
@@ -427,7 +430,7 @@ def test_eventing_without_the_kv_store_exits_at_once(
             "NATS_URL": plain_nats.url,
             "SES_EVENTING_ENABLED": "true",
             "SES_ENGAGEMENT_SQS_QUEUE_URL": f"{sqs_server.endpoint_url}/123456789012/q",
-            **aws_env(sqs_server.endpoint_url, tmp_path),
+            **relay_aws_env(sqs_server.endpoint_url, tmp_path, REGION),
         }
         relay = relay_factory(env, wait_ready=False)
         code = relay.wait(timeout=30)

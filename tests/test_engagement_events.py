@@ -6,11 +6,8 @@ the shared examples file).
 
 from __future__ import annotations
 
-import copy
 import json
-import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,42 +20,17 @@ from emailrelay.engagement.events import (
     apply_event,
     parse_message,
 )
+from tests.support.ses_events import (
+    EMAIL_ID,
+    EVENT_TYPES,
+    GROUP_ID,
+    SES_EXAMPLES,
+    ses_event,
+    sns_body,
+)
 
-EXAMPLES_PATH = Path(__file__).resolve().parent / "data" / "ses-event-examples.json"
-SES_EXAMPLES: dict[str, Any] = json.loads(EXAMPLES_PATH.read_text())
-
-EMAIL_ID = "5b0c1a5e-7f0e-4a55-9f37-0c2a3c7f6d11"
-GROUP_ID = "group-1"
 SQS_MESSAGE_ID = "sqs-message-1"
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
-
-EVENT_TYPES = [
-    "Send",
-    "Delivery",
-    "Open",
-    "Click",
-    "Bounce",
-    "Complaint",
-    "Reject",
-    "DeliveryDelay",
-]
-
-
-def ses_event(
-    example: str, email_id: str = EMAIL_ID, header_name: str = "X-LFX-TRACKING-ID"
-) -> dict[str, Any]:
-    """The documented example with our tracking header added to mail.headers."""
-    event: dict[str, Any] = copy.deepcopy(SES_EXAMPLES[example])
-    headers = event["mail"].setdefault("headers", [])
-    headers.append({"name": header_name, "value": f"{GROUP_ID}/{email_id}"})
-    return event
-
-
-def sns_body(event: dict[str, Any], sns_message_id: str | None = None) -> str:
-    envelope = dict(SES_EXAMPLES["_sns_envelope_example"])
-    envelope["MessageId"] = sns_message_id or str(uuid.uuid4())
-    envelope["Message"] = json.dumps(event)
-    return json.dumps(envelope)
 
 
 def parsed(body: str) -> EngagementEvent:

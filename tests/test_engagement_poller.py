@@ -13,12 +13,14 @@ import pytest
 import trio
 
 from emailrelay.api import TrackingRecord
-from emailrelay.engagement.handler import EventHandler
+from emailrelay.engagement.handler import EventHandler, RecordUpdater
 from emailrelay.engagement.poller import PollerAborted, PollerSettings, poll_engagement_events
 from emailrelay.sqs import SqsError, SqsMessage
 from emailrelay.store.kv import StoreError
 from emailrelay.supervision import Backoff as ReceiveBackoff
-from tests.test_engagement_events import EMAIL_ID, ses_event, sns_body
+from tests.support.fakes import FakeStore, message
+from tests.support.ses_events import EMAIL_ID, ses_event, sns_body
+from tests.support.waiting import wait_for
 
 
 class FakeQueue:
@@ -48,34 +50,9 @@ class FakeQueue:
         return []
 
 
-class FakeStore:
-    def __init__(self, record: TrackingRecord | None, error: Exception | None = None) -> None:
-        self.record = record
-        self.error = error
-
-    async def update_record(
-        self, email_id: str, change: Callable[[TrackingRecord], bool]
-    ) -> TrackingRecord | None:
-        if self.error is not None:
-            raise self.error
-        if self.record is None or self.record.email_id != email_id:
-            return None
-        change(self.record)
-        return self.record
-
-
 def a_record() -> TrackingRecord:
     return TrackingRecord(
         group_id="g", email_id=EMAIL_ID, to="r@example.com", subject="s", sent_at=datetime.now(UTC)
-    )
-
-
-def message(body: str, message_id: str = "m1", receive_count: int = 1) -> SqsMessage:
-    return SqsMessage(
-        message_id=message_id,
-        receipt_handle=f"h-{message_id}",
-        body=body,
-        receive_count=receive_count,
     )
 
 
@@ -145,11 +122,24 @@ async def test_a_successful_receive_resets_the_failure_count() -> None:
 # --- outcomes ---------------------------------------------------------------------
 
 
+async def poll_until_deleted(
+    count: int, queue: FakeQueue, store: RecordUpdater, settings: PollerSettings | None = None
+) -> None:
+    """Run the poller until ``count`` messages were deleted (AssertionError after
+    5 s), then stop it: no fixed run time to guess."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll_engagement_events, queue, store, settings or PollerSettings())
+        await wait_for(
+            lambda: len(queue.deleted) >= count,
+            message=f"{len(queue.deleted)} of {count} messages deleted",
+        )
+        nursery.cancel_scope.cancel()
+
+
 async def test_applied_event_is_deleted_and_recorded() -> None:
     store = FakeStore(a_record())
     queue = FakeQueue([[open_message("m1")]])
-    with trio.move_on_after(1):
-        await poll_engagement_events(queue, store)
+    await poll_until_deleted(1, queue, store)
     assert queue.deleted == ["m1"]
     assert store.record is not None
     assert store.record.open_count == 1
@@ -158,15 +148,13 @@ async def test_applied_event_is_deleted_and_recorded() -> None:
 async def test_poison_messages_are_deleted() -> None:
     bodies = ["not json", json.dumps({"Type": "Notification"}), sns_body({"eventType": "Open"})]
     queue = FakeQueue([[message(body, f"p{n}") for n, body in enumerate(bodies)]])
-    with trio.move_on_after(1):
-        await poll_engagement_events(queue, FakeStore(a_record()))
+    await poll_until_deleted(3, queue, FakeStore(a_record()))
     assert sorted(queue.deleted) == ["p0", "p1", "p2"]
 
 
 async def test_messages_handled_one_at_a_time_are_deleted_in_one_batch() -> None:
     queue = FakeQueue([[open_message(f"m{n}") for n in range(10)]])
-    with trio.move_on_after(1):
-        await poll_engagement_events(queue, FakeStore(a_record()), PollerSettings(concurrency=1))
+    await poll_until_deleted(10, queue, FakeStore(a_record()), PollerSettings(concurrency=1))
     assert sorted(queue.deleted) == sorted(f"m{n}" for n in range(10))
     assert queue.delete_calls == [10]
 
@@ -210,7 +198,6 @@ async def test_handling_is_concurrent_up_to_the_limit() -> None:
 
     batch = [open_message(f"m{n}") for n in range(10)]
     queue = FakeQueue([batch, list(batch)])
-    with trio.move_on_after(1):
-        await poll_engagement_events(queue, SlowStore(), PollerSettings(concurrency=4))
+    await poll_until_deleted(20, queue, SlowStore(), PollerSettings(concurrency=4))
     assert peak == 4
     assert len(queue.deleted) == 20

@@ -70,8 +70,19 @@ async def reserved(store: IdempotencyStore, key: str = "k", fp: str = FP) -> Res
 # --- fingerprints and keys --------------------------------------------------
 
 
-def test_same_request_has_the_same_fingerprint() -> None:
-    assert request_fingerprint(request()) == request_fingerprint(request())
+def test_the_fingerprint_is_the_same_in_every_process_and_version() -> None:
+    """Replicas compare fingerprints: one computed by another process (or the
+    previous release) must match, so the value is pinned. A change of the
+    canonical form needs a new version tag ("send_email/v2") and a note."""
+    body = {"to": "jane@example.com", "subject": "Hi", "html": "<p>hi</p>", "text": "hi"}
+    assert request_fingerprint(api.SendEmailRequest.model_validate(body)) == (
+        "cef7adc7e7db475c566b635f81e11a22aa68483d95254cd9b72b2415135a1f44"
+    )
+
+
+def test_same_request_sent_with_its_fields_in_another_order_has_the_same_fingerprint() -> None:
+    reordered = json.dumps(dict(reversed(list(send_request().items()))))
+    assert request_fingerprint(api.SendEmailRequest.model_validate_json(reordered)) == FP
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,12 @@ import nats.errors
 import pytest
 
 from emailrelay import api
+from emailrelay.bridge.smtp import DATA_REPLY_WAIT
 from emailrelay.client import EmailRelayClient
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess
-from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.relay import RelayProcess, relay_defaults
+from tests.support.servers.smtp import SmtpServer, tracked_email_ids
 
 REQUEST: dict[str, Any] = {
     "to": "jane.doe@example.com",
@@ -39,14 +40,7 @@ def replicas(
     module_nats_server: NatsServer, smtp_server: SmtpServer
 ) -> Iterator[list[RelayProcess]]:
     """Two relays in the queue group, sharing the bucket."""
-    env: dict[str, str | None] = {
-        "NATS_URL": module_nats_server.url,
-        "SMTP_HOST": smtp_server.host,
-        "SMTP_PORT": str(smtp_server.port),
-        "SMTP_TLS_MODE": "none",
-        "EMAIL_ENABLED": "true",
-        "SSL_CERT_FILE": None,
-    }
+    env = relay_defaults(module_nats_server, smtp_server)
     relays = [RelayProcess(env), RelayProcess(env)]
     for relay in relays:
         relay.start()
@@ -82,12 +76,7 @@ def send(caller: SyncNats, key: str = "", timeout: float = 10.0, **changes: Any)
 
 def tracked_ids(smtp: SmtpServer) -> list[str]:
     """The email id of every message the SMTP server accepted."""
-    ids = []
-    for message in smtp.messages:
-        for line in message.header_lines():
-            if line.startswith(b"X-LFX-TRACKING-ID:"):
-                ids.append(line.decode().rsplit("/", 1)[-1].strip())
-    return ids
+    return tracked_email_ids(smtp.messages)
 
 
 def keyed_requests(relay: RelayProcess) -> float:
@@ -173,10 +162,11 @@ def test_without_a_key_a_dropped_connection_stays_delivery_failed(
 def test_deadline_passing_after_data_began_holds_the_key_as_outcome_unknown(
     smtp: SmtpServer, caller: SyncNats
 ) -> None:
-    # Longer than the caller's deadline plus the relay's wait for a DATA reply.
-    smtp.latency = 7.0
+    # Longer than the caller's deadline plus the relay's wait for a DATA reply;
+    # the deadline leaves a busy machine 3 s to bring the send to DATA.
+    smtp.latency = 3.0 + DATA_REPLY_WAIT + 1.5
     key = new_key()
-    deadline = str(int((time.time() + 1.5) * 1000))
+    deadline = str(int((time.time() + 3.0) * 1000))
     body = {**REQUEST, "idempotency_key": key}
     reply = caller.request_json(
         api.SEND_EMAIL_SUBJECT, body, timeout=15, headers={api.DEADLINE_HEADER: deadline}

@@ -14,17 +14,12 @@ from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import run_relay_once
-from tests.support.servers.smtp import SmtpServer
+from tests.support.servers.smtp import SmtpServer, tracked_email_ids
 from tests.support.waiting import free_port, wait_until
 
 
 def email_ids_received(smtp: SmtpServer) -> set[str]:
-    ids = set()
-    for message in smtp.messages:
-        for line in message.header_lines():
-            if line.startswith(b"X-LFX-TRACKING-ID: "):
-                ids.add(line.decode().rpartition("/")[2])
-    return ids
+    return set(tracked_email_ids(smtp.messages))
 
 
 def drain_with_sends_in_flight(

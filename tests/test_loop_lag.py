@@ -23,6 +23,7 @@ from tests.support.send_requests import NATS_MAX_PAYLOAD, padded_to_max_payload,
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
+from tests.support.waiting import wait_for
 
 GAUGE = "emailrelay_event_loop_lag_seconds"
 
@@ -53,7 +54,7 @@ async def test_the_watcher_sees_a_blocked_loop() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_loop_lag, 0.01, LagWindow(), publish)
-        await anyio.sleep(0.05)
+        await wait_for(lambda: seen, message="the watcher never measured")
         time.sleep(0.3)  # noqa: ASYNC251 - holding the loop is the point
         with anyio.fail_after(5):
             await stall_seen.wait()

@@ -2,45 +2,11 @@
 
 from __future__ import annotations
 
-import email
-import email.policy
 from dataclasses import replace
 from email.message import EmailMessage
 
-from emailrelay.addresses import Mailbox, parse_mailbox
-from emailrelay.mail.message import SMTP_MAX_LINE, OutgoingEmail, build_message
-
-EMAIL_ID = "0b7e3c1a-2f4d-4e5b-8c6d-7e8f9a0b1c2d"
-
-
-def mailbox(value: str) -> Mailbox:
-    parsed = parse_mailbox(value)
-    assert parsed is not None
-    return parsed
-
-
-BASE = OutgoingEmail(
-    email_id=EMAIL_ID,
-    group_id="group-1",
-    sender=mailbox("noreply@lfx.linuxfoundation.org"),
-    sender_display_name="LFX Self Serve",
-    recipient=mailbox("jane@example.com"),
-    reply_to=None,
-    subject="Hello",
-    text="plain body\n",
-    html="<p>html body</p>\n",
-)
-
-
-def header_lines(raw: bytes) -> list[bytes]:
-    head, _, _ = raw.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")
-
-
-def parse(raw: bytes) -> EmailMessage:
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
+from emailrelay.mail.message import SMTP_MAX_LINE, build_message
+from tests.support.messages import BASE, EMAIL_ID, header_lines, mailbox, parse, tracking_lines
 
 
 def body_parts(raw: bytes) -> tuple[str, str]:
@@ -51,10 +17,6 @@ def body_parts(raw: bytes) -> tuple[str, str]:
     assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
     contents = [p.get_content().replace("\r\n", "\n") for p in parts]
     return contents[0], contents[1]
-
-
-def tracking_lines(raw: bytes) -> list[bytes]:
-    return [line for line in header_lines(raw) if line.startswith(b"X-LFX-TRACKING-ID:")]
 
 
 def test_headers_decode_to_the_request_values() -> None:

@@ -31,7 +31,7 @@ from emailrelay.mail.message import (
     build_message,
     tracking_header_value,
 )
-from tests.test_message import BASE, EMAIL_ID, header_lines, parse, tracking_lines
+from tests.support.messages import BASE, EMAIL_ID, header_lines, parse, tracking_lines
 
 FEW = settings(max_examples=100, deadline=None)
 

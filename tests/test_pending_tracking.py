@@ -5,6 +5,7 @@ test_tracking_recovery.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import uuid
@@ -15,14 +16,16 @@ from datetime import UTC, datetime
 
 import anyio
 import pytest
+import trio.testing
 from prometheus_client import REGISTRY
 
 from emailrelay.api import GROUP_INDEX_BUCKET, RECIPIENTS_BUCKET, TrackingRecord
 from emailrelay.store.buckets import BucketPolicy, open_tracking_store
 from emailrelay.store.kv import StoreError
-from emailrelay.store.pending import PendingTrackingWrites
+from emailrelay.store.pending import MAX_BYTES, MAX_WRITES, PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryBuckets, MemoryKeyValue
+from tests.support.waiting import wait_for
 
 
 def record(group_id: str = "g", subject: str = "hello") -> TrackingRecord:
@@ -110,7 +113,7 @@ async def test_pending_write_lands_once_the_store_recovers() -> None:
     store.down()
     assert pending.add(sent, store.tracking)
     async with writing(pending):
-        await anyio.sleep(0.02)
+        await wait_for(lambda: store.records.failures, message="no write was tried")
         assert len(pending) == 1
         store.up()
         await until_empty(pending)
@@ -167,11 +170,11 @@ async def test_writes_wait_for_a_missing_bucket_an_operator_declares_again() -> 
     host = MemoryBuckets(RECIPIENTS_BUCKET, GROUP_INDEX_BUCKET)
     tracking = await open_tracking_store(host, BucketPolicy(auto_create=False))
     assert tracking is not None
-    host.delete(GROUP_INDEX_BUCKET)
+    gone = host.delete(GROUP_INDEX_BUCKET)
     pending, sent = quick_queue(), record()
     pending.add(sent, tracking)
     async with writing(pending):
-        await anyio.sleep(0.02)
+        await wait_for(lambda: gone.failures, message="no index write was tried")
         assert len(pending) == 1
         host.declare(GROUP_INDEX_BUCKET)
         await until_empty(pending)
@@ -183,7 +186,9 @@ async def test_while_the_store_is_down_each_pass_tries_one_write() -> None:
     for _ in range(100):
         pending.add(record(), writer)
     async with writing(pending):
-        await anyio.sleep(0.05)
+        await wait_for(lambda: writer.attempts, message="no write was tried")
+        # Every task blocked: the writer is in its 10 s backoff, not trying more.
+        await trio.testing.wait_all_tasks_blocked()
     assert writer.attempts == 1
 
 
@@ -218,6 +223,32 @@ async def test_queue_is_bounded_in_bytes_too() -> None:
     pending, writer = quick_queue(max_bytes=small * 3), CountingWriter()
     assert not pending.add(record(subject="x" * small * 3), writer)
     assert pending.add(record(), writer)
+
+
+def test_the_contracts_bounds_are_the_defaults() -> None:
+    """docs/contract.md: 10,000 writes or 64 MiB of records."""
+    assert (MAX_WRITES, MAX_BYTES) == (10_000, 64 * 1024 * 1024)
+    defaults = inspect.signature(PendingTrackingWrites).parameters
+    assert defaults["max_writes"].default == MAX_WRITES
+    assert defaults["max_bytes"].default == MAX_BYTES
+
+
+async def test_a_default_queue_takes_10000_writes_and_drops_the_next() -> None:
+    pending, writer = PendingTrackingWrites(), CountingWriter()
+    taken = [pending.add(record(), writer) for _ in range(MAX_WRITES)]
+    assert all(taken)
+    assert not pending.add(record(), writer)
+    assert len(pending) == MAX_WRITES
+
+
+async def test_a_default_queue_holds_at_most_64_mib_of_records() -> None:
+    pending, writer = PendingTrackingWrites(), CountingWriter()
+    big = len(record(subject="s" * 60_000).to_json())
+    taken = 0
+    while pending.add(record(subject="s" * 60_000), writer):
+        taken += 1
+    assert taken == MAX_BYTES // big  # far below 10,000: the byte bound held
+    assert pending.add(record(), writer)  # a small one still fits
 
 
 async def test_gauge_counts_pending_writes() -> None:

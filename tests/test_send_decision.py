@@ -144,7 +144,3 @@ def test_a_skip_names_its_rule_and_redacts_the_recipient() -> None:
     assert isinstance(decision, Skip)
     assert "EMAIL_ENABLED" in decision.reason
     assert "jane@example.com" not in decision.to
-
-
-def test_the_same_inputs_give_the_same_decision() -> None:
-    assert decide(send_request()) == decide(send_request())

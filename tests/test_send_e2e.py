@@ -23,7 +23,7 @@ from tests.conftest import TLS_SMTP_PASSWORD, TLS_SMTP_USERNAME
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess
+from tests.support.servers.relay import RelayProcess, relay_defaults
 from tests.support.servers.smtp import ReceivedMessage, SmtpServer
 
 RECIPIENT = "jane.doe@example.com"
@@ -105,15 +105,7 @@ def stacks(smtp_server: SmtpServer) -> Iterator[StackFactory]:
         nats.start()
         stack = Stack(nats, SyncNats(nats.url))
         started[key] = stack
-        overrides: dict[str, str | None] = {
-            "NATS_URL": nats.url,
-            "SMTP_HOST": smtp_server.host,
-            "SMTP_PORT": str(smtp_server.port),
-            "EMAIL_ENABLED": "true",
-            "SMTP_TLS_MODE": "none",
-            "SSL_CERT_FILE": None,
-            **(env or {}),
-        }
+        overrides = {**relay_defaults(nats, smtp_server), **(env or {})}
         for _ in range(relays):
             relay = RelayProcess(overrides)
             stack.relays.append(relay)

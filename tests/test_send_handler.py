@@ -5,8 +5,6 @@ The same behaviours are proven end to end in test_send_e2e.py.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import logging
 import uuid
@@ -29,33 +27,9 @@ from emailrelay.handlers.send import (
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
 from emailrelay.store.pending import PendingTrackingWrites
+from tests.support.fakes import FakeSender
 from tests.support.send_requests import RULES, send_request
 from tests.test_pending_tracking import until_empty
-
-
-@dataclass
-class Sent:
-    sender: str
-    recipient: str
-    message: bytes
-
-    @property
-    def parsed(self) -> Any:
-        return email.message_from_bytes(self.message, policy=email.policy.default)
-
-
-@dataclass
-class FakeSender:
-    sent: list[Sent] = field(default_factory=list)
-    failure: Exception | None = None
-    delay: float = 0.0
-
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
-        if self.delay:
-            await anyio.sleep(self.delay)
-        if self.failure is not None:
-            raise self.failure
-        self.sent.append(Sent(sender, recipient, message))
 
 
 @dataclass

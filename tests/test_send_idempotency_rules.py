@@ -22,11 +22,10 @@ from emailrelay.mail.errors import AmbiguousFailure, TransientFailure
 from emailrelay.store.idempotency import IdempotencyStore, Reserved, request_fingerprint
 from emailrelay.store.kv import StoreError
 from emailrelay.store.suppressions import Suppression
-from tests.support.fakes import MemoryKeyValue
-from tests.support.send_requests import send_request
-from tests.test_engagement_events import SES_EXAMPLES, sns_body
-from tests.test_engagement_poller import FakeStore, message
-from tests.test_send_handler import RULES, FakeSender
+from tests.support.fakes import FakeSender, FakeStore, MemoryKeyValue, message
+from tests.support.send_requests import RULES, send_request
+from tests.support.ses_events import SES_EXAMPLES, sns_body
+from tests.support.waiting import wait_for
 
 KEY = "order-42"
 
@@ -121,7 +120,7 @@ async def test_a_key_in_progress_past_the_deadline_answers_delivery_failed() -> 
     relay.sender.delay = 5
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: relay.send(idempotency_key=KEY))
-        await anyio.sleep(0.05)
+        await wait_for(lambda: relay.kv.entries, message="the first send reserved no key")
         waited = await relay.send(Deadline.after(0.3), idempotency_key=KEY)
         tg.cancel_scope.cancel()
     assert waited == {"error": api.ERR_DELIVERY_FAILED}

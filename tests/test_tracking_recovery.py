@@ -46,14 +46,7 @@ def group_index(client: SyncNats, group_id: str) -> list[str]:
 
 def tracking_ids(smtp: SmtpServer) -> list[tuple[str, str]]:
     """(group id, email id) of every message the SMTP server received."""
-    found = []
-    for message in smtp.messages:
-        for line in message.header_lines():
-            if line.startswith(b"X-LFX-TRACKING-ID:"):
-                value = line.split(b":", 1)[1].strip().decode()
-                group_id, _, email_id = value.rpartition("/")
-                found.append((group_id, email_id))
-    return found
+    return [tracking for message in smtp.messages if (tracking := message.tracking()) is not None]
 
 
 def timed_sends(client: SyncNats, group_id: str, count: int) -> list[float]:

@@ -146,6 +146,11 @@ class LoadResult:
             return 0.0
         return max(b - a for a, b in itertools.pairwise(times))
 
+    def then(self, later: LoadResult) -> LoadResult:
+        """This load and a later one (retries) as one result: a request number
+        retried appears once per attempt, and the audit weighs every attempt."""
+        return LoadResult(self.requests + later.requests, self.started, later.finished)
+
     def latencies(self) -> list[float]:
         return sorted(r.latency for r in self.requests if r.latency is not None)
 
@@ -161,7 +166,11 @@ class LoadGenerator(SyncNats):
     """Callers on one NATS connection (reconnecting forever, like SyncNats)."""
 
     def __init__(
-        self, url: str, *, timeout: float = CALLER_TIMEOUT, deadline_header: bool = True
+        self,
+        url: str | list[str],
+        *,
+        timeout: float = CALLER_TIMEOUT,
+        deadline_header: bool = True,
     ) -> None:
         """``deadline_header=False``: callers of the replaced relay, which send no
         ``Emailrelay-Deadline`` and just wait ``timeout`` seconds."""
@@ -306,11 +315,30 @@ def send_payload(run: str, number: int, groups: int = 4, **fields: str) -> bytes
     return json.dumps(body).encode()
 
 
-def sends(run: str, count: int, groups: int = 4, first: int = 0) -> list[tuple[str, bytes]]:
-    """``count`` valid sends numbered from ``first``."""
-    return [
-        (api.SEND_EMAIL_SUBJECT, send_payload(run, n, groups)) for n in range(first, first + count)
-    ]
+def idempotency_key(run: str, number: int) -> str:
+    """The key a keyed sender gives request ``number`` of ``run`` (and every retry of it)."""
+    return f"{run}-key-{number}"
+
+
+def sends(
+    run: str, count: int, groups: int = 4, first: int = 0, *, keyed: bool = False
+) -> list[tuple[str, bytes]]:
+    """``count`` valid sends numbered from ``first``; ``keyed``: each with its own
+    idempotency key (:func:`idempotency_key`), as a caller that retries sends them."""
+    requests = []
+    for n in range(first, first + count):
+        key = {"idempotency_key": idempotency_key(run, n)} if keyed else {}
+        requests.append((api.SEND_EMAIL_SUBJECT, send_payload(run, n, groups, **key)))
+    return requests
+
+
+def is_keyed(request: Request) -> bool:
+    """Whether the request carries an idempotency key (made by ``sends(keyed=True)``)."""
+    try:
+        body = json.loads(request.payload)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "idempotency_key" in body
 
 
 def send_number(request: Request) -> int | None:

@@ -15,7 +15,6 @@ import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
@@ -34,7 +33,10 @@ class FlakyProxy:
         self._in_flight: set[socket.socket] = set()
         self._cut: set[socket.socket] = set()
         self.calls: list[tuple[str, int]] = []
-        """(X-Amz-Target action, HTTP status answered) for every call."""
+        """(X-Amz-Target action, HTTP status answered) for every call, once it ended
+        (a call cut while waiting on moto ends, with status 0, when moto answers)."""
+        self.forwarded: list[str] = []
+        """The action of every call passed on to moto, when it was passed on."""
         self._server = ThreadingHTTPServer((LOOPBACK, 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -48,6 +50,11 @@ class FlakyProxy:
         """Calls waiting on moto now (a long poll in progress)."""
         with self._lock:
             return len(self._in_flight)
+
+    def forwarded_of(self, action: str) -> int:
+        """Calls of ``action`` passed on to moto so far (not failed by the proxy)."""
+        with self._lock:
+            return self.forwarded.count(action)
 
     def calls_of(self, action: str, status: int | None = None) -> int:
         with self._lock:
@@ -119,6 +126,7 @@ class FlakyProxy:
                     return
                 with proxy._lock:
                     proxy._in_flight.add(self.connection)
+                    proxy.forwarded.append(action)
                 try:
                     upstream = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                     headers = {
@@ -177,10 +185,5 @@ class FlakyProxy:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -14,22 +14,21 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import httpx
 
-from tests.support.servers.relay import EnvOverrides, RelayProcess
+from tests.support.servers.relay import EnvOverrides, RelayProcess, relay_defaults
 from tests.support.servers.smtp import SmtpServer
 
 
 def fault_relay_env(
     nats_url: str, smtp: SmtpServer, name: str, env: EnvOverrides | None = None
 ) -> dict[str, str | None]:
+    """:func:`~tests.support.servers.relay.relay_defaults`, logging at ``info``, with
+    ``name`` as the From display name; ``env`` wins."""
     return {
-        "NATS_URL": nats_url,
-        "SMTP_HOST": smtp.host,
-        "SMTP_PORT": str(smtp.port),
-        "EMAIL_ENABLED": "true",
-        "SMTP_TLS_MODE": "none",
+        **relay_defaults(nats_url, smtp),
         "LOG_LEVEL": "info",
         "DEFAULT_SMTP_FROM_DISPLAY_NAME": name,
         **(env or {}),
@@ -113,8 +112,33 @@ def largest_observation_bound(samples: Sequence[Sample], name: str) -> float | N
 # --- health -----------------------------------------------------------------------
 
 
+class Periodic:
+    """Calls :meth:`tick` every ``interval`` seconds in a thread, from ``__enter__``
+    until ``__exit__`` (which waits for the thread)."""
+
+    interval: float
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval)
+
+
 @dataclass
-class HealthWatch:
+class HealthWatch(Periodic):
     """Polls ``/livez`` and ``/readyz`` of each relay every ``interval`` in a thread
     and keeps every answer that was not 200 (None: no answer within 2 s)."""
 
@@ -122,32 +146,18 @@ class HealthWatch:
     interval: float = 0.1
     bad: list[tuple[float, str, str, int | None]] = field(default_factory=list)
     polls: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def __enter__(self) -> HealthWatch:
-        self._thread = threading.Thread(target=self._poll, name="health-watch", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _poll(self) -> None:
+    def tick(self) -> None:
         with httpx.Client(trust_env=False, timeout=2.0) as client:
-            while not self._stop.is_set():
-                for name, relay in self.relays.items():
-                    for path in ("/livez", "/readyz"):
-                        try:
-                            status: int | None = client.get(relay.base_url + path).status_code
-                        except httpx.HTTPError:
-                            status = None
-                        if status != 200:
-                            self.bad.append((time.time(), name, path, status))
-                self.polls += 1
-                self._stop.wait(self.interval)
+            for name, relay in self.relays.items():
+                for path in ("/livez", "/readyz"):
+                    try:
+                        status: int | None = client.get(relay.base_url + path).status_code
+                    except httpx.HTTPError:
+                        status = None
+                    if status != 200:
+                        self.bad.append((time.time(), name, path, status))
+        self.polls += 1
 
     def failures(self, path: str) -> list[tuple[float, str, str, int | None]]:
         return [b for b in self.bad if b[2] == path]

@@ -10,18 +10,9 @@ import pytest
 
 from emailrelay import api
 from tests.faults import figures
-from tests.faults.audit import (
-    Delivered,
-    assert_intact,
-    audit_when_tracked,
-    check_callers,
-    delivered,
-    record_load_figures,
-)
-from tests.faults.load import LoadGenerator, new_run, sends
-from tests.faults.relays import running_relays
+from tests.faults.audit import Delivered
+from tests.faults.scenario import fault_scenario
 from tests.support.nats_client import SyncNats
-from tests.support.servers.nats import NatsServer
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import wait_until
 
@@ -38,16 +29,9 @@ def bucket_exists(client: SyncNats, bucket: str) -> bool:
 def test_group_index_bucket_deleted_while_running_comes_back_and_sends_carry_on(
     fault_smtp: SmtpServer,
 ) -> None:
-    run = new_run()
-    fault_smtp.latency = 0.02
-    with (
-        NatsServer() as nats,
-        running_relays([nats.url], fault_smtp) as _relays,
-        LoadGenerator(nats.url) as load,
-        SyncNats(nats.url) as kv,
-    ):
-        running = load.start(sends(run, 300, GROUPS), concurrency=16, rate=30)
-        wait_until(lambda: len(delivered(fault_smtp, run)) >= 60, timeout=30)
+    with fault_scenario(fault_smtp) as scene:
+        run, kv = scene.run, scene.kv
+        running = scene.send_load(300, concurrency=16, rate=30, groups=GROUPS, delivered_first=60)
         kv.delete_bucket(api.GROUP_INDEX_BUCKET)
         deleted_at = time.time()
         wait_until(
@@ -57,20 +41,16 @@ def test_group_index_bucket_deleted_while_running_comes_back_and_sends_carry_on(
             message="email-group-index was not re-created",
         )
         recreated_after = time.time() - deleted_at
-        result = running.result(timeout=120)
-        load.settle()
+        result = scene.result(running)
 
         def gone_with_the_bucket(message: Delivered) -> bool:
             return message.received_at < deleted_at
 
-        found = audit_when_tracked(fault_smtp, kv, run, excused=gone_with_the_bucket)
+        figures.record("bucket re-created after", recreated_after, "s")
+        scene.audit(result, excused=gone_with_the_bucket)
         analytics = [
             kv.request_json(api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": f"{run}-g{n}"})
             for n in range(GROUPS)
         ]
-
-        figures.record("bucket re-created after", recreated_after, "s")
-        record_load_figures(result, found)
-        assert_intact(found, check_callers(result, found.delivered), excused=gone_with_the_bucket)
         assert result.outcomes().get("timeout", 0) == 0, "sends stalled past the caller's 10 s"
         assert [a.get("error") for a in analytics] == [None] * GROUPS, analytics

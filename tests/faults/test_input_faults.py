@@ -12,10 +12,10 @@ import pytest
 
 from emailrelay import api
 from tests.faults import figures
-from tests.faults.relays import HealthWatch, running_relays
+from tests.faults.relays import HealthWatch
+from tests.faults.scenario import fault_scenario
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
-from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 
@@ -33,13 +33,8 @@ LONG_KEY_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 @pytest.fixture(scope="module")
 def long_key_relay() -> Iterator[tuple[RelayProcess, SyncNats, SmtpServer]]:
-    with (
-        SmtpServer() as smtp,
-        NatsServer() as nats,
-        running_relays([nats.url], smtp) as (relay,),
-        SyncNats(nats.url) as client,
-    ):
-        yield relay, client, smtp
+    with SmtpServer() as smtp, fault_scenario(smtp, latency=0.0) as scene:
+        yield scene.relays[0], scene.kv, smtp
 
 
 @pytest.mark.parametrize("case", list(LONG_KEY_REQUESTS))

@@ -8,59 +8,46 @@ import time
 import pytest
 
 from tests.faults import figures
-from tests.faults.audit import (
-    Delivered,
-    assert_intact,
-    audit_when_tracked,
-    check_callers,
-    delivered,
-    record_load_figures,
-)
-from tests.faults.load import LoadGenerator, new_run, sends
-from tests.faults.relays import running_relays
-from tests.support.nats_client import SyncNats
-from tests.support.servers.nats import NatsServer
+from tests.faults.audit import Delivered
+from tests.faults.scenario import fault_scenario
 from tests.support.servers.smtp import SmtpServer
-from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
 CONCURRENCY = 32
+KEYED_CONCURRENCY = 8
+
+
+def lost_with_the_victim(message: Delivered) -> bool:
+    # Its pending tracking writes died with it (documented).
+    return message.sender_name == "relay-0"
 
 
 def test_relay_sigkilled_under_load_loses_nothing_but_its_own_in_flight_tracking(
     fault_smtp: SmtpServer,
 ) -> None:
-    run = new_run()
-    fault_smtp.latency = 0.05
-    with (
-        NatsServer() as nats,
-        running_relays([nats.url, nats.url], fault_smtp) as (victim, survivor),
-        LoadGenerator(nats.url) as load,
-        SyncNats(nats.url) as kv,
-    ):
-        running = load.start(sends(run, 600), concurrency=CONCURRENCY, rate=60)
-        wait_until(lambda: len(delivered(fault_smtp, run)) >= 150, timeout=30)
+    """Keyed senders retry what the kill cost them with the same key: a key the
+    victim held mid-send answers "outcome unknown" or its first reply, never a
+    second message."""
+    # 0.2 s in DATA: the victim holds keyed sends when it dies.
+    with fault_scenario(fault_smtp, relays=2, latency=0.2) as scene:
+        victim, survivor = scene.relays
+        plain = scene.send_load(600, concurrency=CONCURRENCY, rate=60)
+        keyed = scene.send_load(200, concurrency=KEYED_CONCURRENCY, rate=20, first=600, keyed=True)
+        scene.wait_delivered(150)
         victim.terminate(signal.SIGKILL)
         killed_at = time.time()
         victim.wait(timeout=10)
-        result = running.result(timeout=120)
-        load.settle()
+        result = scene.result(plain).then(scene.retry_keyed(scene.result(keyed)))
 
-        def lost_with_the_victim(message: Delivered) -> bool:
-            # Its pending tracking writes died with it (documented).
-            return message.sender_name == "relay-0"
-
-        found = audit_when_tracked(fault_smtp, kv, run, excused=lost_with_the_victim)
+        first = scene.first_success_after(result, killed_at, "the kill")
+        found = scene.audit(result, excused=lost_with_the_victim)
         lost = [d for d in found.untracked() if lost_with_the_victim(d)]
-        first = result.first_success_after(killed_at)
-        figures.record("first success sent after the kill", first if first is not None else "none")
         figures.record("emails sent by the killed relay without record or index", len(lost))
         figures.record(
             "emails sent by the survivor", sum(d.sender_name == "relay-1" for d in found.delivered)
         )
-        record_load_figures(result, found)
-        assert_intact(found, check_callers(result, found.delivered), excused=lost_with_the_victim)
-        assert len(lost) <= CONCURRENCY, "more lost than the killed relay can have had in flight"
+        in_flight = CONCURRENCY + KEYED_CONCURRENCY
+        assert len(lost) <= in_flight, "more lost than the killed relay can have had in flight"
         assert survivor.returncode is None
-        assert result.first_success_after(killed_at) is not None, "the survivor took no request"
+        assert first is not None, "the survivor took no request"

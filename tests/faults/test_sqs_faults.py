@@ -24,9 +24,9 @@ from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
-from tests.support.servers.sqs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SqsServer
+from tests.support.servers.sqs import SqsServer, relay_eventing_env
+from tests.support.ses_events import ses_event, sns_body
 from tests.support.waiting import wait_until
-from tests.test_engagement_events import ses_event, sns_body
 
 pytestmark = pytest.mark.faults
 
@@ -51,17 +51,7 @@ def eventing_relay(
             nats.url,
             fault_smtp,
             "relay-0",
-            {
-                "SES_EVENTING_ENABLED": "true",
-                "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
-                "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-                "AWS_REGION": REGION,
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_ENDPOINT_URL_SQS": flaky_sqs.url,
-                "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-            },
+            relay_eventing_env(queue_url, flaky_sqs.url, tmp_path, region=REGION),
         )
         with RelayProcess(env) as relay:
             relay.wait_ready()
@@ -89,11 +79,19 @@ def test_sqs_failing_twice_then_recovering_keeps_the_poller_running(
 ) -> None:
     relay, client, queue_url = eventing_relay
     email_id = send_one(client)
-    failed_before = flaky_sqs.calls_of(RECEIVE, 500) + flaky_sqs.calls_of(RECEIVE, 0)
-    flaky_sqs.fail_next(2)
+
+    def failed_receives() -> int:
+        return flaky_sqs.calls_of(RECEIVE, 500) + flaky_sqs.calls_of(RECEIVE, 0)
+
+    failed_before = failed_receives()
+    flaky_sqs.fail_next(2)  # the receive waiting on moto now is cut: the first failure
+    forwarded_before = flaky_sqs.forwarded_of(RECEIVE)
     broke_at = time.time()
+    # The fixture's first poll made "a receive succeeded or waits" true already
+    # (and a cut receive waits until moto answers it): wait for a receive passed
+    # on to moto after the fault, which comes only after both failures.
     wait_until(
-        lambda: flaky_sqs.calls_of(RECEIVE, 200) > 0 or flaky_sqs.waiting > 0,
+        lambda: flaky_sqs.forwarded_of(RECEIVE) > forwarded_before,
         timeout=15,
         message="the poller did not receive again after two failures",
     )
@@ -102,7 +100,7 @@ def test_sqs_failing_twice_then_recovering_keeps_the_poller_running(
     recovered = time.time() - broke_at
 
     errors = metric_total(scrape(relay), "emailrelay_sqs_receive_errors")
-    failed = flaky_sqs.calls_of(RECEIVE, 500) + flaky_sqs.calls_of(RECEIVE, 0) - failed_before
+    failed = failed_receives() - failed_before
     figures.record("receive calls failed", failed)
     figures.record("event applied after the first failure", recovered, "s")
     assert failed == 2

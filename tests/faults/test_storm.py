@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,9 @@ import pytest
 from emailrelay import api
 from tests.faults import figures
 from tests.faults.audit import audit_when_tracked
-from tests.faults.load import LoadGenerator, LoadResult, Request, new_run, send_payload
-from tests.faults.relays import (
-    HealthWatch,
-    largest_observation_bound,
-    running_relays,
-    scrape,
-)
-from tests.support.nats_client import SyncNats
-from tests.support.servers.nats import NatsServer
+from tests.faults.load import LoadResult, Request, send_payload
+from tests.faults.relays import HealthWatch, Periodic, largest_observation_bound, scrape
+from tests.faults.scenario import fault_scenario
 from tests.support.servers.relay import RelayProcess
 from tests.support.servers.smtp import SmtpServer
 
@@ -186,31 +179,19 @@ def storm_payloads(run: str) -> list[Payload]:
 
 
 @dataclass
-class Sampler:
+class Sampler(Periodic):
     """Samples the relay's loop-lag metric and RSS every half second in a thread."""
 
     relay: RelayProcess
+    interval: float = 0.5
     lag: float | None = None
     peak_rss_kib: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> Sampler:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._take()
+        super().__exit__(*exc)
+        self.tick()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.5):
-            self._take()
-
-    def _take(self) -> None:
+    def tick(self) -> None:
         lag = largest_observation_bound(scrape(self.relay), LOOP_LAG_METRIC)
         if lag is not None:
             self.lag = lag if self.lag is None else max(self.lag, lag)
@@ -238,14 +219,8 @@ class Storm:
 
 @pytest.fixture(scope="module")
 def storm() -> Iterator[Storm]:
-    run = new_run()
-    with (
-        SmtpServer() as smtp,
-        NatsServer() as nats,
-        running_relays([nats.url], smtp) as (relay,),
-        LoadGenerator(nats.url) as load,
-        SyncNats(nats.url) as kv,
-    ):
+    with SmtpServer() as smtp, fault_scenario(smtp, latency=0.0) as scene:
+        run, load, (relay,) = scene.run, scene.load, scene.relays
         payloads = storm_payloads(run)
         first = load.next_number
         kinds = {first + n: kind for n, (_, _, kind) in enumerate(payloads)}
@@ -256,7 +231,7 @@ def storm() -> Iterator[Storm]:
                 stop_after=STORM_LIMIT,
             )
         load.settle()
-        found = audit_when_tracked(smtp, kv, run, timeout=20)
+        found = audit_when_tracked(smtp, scene.kv, run, timeout=20)
         outcomes = result.outcomes()
         figures.record("requests", len(result.requests))
         figures.record("storm duration", result.finished - result.started, "s")

@@ -16,12 +16,18 @@ under whoever holds it, ``jetstream_down`` makes opening fail.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
+from emailrelay.api import TrackingRecord
+from emailrelay.deadline import Deadline
+from emailrelay.sqs import SqsMessage
 from emailrelay.store.kv import (
     MAX_BATCH_KEYS,
     BucketMissing,
@@ -46,9 +52,14 @@ class MemoryKeyValue:
         self.values_read = 0
         """Entries handed out by ``get_many`` and ``changes``: what a read cost."""
         self.epoch = uuid.uuid4().hex
+        self.failures = 0
+        """Calls that raised (closed, missing, a failing key): what a test waits on
+        to know the code under test met the failure."""
         self._sequence = 0
 
     def _check(self, key: str) -> None:
+        if self.missing or self.closed or key in self.failing_keys:
+            self.failures += 1
         if self.missing:
             raise BucketMissing("bucket deleted")
         if self.closed:
@@ -175,3 +186,56 @@ class MemoryBuckets:
         """Create the bucket from outside (an operator, a GitOps tool)."""
         kv = self.buckets[bucket] = MemoryKeyValue()
         return kv
+
+
+# --- the send path and the engagement poller -------------------------------------
+
+
+@dataclass
+class Sent:
+    sender: str
+    recipient: str
+    message: bytes
+
+    @property
+    def parsed(self) -> Any:
+        return email.message_from_bytes(self.message, policy=email.policy.default)
+
+
+@dataclass
+class FakeSender:
+    sent: list[Sent] = field(default_factory=list)
+    failure: Exception | None = None
+    delay: float = 0.0
+
+    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if self.failure is not None:
+            raise self.failure
+        self.sent.append(Sent(sender, recipient, message))
+
+
+class FakeStore:
+    def __init__(self, record: TrackingRecord | None, error: Exception | None = None) -> None:
+        self.record = record
+        self.error = error
+
+    async def update_record(
+        self, email_id: str, change: Callable[[TrackingRecord], bool]
+    ) -> TrackingRecord | None:
+        if self.error is not None:
+            raise self.error
+        if self.record is None or self.record.email_id != email_id:
+            return None
+        change(self.record)
+        return self.record
+
+
+def message(body: str, message_id: str = "m1", receive_count: int = 1) -> SqsMessage:
+    return SqsMessage(
+        message_id=message_id,
+        receipt_handle=f"h-{message_id}",
+        body=body,
+        receive_count=receive_count,
+    )

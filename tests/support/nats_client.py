@@ -52,13 +52,13 @@ class SyncNats:
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         connect_timeout: float = 10.0,
         reconnect_time_wait: float = 0.1,
         name: str = "emailrelay-tests",
     ) -> None:
-        self.url = url
+        self.url = url  # one server, or a cluster's (nats-py tries them in turn)
         self._loop = separate_asyncio_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="sync-nats-loop", daemon=True

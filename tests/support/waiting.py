@@ -11,6 +11,8 @@ import socket
 import time
 from collections.abc import Callable
 
+import anyio
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -52,6 +54,24 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{message} (waited {timeout:.1f}s)")
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+async def wait_for(
+    predicate: Callable[[], object],
+    within: float = 5.0,
+    interval: float = 0.001,
+    message: str = "condition not met",
+) -> None:
+    """``wait_until`` inside a test's event loop: poll ``predicate`` between
+    sleeps of ``interval`` (virtual time under an autojump clock); AssertionError
+    after ``within`` seconds."""
+    try:
+        with anyio.fail_after(within):
+            # A plain predicate over fakes' state: there is no event to wait on.
+            while not predicate():  # noqa: ASYNC110
+                await anyio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"{message} (waited {within:.1f}s)") from None
 
 
 def port_is_open(host: str, port: int) -> bool:

@@ -54,6 +54,9 @@ RELAY_VARIABLES = frozenset(
         "SES_ENGAGEMENT_SQS_QUEUE_URL",
         "LOG_LEVEL",
         "LOG_ADD_SOURCE",
+        # A CA bundle of the developer's would change which SMTP certificates
+        # the relay trusts; a test that wants one passes it as an override.
+        "SSL_CERT_FILE",
     }
 )
 
@@ -171,6 +174,15 @@ class RelayProcess:
                     return float(sample.value)
         return 0.0
 
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += float(sample.value)
+        return total
+
     def readyz_status(self) -> int | None:
         """Status of ``GET /readyz``, or None when nothing answers."""
         try:
@@ -280,10 +292,11 @@ def _read(path: Path) -> str:
         return ""
 
 
-def relay_defaults(nats_server: NatsServer, smtp_server: SmtpServer) -> dict[str, str | None]:
-    """A relay against these servers with sending on and no TLS."""
+def relay_defaults(nats_server: NatsServer | str, smtp_server: SmtpServer) -> dict[str, str | None]:
+    """A relay against these servers with sending on and no TLS (``nats_server``:
+    a server, or the URL of one, such as a cluster node's)."""
     return {
-        "NATS_URL": nats_server.url,
+        "NATS_URL": nats_server if isinstance(nats_server, str) else nats_server.url,
         "SMTP_HOST": smtp_server.host,
         "SMTP_PORT": str(smtp_server.port),
         "EMAIL_ENABLED": "true",

@@ -23,6 +23,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -33,6 +34,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
+from emailrelay.api import TRACKING_HEADER
 from tests.support.waiting import (
     LOOPBACK,
     free_port,
@@ -82,6 +84,22 @@ class ReceivedMessage:
         """The raw header section split into physical lines (folded lines stay separate)."""
         head, _, _ = self.raw.partition(b"\r\n\r\n")
         return head.split(b"\r\n")
+
+    def tracking(self) -> tuple[str, str] | None:
+        """(group id, email id) from the raw tracking header line, its name matched
+        case-insensitively as mail systems do; None when the message has none."""
+        name = TRACKING_HEADER.lower().encode() + b":"
+        for line in self.header_lines():
+            if line.lower().startswith(name):
+                value = line[len(name) :].strip().decode(errors="replace")
+                group_id, _, email_id = value.rpartition("/")
+                return group_id, email_id
+        return None
+
+
+def tracked_email_ids(messages: Iterable[ReceivedMessage]) -> list[str]:
+    """The email id in the tracking header of each message that has one, in order."""
+    return [tracking[1] for message in messages if (tracking := message.tracking()) is not None]
 
 
 @dataclass(frozen=True)
@@ -209,6 +227,7 @@ class _Handler:
             over_tls=_is_encrypted(server),
             auth_login=login.decode() if isinstance(login, bytes) else None,
         )
+        self.owner._record_data()
         if self.owner.latency > 0:
             await asyncio.sleep(self.owner.latency)
         if self.owner.drop_connection_after_data:
@@ -286,6 +305,7 @@ class SmtpServer:
         self._auth_attempts: list[AuthAttempt] = []
         self._connections = 0
         self._mail_times: list[float] = []
+        self._data_times: list[float] = []
         self._accepted_mail: collections.deque[float] = collections.deque()
         self._throttled = 0
         self._open: set[_RecordingSMTP] = set()
@@ -359,6 +379,7 @@ class SmtpServer:
             self._auth_attempts.clear()
             self._connections = 0
             self._mail_times.clear()
+            self._data_times.clear()
 
     # observations
 
@@ -367,6 +388,22 @@ class SmtpServer:
         """Unix time of every MAIL command (a transaction starting), since the last ``reset()``."""
         with self._lock:
             return list(self._mail_times)
+
+    @property
+    def data_times(self) -> list[float]:
+        """Unix time of every message whose DATA content had arrived, before the server
+        waits ``latency`` and replies: from then on the relay is waiting in mid-DATA."""
+        with self._lock:
+            return list(self._data_times)
+
+    def wait_for_data(self, n: int, timeout: float = 10.0) -> list[float]:
+        """``data_times`` once at least ``n`` messages have reached the end of DATA."""
+        wait_until(
+            lambda: len(self.data_times) >= n,
+            timeout=timeout,
+            message=f"SMTP server saw DATA of {len(self.data_times)} of {n} messages",
+        )
+        return self.data_times
 
     @property
     def messages(self) -> list[ReceivedMessage]:
@@ -583,6 +620,10 @@ class SmtpServer:
     def _record_mail(self) -> None:
         with self._lock:
             self._mail_times.append(time.time())
+
+    def _record_data(self) -> None:
+        with self._lock:
+            self._data_times.append(time.time())
 
     def _record(self, message: ReceivedMessage, *, accepted: bool) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ request's SigV4 credential scope, so clients must sign for :attr:`region`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -19,6 +20,40 @@ from tests.support.waiting import LOOPBACK, wait_for_port, wait_for_port_closed
 # Dummy keys: moto accepts any, and explicit keys keep boto3 off the credential chain.
 ACCESS_KEY_ID = "AKIDEXAMPLETESTONLY"
 SECRET_ACCESS_KEY = "test-secret-not-real"
+
+
+def relay_aws_env(endpoint_url: str, tmp: Path, region: str = "us-east-1") -> dict[str, str | None]:
+    """A relay's AWS environment: dummy keys, a region, ``endpoint_url`` as its SQS
+    endpoint, and no config file, credentials file or metadata service to fall back on."""
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+        "AWS_REGION": region,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL_SQS": endpoint_url,
+        "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
+    }
+
+
+def relay_eventing_env(
+    queue_url: str,
+    endpoint_url: str,
+    tmp: Path,
+    *,
+    max_receives: int | None = None,
+    region: str = "us-east-1",
+) -> dict[str, str | None]:
+    """A relay's settings for polling ``queue_url`` at ``endpoint_url`` (SES events on,
+    with :func:`relay_aws_env`); add them to ``relay_defaults``."""
+    env = {
+        "SES_EVENTING_ENABLED": "true",
+        "SES_ENGAGEMENT_SQS_QUEUE_URL": queue_url,
+        **relay_aws_env(endpoint_url, tmp, region),
+    }
+    if max_receives is not None:
+        env["SES_EVENT_MAX_RECEIVES"] = str(max_receives)
+    return env
 
 
 class SqsServer:
