@@ -42,7 +42,7 @@ from emailrelay.bridge.nats import (
 )
 from emailrelay.deadline import Deadline, request_deadline
 from emailrelay.discovery import error_headers
-from emailrelay.handlers.replies import Reply, encode_reply, error_reply
+from emailrelay.handlers.replies import Reply, encode_reply, error_reply, reply_headers
 from emailrelay.metrics import (
     REQUEST_BACKLOG,
     REQUEST_INTAKE_PAUSED,
@@ -305,10 +305,11 @@ class RequestServer:
 
 
 async def _respond(request: IncomingRequest, reply: Reply) -> None:
-    headers = error_headers(reply) if isinstance(reply, api.ErrorReply) else None
+    headers = error_headers(reply) if isinstance(reply, api.ErrorReply) else {}
+    headers |= reply_headers(reply)
     try:
         with anyio.fail_after(REPLY_TIMEOUT):
-            await request.respond(encode_reply(reply), headers)
+            await request.respond(encode_reply(reply), headers or None)
     except Exception as exc:
         log.warning("reply not sent", extra={"subject": request.subject, "error": repr(exc)})
 
