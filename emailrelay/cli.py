@@ -989,8 +989,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the relay (configured by environment variables; see README)",
         description=(
-            "Run the relay: connect to NATS, serve the three lfx.email-service subjects in "
-            "the queue group lfx.email-service.queue, send over SMTP, track in JetStream KV, "
+            "Run the relay: connect to NATS, serve the lfx.email-service subjects (send_email, "
+            "get_email_status, get_email_engagement_analytics; suppression.get/list/add/remove "
+            "too with SUPPRESSION_ENABLED=true) in the queue group lfx.email-service.queue, "
+            "send over SMTP, track in JetStream KV, "
             "and serve /livez, /readyz and /metrics on PORT. It takes no flags: every "
             "setting is an environment variable."
         ),
