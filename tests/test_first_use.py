@@ -26,6 +26,7 @@ from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import REPO_ROOT, RelayProcess, run_relay_once, running_relay
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import LOOPBACK, free_port
+from tests.test_cli import emailrelay
 
 SEND_FLAGS = ["--subject", "First week", "--text", "hi", "--html", "<p>hi</p>"]
 
@@ -35,19 +36,6 @@ def relay(module_nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[R
     env = {"SMTP_ALLOWED_FROM_DOMAINS": "lfx.linuxfoundation.org"}
     with running_relay(module_nats_server, smtp_server, env) as process:
         yield process
-
-
-def emailrelay(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
-    return subprocess.run(
-        [sys.executable, "-m", "emailrelay", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def json_logs(stderr: str) -> list[dict[str, Any]]:
