@@ -21,11 +21,6 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from emailrelay import __version__, api
-
-if TYPE_CHECKING:
-    from emailrelay.client import RelayReply
-    from emailrelay.dev.state import StackInfo
-
 from emailrelay.command import (
     EXIT_ERROR_REPLY,
     EXIT_NO_RELAY,
@@ -33,6 +28,10 @@ from emailrelay.command import (
     EXIT_USAGE,
     command_name,
 )
+
+if TYPE_CHECKING:
+    from emailrelay.client import RelayReply
+    from emailrelay.dev.state import StackInfo
 
 
 def _lacks_extra(command: str, extra: str) -> bool:
@@ -962,9 +961,10 @@ class _Parser(argparse.ArgumentParser):
             flag = word.split("=", 1)[0]
             if flag in known or (not flag.startswith("--") and len(flag) > 2):
                 continue  # known, or short flags run together (-sURL)
-            close = difflib.get_close_matches(
-                flag, [k for k in known if k.startswith("--")], 1, 0.75
-            )
+            long_flags = [k for k in known if k.startswith("--")]
+            if any(k.startswith(flag) for k in long_flags):
+                continue  # an abbreviation: argparse takes it, or says it is ambiguous
+            close = difflib.get_close_matches(flag, long_flags, 1, 0.75)
             suggestion = f" (did you mean {close[0]}?)" if close else ""
             return f"unrecognized argument {flag}{suggestion}"
         return None

@@ -21,6 +21,7 @@ import pytest
 
 from emailrelay import api
 from emailrelay.cli import _show_analytics, _show_status
+from emailrelay.handlers.replies import error_reply, reply_headers
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import REPO_ROOT, RelayProcess, run_relay_once, running_relay
@@ -272,3 +273,14 @@ def test_human_analytics_shows_clicks(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "clicked        3" in out
     assert "unique_clicked 1" in out
+
+
+def test_error_detail_header_is_one_line_of_ascii_whatever_the_allowlist() -> None:
+    detail = "allowed: bücher.example\r\nX-Injected: 1"
+    headers = reply_headers(error_reply(api.ERR_FROM_DOMAIN_NOT_ALLOWED, detail))
+    assert headers == {api.ERROR_DETAIL_HEADER: "allowed: b?cher.example??X-Injected: 1"}
+
+
+def test_an_unambiguous_abbreviation_is_still_a_flag() -> None:
+    done = emailrelay("status", "--grou", "g", "-s", f"nats://{LOOPBACK}:{free_port()}")
+    assert done.returncode == 3, done.stderr  # parsed, then NATS refused: not a usage error

@@ -15,8 +15,9 @@ Events are SES event records in SNS envelopes (:mod:`.sesevents`), read by the
 same poller, parser and applier as SQS events in production, so status,
 analytics and the suppression list move exactly as they would there. This
 module only fills the queue: the relay (``app.serve(events=...)``) polls it,
-so dev cannot wire the engagement path differently from production. ``emailrelay serve`` never
-subscribes to :data:`DEV_EVENTS_SUBJECT`: it exists only while a dev stack runs.
+so dev cannot wire the engagement path differently from production.
+``emailrelay serve`` never subscribes to :data:`DEV_EVENTS_SUBJECT` or
+:data:`DEV_STACK_SUBJECT`: they exist only while a dev stack runs.
 """
 
 from __future__ import annotations

@@ -99,11 +99,7 @@ def run_dev(options: DevOptions) -> int:
             )
             if (problem := _port_problem(port, flag))
         ]
-        http_socket: socket.socket | None = None
-        try:
-            http_socket = bind_http_socket(LOOPBACK, options.http_port)
-        except OSError as exc:
-            problems.append(_unbindable(exc, options.http_port, "--port"))
+        http_socket = _bind_http(options.http_port, problems)
         if problems:
             # Every taken port at once: a second stack learns all it must change.
             for problem in problems:
@@ -111,12 +107,22 @@ def run_dev(options: DevOptions) -> int:
             if http_socket is not None:
                 http_socket.close()
             return EXIT_FAILURE
-        assert http_socket is not None
+        if http_socket is None:  # never: a failed bind is one of the problems
+            return EXIT_FAILURE
         with http_socket:
             try:
                 return trio.run(_run_until_signal, options, lock, http_socket)
             except KeyboardInterrupt:  # Ctrl-C before trio installed its handlers
                 return EXIT_OK
+
+
+def _bind_http(port: int, problems: list[str]) -> socket.socket | None:
+    """The relay's HTTP socket, bound now; ``None`` (and why, in ``problems``) if taken."""
+    try:
+        return bind_http_socket(LOOPBACK, port)
+    except OSError as exc:
+        problems.append(_unbindable(exc, port, "--port"))
+        return None
 
 
 def _port_problem(port: int, flag: str) -> str | None:

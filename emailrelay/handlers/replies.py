@@ -94,8 +94,14 @@ def reply_headers(reply: Reply) -> dict[str, str]:
     if isinstance(reply, Replayed):
         return {api.IDEMPOTENT_REPLAY_HEADER: "true"}
     if isinstance(reply, api.ErrorReply) and reply.detail:
-        return {api.ERROR_DETAIL_HEADER: reply.detail}
+        return {api.ERROR_DETAIL_HEADER: _header_value(reply.detail)}
     return {}
+
+
+def _header_value(text: str) -> str:
+    """One line of printable ASCII: a header value nats-py can always send
+    (a reply that cannot be sent would leave its caller waiting)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 NO_RECORD = "no tracking record has this email_id (an id as the send reply gave it)"
