@@ -127,8 +127,9 @@ def _add_dev_command(commands: Any) -> None:
     dev.add_argument(
         "--nats-monitoring-port",
         type=_port,
-        default=8222,
-        help="nats-server's monitoring port: /varz /jsz /healthz (default 8222)",
+        default=None,
+        help="nats-server's monitoring port: /varz /jsz /healthz (default 8222 when "
+        "--nats-port is 4222, else any free port)",
     )
     dev.add_argument(
         "--state-dir",

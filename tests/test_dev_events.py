@@ -18,7 +18,7 @@ import emailrelay
 from emailrelay.dev.eventqueue import DevEventQueue
 from emailrelay.dev.natsserver import NatsEndpoints
 from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
-from emailrelay.dev.stack import relay_settings
+from emailrelay.dev.stack import DevOptions, relay_settings
 from emailrelay.dev.state import (
     NoStackRunning,
     StackInfo,
@@ -230,3 +230,9 @@ def test_dev_turns_suppression_on_unless_the_environment_says(
     assert relay_settings(endpoints, 3, 4).suppression_enabled is True
     monkeypatch.setenv("SUPPRESSION_ENABLED", "false")
     assert relay_settings(endpoints, 3, 4).suppression_enabled is False
+
+
+def test_monitoring_port_is_8222_only_beside_the_default_nats_port() -> None:
+    assert DevOptions().monitoring_port == 8222
+    assert DevOptions(nats_port=0).monitoring_port == 0
+    assert DevOptions(nats_port=0, nats_monitoring_port=9000).monitoring_port == 9000

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from emailrelay.dev.engagement import DevEngagement
 
 READY_TIMEOUT = 30.0
+DEFAULT_MONITORING_PORT = 8222
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,15 @@ class DevOptions:
     smtp_port: int = 1025
     http_port: int = 8080
     state_dir: Path = Path(".emailrelay-dev")
-    nats_monitoring_port: int = 8222
+    nats_monitoring_port: int | None = None
+    """``None``: 8222 beside the default NATS port 4222, else any free port (a
+    stack moved off the default ports does not take 8222 either)."""
+
+    @property
+    def monitoring_port(self) -> int:
+        if self.nats_monitoring_port is not None:
+            return self.nats_monitoring_port
+        return DEFAULT_MONITORING_PORT if self.nats_port == DevOptions.nats_port else 0
 
     @property
     def state_dir_flag(self) -> str:
@@ -95,7 +104,7 @@ def run_dev(options: DevOptions) -> int:
             for port, flag in (
                 (options.nats_port, "--nats-port"),
                 (options.smtp_port, "--smtp-port"),
-                (options.nats_monitoring_port, "--nats-monitoring-port"),
+                (options.monitoring_port, "--nats-monitoring-port"),
             )
             if (problem := _port_problem(port, flag))
         ]
@@ -178,7 +187,7 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
         store_dir=state_dir / "nats",
         run_dir=state_dir / "run",
         log_file=state_dir / "nats-server.log",
-        monitoring_port=options.nats_monitoring_port,
+        monitoring_port=options.monitoring_port,
     )
     engagement = DevEngagement()
 
