@@ -66,6 +66,15 @@ answers a send that arrives past it with ``email delivery failed`` (see
 docs/contract.md, "Deadlines"). Without it the relay allows ``SEND_TIMEOUT``
 from receipt."""
 
+ERROR_DETAIL_HEADER = "Emailrelay-Error-Detail"
+"""Reply header (an addition) on some error replies: what the relay knows
+that would help the caller (``allowed: lfx.linuxfoundation.org``), for
+people; the body keeps the exact contract string, which programs match."""
+
+IDEMPOTENT_REPLAY_HEADER = "Emailrelay-Idempotent-Replay"
+"""Reply header (an addition): ``true`` on the reply to a send whose
+idempotency key had already sent; the body is the first send's reply."""
+
 # --- JetStream KV ------------------------------------------------------------
 
 RECIPIENTS_BUCKET = "email-recipients"
@@ -254,6 +263,10 @@ class EngagementAnalyticsReply(BaseModel):
     opened: StrictInt
     unique_opened: StrictInt
     failed: StrictInt
+    clicked: StrictInt = 0
+    """An addition: every click (a relay without it answers no such field)."""
+    unique_clicked: StrictInt = 0
+    """An addition: emails clicked at least once."""
 
 
 class ErrorReply(BaseModel):
@@ -263,6 +276,15 @@ class ErrorReply(BaseModel):
     reply by this type and adds the NATS service error headers."""
 
     error: str
+    detail: str = Field(default="", exclude=True)
+    """Advice for people, sent as :data:`ERROR_DETAIL_HEADER`, never in the body."""
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the caller reads the same reply body: ``detail`` is advice
+        in a header, not part of the contract's answer."""
+        return isinstance(other, ErrorReply) and other.error == self.error
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def service_code(self) -> str:

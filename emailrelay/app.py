@@ -30,8 +30,10 @@ import logging
 import signal
 import socket
 import ssl
+from dataclasses import dataclass
 
 import anyio
+import anyio.abc
 import trio
 
 from emailrelay import api, looplag, tracing
@@ -39,10 +41,10 @@ from emailrelay.bridge.loop import asyncio_loop
 from emailrelay.bridge.nats import DRAIN_TIMEOUT, NatsConnection, NatsUnavailable, drained_on_exit
 from emailrelay.bridge.smtp import DATA_REPLY_WAIT, SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
-from emailrelay.command import EXIT_FAILURE, EXIT_OK
+from emailrelay.command import EXIT_FAILURE, EXIT_OK, command_name
 from emailrelay.config import Settings
-from emailrelay.discovery import ServiceStats, serve_discovery
-from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
+from emailrelay.discovery import ServiceStats, instance_metadata, serve_discovery
+from emailrelay.engagement.poller import MessageQueue, PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.send import (
     SETTLE_WAIT,
@@ -132,6 +134,11 @@ async def _connect_and_serve(
 
         async def connect() -> None:
             nonlocal nats
+            log.info(
+                "connecting to NATS at %s; giving up after %gs (NATS_CONNECT_TIMEOUT)",
+                ", ".join(settings.nats_urls),
+                settings.nats_connect_timeout,
+            )
             try:
                 nats = await NatsConnection.connect(
                     settings.nats_urls,
@@ -139,7 +146,13 @@ async def _connect_and_serve(
                     give_up_after=settings.nats_connect_timeout,
                 )
             except NatsUnavailable as exc:
-                log.error("giving up: %s after %gs", exc, settings.nats_connect_timeout)
+                log.error(
+                    "giving up: %s after %gs (set NATS_URL; on a laptop, `%s dev` runs "
+                    "NATS, an SMTP capture and the relay in one command)",
+                    exc,
+                    settings.nats_connect_timeout,
+                    command_name(),
+                )
                 lifecycle.fail("nats connect")
             finally:
                 tg.cancel_scope.cancel()
@@ -161,11 +174,14 @@ async def serve(
     *,
     http_socket: socket.socket | None = None,
     tracking: TrackingStore | None = None,
+    events: EventSource | None = None,
 ) -> int:
     """Serve until stopped; the exit code. Without a ``lifecycle`` of the
     caller's, signals are watched here. ``http_socket``: the HTTP port already
     bound (else the health server binds PORT itself); ``tracking``: a store
-    the caller opened (else opened here)."""
+    the caller opened (else opened here); ``events``: a queue of SES events
+    of the caller's (``emailrelay dev``'s stand-in for SQS), polled exactly as
+    SQS is, with the same store and suppression list: one wiring for both."""
     watch_signals = lifecycle is None
     lifecycle = lifecycle or Lifecycle()
     if tracking is None:
@@ -194,6 +210,12 @@ async def serve(
         except SqsError as exc:
             log.error("SES_EVENTING_ENABLED is true but SQS cannot be used: %s; exiting", exc)
             return EXIT_FAILURE
+    if not settings.email_enabled:
+        log.warning(
+            "EMAIL_ENABLED is not true: this relay sends nothing. Every send it takes "
+            "is answered as skipped (empty email_id), also in a queue group beside relays "
+            "that do send (emailrelay_skipped_sends counts them); set EMAIL_ENABLED=true to send"
+        )
     pool = build_smtp_pool(settings) if settings.email_enabled else None
     pending = PendingTrackingWrites()
     # Started before the KV store could be opened (a cluster still electing
@@ -211,7 +233,7 @@ async def serve(
         reservations=reservations,
         suppressions=suppressions,
     )
-    service = ServiceStats([])
+    service = ServiceStats([], metadata=instance_metadata(settings.email_enabled))
     requests = RequestServer(
         nats,
         settings.max_in_flight,
@@ -251,15 +273,10 @@ async def serve(
                     is_alive=watchdog.alive,
                 ),
             )
-            if sqs is not None and tracking is not None:
-                poller = PollerSettings(max_receives=settings.ses_event_max_receives)
-                tg.start_soon(
-                    lifecycle.supervise,
-                    "sqs poller",
-                    lambda: poll_engagement_events(
-                        sqs, tracking, poller, suppressions=suppressions
-                    ),
-                )
+            if sqs is not None:
+                events = EventSource(sqs, "sqs poller", "SQS")
+            if events is not None and tracking is not None:
+                _start_engagement(tg, lifecycle, events, tracking, settings, suppressions)
             if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
                 subscribed.set()
             if tracking is not None:
@@ -293,6 +310,38 @@ async def serve(
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """Where SES events come from: SQS in production, the dev stack's
+    in-memory queue on a laptop. ``part``: the name a fatal failure is logged
+    under; ``name``: what the poller says it polls."""
+
+    queue: MessageQueue
+    part: str
+    name: str
+
+
+def _start_engagement(
+    tg: anyio.abc.TaskGroup,
+    lifecycle: Lifecycle,
+    events: EventSource,
+    tracking: TrackingStore,
+    settings: Settings,
+    suppressions: SuppressionStore | None,
+) -> None:
+    """The engagement path, the same whatever the source: the production
+    poller over ``events`` into the tracking store and, when it is on, the
+    suppression list (Permanent bounces and complaints)."""
+    poller = PollerSettings(max_receives=settings.ses_event_max_receives)
+    tg.start_soon(
+        lifecycle.supervise,
+        events.part,
+        lambda: poll_engagement_events(
+            events.queue, tracking, poller, suppressions=suppressions, source=events.name
+        ),
+    )
 
 
 async def _watch_signals(lifecycle: Lifecycle) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -26,6 +28,10 @@ from emailrelay.command import (
     EXIT_USAGE,
     command_name,
 )
+
+if TYPE_CHECKING:
+    from emailrelay.client import RelayReply
+    from emailrelay.dev.state import StackInfo
 
 
 def _lacks_extra(command: str, extra: str) -> bool:
@@ -72,6 +78,7 @@ def _dev(args: argparse.Namespace) -> int:
             smtp_port=args.smtp_port,
             http_port=args.port,
             state_dir=args.state_dir,
+            nats_monitoring_port=args.nats_monitoring_port,
         )
     )
 
@@ -93,6 +100,10 @@ STATE_DIR_HELP = "the dev stack's state directory (default ./.emailrelay-dev)"
 def _add_dev_command(commands: Any) -> None:
     dev = commands.add_parser(
         "dev",
+        usage=(
+            "%(prog)s [--nats-port N] [--smtp-port N] [--port N] [--nats-monitoring-port N] "
+            "[--state-dir DIR]\n       %(prog)s event {open,click,bounce,...} --email-id ID"
+        ),
         help="run the whole stack locally: nats-server, an SMTP capture and the relay",
         description=(
             "Runs an embedded nats-server (JetStream kept in STATE_DIR/nats), an SMTP server "
@@ -114,13 +125,25 @@ def _add_dev_command(commands: Any) -> None:
         help="relay HTTP port: /livez /readyz /metrics (default 8080)",
     )
     dev.add_argument(
+        "--nats-monitoring-port",
+        type=_port,
+        default=None,
+        help="nats-server's monitoring port: /varz /jsz /healthz (default 8222 when "
+        "--nats-port is 4222, else any free port)",
+    )
+    dev.add_argument(
         "--state-dir",
         type=Path,
         default=DEFAULT_STATE_DIR,
         help="where JetStream data and captured mail live (default ./.emailrelay-dev)",
     )
     dev.set_defaults(run=_dev)
-    actions = dev.add_subparsers(dest="dev_command", metavar="ACTION")
+    actions = dev.add_subparsers(
+        dest="dev_command",
+        metavar="event",
+        title="optional action (with the stack running)",
+        prog=dev.prog,  # not derived from the usage above
+    )
     _add_dev_event_command(actions)
 
 
@@ -134,8 +157,10 @@ def _add_dev_event_command(actions: Any) -> None:
             "Makes the SES event Amazon SES would publish for an email the running dev stack "
             "captured (built from its .eml file, in an SNS envelope) and hands it to the "
             "stack, whose relay applies it with the same code as events from SQS; then prints "
-            "the email's tracking record. The stack is found through its state directory, "
-            "so this works on any --nats-port, 0 included."
+            "the email's tracking record. The stack is found through --state-dir when given, "
+            "else ./.emailrelay-dev when a stack runs there, else by asking NATS "
+            "(--server, $NATS_URL, or the default): so this works from any directory and "
+            "on any --nats-port, 0 included."
         ),
     )
     event.add_argument(
@@ -171,6 +196,13 @@ def _add_dev_event_command(actions: Any) -> None:
         help="how long to wait for the stack (default 10)",
     )
     event.add_argument(
+        "--server",
+        "-s",
+        metavar="URL",
+        help="the stack's NATS URL, to find it from any directory "
+        f"(default: $NATS_URL, else {api.DEFAULT_NATS_URL})",
+    )
+    event.add_argument(
         "--json", action="store_true", help="print the tracking record's JSON unchanged"
     )
     event.set_defaults(run=_dev_event, parser=event)
@@ -185,14 +217,45 @@ def _email_id(value: str) -> str:
     return value
 
 
-def _dev_event(args: argparse.Namespace) -> int:
+def _find_stack(args: argparse.Namespace) -> StackInfo:
+    """The running dev stack: through ``--state-dir`` when given; else through
+    ./.emailrelay-dev when a stack runs there; else by asking NATS, so that
+    ``dev event`` works from any directory. Raises NoStackRunning."""
     from emailrelay.client import EmailRelayClient, RelayUnavailable
-    from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
-    from emailrelay.dev.state import NoStackRunning, running_stack
+    from emailrelay.dev.engagement import DEV_STACK_SUBJECT
+    from emailrelay.dev.state import NoStackRunning, StackInfo, running_stack
 
     state_dir: Path = args.state_dir.resolve()
     try:
-        stack = running_stack(state_dir)
+        return running_stack(state_dir)
+    except NoStackRunning:
+        if args.state_dir != DEFAULT_STATE_DIR:
+            raise
+    servers = _nats_servers(args)
+
+    async def ask() -> bytes:
+        async with EmailRelayClient.connect(
+            servers, timeout=min(args.timeout, 2.0), connect_timeout=min(args.timeout, 2.0)
+        ) as relay:
+            return await relay.request(DEV_STACK_SUBJECT, {})
+
+    try:
+        return StackInfo(**json.loads(asyncio.run(ask())))
+    except (RelayUnavailable, ValueError, TypeError):
+        raise NoStackRunning(
+            f"no emailrelay dev found: none running in {state_dir}, none answering on "
+            f"{', '.join(servers)} (start one with `{command_name()} dev`, or pass "
+            "--server URL or --state-dir DIR of the running one)"
+        ) from None
+
+
+def _dev_event(args: argparse.Namespace) -> int:
+    from emailrelay.client import EmailRelayClient, RelayUnavailable
+    from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
+    from emailrelay.dev.state import NoStackRunning
+
+    try:
+        stack = _find_stack(args)
     except NoStackRunning as exc:
         print(f"emailrelay: {exc}", file=sys.stderr)
         return EXIT_NO_RELAY
@@ -207,7 +270,7 @@ def _dev_event(args: argparse.Namespace) -> int:
     kind = DevEvent(args.kind.capitalize())
     event = ses_event(kind, captured[-1].read_bytes(), link=args.link, bounce_type=args.bounce_type)
 
-    async def inject() -> tuple[Any, bytes]:
+    async def inject() -> tuple[bytes, RelayReply]:
         async with EmailRelayClient.connect(
             stack.nats_url,
             timeout=args.timeout,
@@ -218,13 +281,15 @@ def _dev_event(args: argparse.Namespace) -> int:
             accepted = await relay.request(
                 stack.events_subject, json.loads(sns_notification(event))
             )
-            status = await relay.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": args.email_id})
+            status = await relay.exchange(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": args.email_id})
             return accepted, status
 
     try:
         accepted, status = asyncio.run(inject())
     except RelayUnavailable as exc:
-        print(f"emailrelay: the dev stack in {state_dir} did not answer: {exc}", file=sys.stderr)
+        print(
+            f"emailrelay: the dev stack at {stack.nats_url} did not answer: {exc}", file=sys.stderr
+        )
         return EXIT_NO_RELAY
     if not args.json:
         handled = json.loads(accepted).get("handled") is True
@@ -557,7 +622,13 @@ def _send(args: argparse.Namespace) -> int:
         "idempotency_key": args.idempotency_key,
     }
     payload = {name: value for name, value in payload.items() if value}
-    return _request(args, api.SEND_EMAIL_SUBJECT, payload, _show_sent)
+    return _request(
+        args,
+        api.SEND_EMAIL_SUBJECT,
+        payload,
+        _show_sent,
+        replayed=lambda body: _show_replayed(body, args.idempotency_key),
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -578,18 +649,27 @@ def _analytics(args: argparse.Namespace) -> int:
     return _request(args, api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, payload, _show_analytics)
 
 
+SUBJECT_SETTINGS: dict[str, str] = {
+    subject: "SUPPRESSION_ENABLED=true" for subject in api.SUPPRESSION_SUBJECTS
+}
+"""Subjects a relay serves only with a setting on: "no relay is serving"
+names the setting. One row per subject."""
+
+
 def _request(
     args: argparse.Namespace,
     subject: str,
     payload: dict[str, Any],
     show: Callable[[Any], None],
+    *,
+    replayed: Callable[[Any], None] | None = None,
 ) -> int:
     """One request; the reply printed; the exit code (see the README)."""
-    from emailrelay.client import EmailRelayClient, RelayUnavailable
+    from emailrelay.client import EmailRelayClient, NoResponders, RelayUnavailable
 
     servers = _nats_servers(args)
 
-    async def ask() -> bytes:
+    async def ask() -> RelayReply:
         # The client retries a refused connection until its connect timeout (a
         # relay may start before NATS); a person at a terminal wants to know now.
         problem = await unreachable(servers, args.timeout)
@@ -598,33 +678,54 @@ def _request(
         async with EmailRelayClient.connect(
             servers, timeout=args.timeout, connect_timeout=args.timeout, name="emailrelay-cli"
         ) as relay:
-            return await relay.request(subject, payload)
+            return await relay.exchange(subject, payload)
 
     try:
         reply = asyncio.run(ask())
     except RelayUnavailable as exc:
-        print(f"emailrelay: no relay answered: {exc}", file=sys.stderr)
+        setting = SUBJECT_SETTINGS.get(exc.subject) if isinstance(exc, NoResponders) else None
+        needs = f" (relays serve it only with {setting}; is it set?)" if setting else ""
+        print(f"emailrelay: no relay answered: {exc}{needs}", file=sys.stderr)
         return EXIT_NO_RELAY
-    return _print_reply(args, reply, show)
+    show_reply = replayed if replayed is not None and reply.replayed else show
+    return _print_reply(args, reply, show_reply)
 
 
-def _print_reply(args: argparse.Namespace, reply: bytes, show: Callable[[Any], None]) -> int:
+def _print_reply(args: argparse.Namespace, reply: RelayReply, show: Callable[[Any], None]) -> int:
+    """The reply on stdout (``--json``: unchanged), an error reply on stderr:
+    the contract's exact string, and for people ``emailrelay: `` before it and
+    the relay's detail (or a hint of ours) after it."""
     from emailrelay.client import EmailRelayError, decode_reply
 
     if args.json:
-        print(reply.decode(errors="replace"))
+        print(reply.data.decode(errors="replace"))
     try:
-        body = decode_reply(reply)
+        body = decode_reply(reply.data, reply.headers)
     except EmailRelayError as exc:
-        print(exc.error, file=sys.stderr)
+        if args.json:
+            print(exc.error, file=sys.stderr)
+        else:
+            hint = exc.detail or _hint(args, exc.error)
+            print(f"emailrelay: {exc.error}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         return EXIT_ERROR_REPLY
     if not args.json:
         try:
             show(body)
         except ValidationError:
-            print(f"unexpected reply from the relay: {reply[:500]!r}", file=sys.stderr)
+            print(f"unexpected reply from the relay: {reply.data[:500]!r}", file=sys.stderr)
             return EXIT_ERROR_REPLY
     return EXIT_OK
+
+
+def _hint(args: argparse.Namespace, error: str) -> str:
+    """What to try next when the relay sent no detail (a relay before the header)."""
+    if error == api.ERR_INVALID_TO and re.search(r"[,;]", getattr(args, "to", "") or ""):
+        return "one recipient per request"
+    if error == api.ERR_FROM_DOMAIN_NOT_ALLOWED:
+        return "the relay allows the domains in its SMTP_ALLOWED_FROM_DOMAINS"
+    if error == api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED:
+        return "the relay allows the domains in its SMTP_ALLOWED_REPLY_TO_DOMAINS"
+    return ""
 
 
 def _nats_servers(args: argparse.Namespace) -> tuple[str, ...]:
@@ -699,6 +800,16 @@ def _show_sent(body: Any) -> None:
     print(f"      {command_name()} status --email-id {reply.email_id}")
 
 
+def _show_replayed(body: Any, key: str) -> None:
+    """A send the relay answered from its idempotency key: nothing new went out."""
+    reply = api.SendEmailReply.model_validate(body)
+    print(
+        f"already sent (idempotency key {key}): "
+        f"email_id={reply.email_id}  group_id={reply.group_id}"
+    )
+    print(f"      {command_name()} status --email-id {reply.email_id}")
+
+
 def _show_status(body: Any) -> None:
     if isinstance(body, list):
         records = [api.TrackingRecord.model_validate(item) for item in body]
@@ -733,16 +844,48 @@ def _show_status(body: Any) -> None:
     ]
     for name, value in rows:
         print(f"{name:<10} {value}")
+    for name, value in _the_rest(record).items():
+        print(f"{name:<10} {value}")
 
 
 def _failure(record: api.TrackingRecord) -> str:
+    """Every reason a record failed (a bounce and a later complaint both show)."""
+    reasons = []
     if record.bounce_type:
-        return f" (bounce: {record.bounce_type}, {record.bounce_sub_type or '-'})"
+        reasons.append(f"bounce: {record.bounce_type}, {record.bounce_sub_type or '-'}")
     if record.complaint_feedback_type:
-        return f" (complaint: {record.complaint_feedback_type})"
+        reasons.append(f"complaint: {record.complaint_feedback_type}")
     if record.reject_reason:
-        return f" (rejected: {record.reject_reason})"
-    return ""
+        reasons.append(f"rejected: {record.reject_reason}")
+    return f" ({'; '.join(reasons)})" if reasons else ""
+
+
+_SHOWN_ABOVE = {
+    "email_id", "group_id", "to", "subject", "sent_at", "delivered", "delivered_at",
+    "opened", "open_count", "last_opened_at", "clicked", "click_count", "last_clicked_at",
+    "failed", "failed_at", "bounce_type", "bounce_sub_type", "complaint_feedback_type",
+    "reject_reason",
+}  # fmt: skip
+
+
+def _item(item: Any) -> str:
+    if isinstance(item, dict):
+        return ", ".join(f"{k}={v}" for k, v in item.items())
+    return str(item)
+
+
+def _the_rest(record: api.TrackingRecord) -> dict[str, str]:
+    """The record's other fields that hold something, so that the human view
+    shows all that ``--json`` shows (a field added later included)."""
+    rest: dict[str, str] = {}
+    for name, value in json.loads(record.to_json()).items():
+        if name in _SHOWN_ABOVE or value in (None, False, "", [], {}):
+            continue
+        if isinstance(value, list):
+            rest[name] = "; ".join(_item(item) for item in value)
+        else:
+            rest[name] = str(value)
+    return rest
 
 
 def _state(record: api.TrackingRecord) -> str:
@@ -784,8 +927,59 @@ def _serve_epilog() -> str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the mistakes people make answered first and briefly: a
+    mistyped flag is named (with the flag it most resembles) before any
+    "required" complaint, and an error shows a one-line usage, not the block."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        # This parser's own flags come before its subcommand's name, if it has one.
+        commands = self._subcommand_names()
+        own = next((i for i, word in enumerate(words) if word in commands), len(words))
+        unknown = self._unknown_flag(words[:own])
+        if unknown is not None:
+            self.error(unknown)
+        return super().parse_known_args(words, namespace)
+
+    def _subcommand_names(self) -> set[str]:
+        return {
+            name
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices
+        }
+
+    def _unknown_flag(self, words: list[str]) -> str | None:
+        known = list(self._option_string_actions)
+        for word in words:
+            if word == "--":
+                return None
+            if not word.startswith("-") or word == "-" or self._negative_number_matcher.match(word):
+                continue
+            flag = word.split("=", 1)[0]
+            if flag in known or (not flag.startswith("--") and len(flag) > 2):
+                continue  # known, or short flags run together (-sURL)
+            long_flags = [k for k in known if k.startswith("--")]
+            if any(k.startswith(flag) for k in long_flags):
+                continue  # an abbreviation: argparse takes it, or says it is ambiguous
+            close = difflib.get_close_matches(flag, long_flags, 1, 0.75)
+            suggestion = f" (did you mean {close[0]}?)" if close else ""
+            return f"unrecognized argument {flag}{suggestion}"
+        return None
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE,
+            f"{self.prog}: error: {message}\n"
+            f"usage: {self.prog} ... (`{self.prog} --help` lists the flags)\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emailrelay",
         description="Transactional email relay: NATS requests in, SMTP out.",
         epilog="Run `emailrelay COMMAND --help` for a command's flags.",
@@ -796,8 +990,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the relay (configured by environment variables; see README)",
         description=(
-            "Run the relay: connect to NATS, serve the three lfx.email-service subjects in "
-            "the queue group lfx.email-service.queue, send over SMTP, track in JetStream KV, "
+            "Run the relay: connect to NATS, serve the lfx.email-service subjects (send_email, "
+            "get_email_status, get_email_engagement_analytics; suppression.get/list/add/remove "
+            "too with SUPPRESSION_ENABLED=true) in the queue group lfx.email-service.queue, "
+            "send over SMTP, track in JetStream KV, "
             "and serve /livez, /readyz and /metrics on PORT. It takes no flags: every "
             "setting is an environment variable."
         ),
@@ -810,9 +1006,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
+"""What a shell reports for a command stopped by a closed pipe (``| head -1``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code: int = args.run(args)
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (``| head -1``): stop quietly, as other commands do.
+        # Python's last flush at exit would fail again: stdout goes nowhere now.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLOSED_PIPE
     return code
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -43,11 +44,14 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 
 
 class EmailRelayError(Exception):
-    """The relay answered with ``{"error": ...}``; ``error`` is that string."""
+    """The relay answered with ``{"error": ...}``; ``error`` is that string,
+    ``detail`` the relay's advice for people (its ``Emailrelay-Error-Detail``
+    header, ``""`` without one), such as ``allowed: lfx.linuxfoundation.org``."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, detail: str = "") -> None:
         super().__init__(error)
         self.error = error
+        self.detail = detail
 
 
 class InvalidRequest(EmailRelayError):
@@ -147,6 +151,15 @@ class RelayUnavailable(Exception):
     carried out)."""
 
 
+class NoResponders(RelayUnavailable):
+    """Nobody serves ``subject``: no relay runs, or the ones running leave the
+    subject off (the suppression subjects need ``SUPPRESSION_ENABLED=true``)."""
+
+    def __init__(self, message: str, subject: str) -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
 ERRORS: dict[str, type[EmailRelayError]] = {
     api.ERR_INVALID_PAYLOAD: InvalidRequest,
     api.ERR_SEND_FIELDS_REQUIRED: MissingFields,
@@ -172,28 +185,46 @@ ERRORS: dict[str, type[EmailRelayError]] = {
 """Contract error string -> the exception raised for it."""
 
 
-def error_for(message: str) -> EmailRelayError:
+def error_for(message: str, detail: str = "") -> EmailRelayError:
     """The exception for an error reply's string."""
-    return ERRORS.get(message, EmailRelayError)(message)
+    error = ERRORS.get(message, EmailRelayError)(message)
+    error.detail = detail
+    return error
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 _RECORDS = TypeAdapter(list[api.TrackingRecord])
 
 
-def decode_reply(reply: bytes) -> Any:
-    """The reply as JSON; raises the typed error for an error reply."""
+@dataclass(frozen=True)
+class RelayReply:
+    """A reply as it came: the body unchanged, and the headers (the additions
+    of docs/contract.md, such as ``Emailrelay-Idempotent-Replay``)."""
+
+    data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def replayed(self) -> bool:
+        """A send answered with the first reply of its idempotency key."""
+        return self.headers.get(api.IDEMPOTENT_REPLAY_HEADER, "") == "true"
+
+
+def decode_reply(reply: bytes, headers: Mapping[str, str] | None = None) -> Any:
+    """The reply as JSON; raises the typed error for an error reply (with
+    its detail when ``headers`` carry one)."""
     try:
         body = json.loads(reply)
     except ValueError:
         raise UnexpectedReply(f"reply is not JSON: {reply[:200]!r}") from None
     if isinstance(body, dict) and "error" in body:
-        raise error_for(str(body["error"]))
+        detail = (headers or {}).get(api.ERROR_DETAIL_HEADER, "")
+        raise error_for(str(body["error"]), detail)
     return body
 
 
-def _as_model(reply: bytes, model: type[ModelT]) -> ModelT:
-    body = decode_reply(reply)
+def _as_model(reply: RelayReply, model: type[ModelT]) -> ModelT:
+    body = decode_reply(reply.data, reply.headers)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -307,6 +338,10 @@ class EmailRelayClient:
 
     async def request(self, subject: str, payload: dict[str, Any]) -> bytes:
         """Send ``payload`` as JSON to ``subject``; the reply body unchanged."""
+        return (await self.exchange(subject, payload)).data
+
+    async def exchange(self, subject: str, payload: dict[str, Any]) -> RelayReply:
+        """Send ``payload`` as JSON to ``subject``; the reply's body and headers."""
         if self._nc is None:
             raise RuntimeError("use the client inside `async with EmailRelayClient.connect(...)`")
         try:
@@ -319,8 +354,8 @@ class EmailRelayClient:
                 headers={api.DEADLINE_HEADER: _deadline_ms(self.timeout)},
             )
         except nats.errors.NoRespondersError:
-            raise RelayUnavailable(
-                f"no relay is serving {subject} on {', '.join(self.servers)}"
+            raise NoResponders(
+                f"no relay is serving {subject} on {', '.join(self.servers)}", subject
             ) from None
         except nats.errors.TimeoutError:
             raise RelayUnavailable(
@@ -330,7 +365,7 @@ class EmailRelayClient:
         except nats.errors.Error as exc:
             raise RelayUnavailable(f"NATS request on {subject} failed: {exc}") from None
         data: bytes = msg.data
-        return data
+        return RelayReply(data, dict(msg.headers or {}))
 
     async def send(
         self,
@@ -367,32 +402,32 @@ class EmailRelayClient:
             "idempotency_key": idempotency_key,
         }
         payload: dict[str, Any] = {name: value for name, value in fields.items() if value}
-        return _as_model(await self.request(api.SEND_EMAIL_SUBJECT, payload), api.SendEmailReply)
+        return _as_model(await self.exchange(api.SEND_EMAIL_SUBJECT, payload), api.SendEmailReply)
 
     async def suppression(self, address: str) -> api.SuppressionEntry:
         """Why ``address`` is suppressed (:class:`NotFound` when it is not)."""
-        reply = await self.request(api.SUPPRESSION_GET_SUBJECT, {"address": address})
+        reply = await self.exchange(api.SUPPRESSION_GET_SUBJECT, {"address": address})
         return _as_model(reply, api.SuppressionEntry)
 
     async def list_suppressions(self, limit: int = 0, offset: int = 0) -> api.SuppressionListReply:
         """A page of the suppression list (``limit`` 0: the relay's default, 100)."""
         payload = {"limit": limit, "offset": offset}
-        reply = await self.request(api.SUPPRESSION_LIST_SUBJECT, payload)
+        reply = await self.exchange(api.SUPPRESSION_LIST_SUBJECT, payload)
         return _as_model(reply, api.SuppressionListReply)
 
     async def add_suppression(self, address: str) -> api.SuppressionChangeReply:
         """Suppress ``address`` (``changed`` false: it already was)."""
-        reply = await self.request(api.SUPPRESSION_ADD_SUBJECT, {"address": address})
+        reply = await self.exchange(api.SUPPRESSION_ADD_SUBJECT, {"address": address})
         return _as_model(reply, api.SuppressionChangeReply)
 
     async def remove_suppression(self, address: str) -> api.SuppressionChangeReply:
         """Allow sending to ``address`` again (``changed`` false: it was not suppressed)."""
-        reply = await self.request(api.SUPPRESSION_REMOVE_SUBJECT, {"address": address})
+        reply = await self.exchange(api.SUPPRESSION_REMOVE_SUBJECT, {"address": address})
         return _as_model(reply, api.SuppressionChangeReply)
 
     async def status(self, email_id: str) -> api.TrackingRecord:
         """The tracking record of one email (:class:`NotFound` if there is none)."""
-        reply = await self.request(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": email_id})
+        reply = await self.exchange(api.GET_EMAIL_STATUS_SUBJECT, {"email_id": email_id})
         return _as_model(reply, api.TrackingRecord)
 
     async def group_status(
@@ -406,7 +441,8 @@ class EmailRelayClient:
             payload["limit"] = limit
         if offset is not None:
             payload["offset"] = offset
-        body = decode_reply(await self.request(api.GET_EMAIL_STATUS_SUBJECT, payload))
+        reply = await self.exchange(api.GET_EMAIL_STATUS_SUBJECT, payload)
+        body = decode_reply(reply.data, reply.headers)
         try:
             return _RECORDS.validate_python(body)
         except ValidationError as exc:
@@ -414,7 +450,7 @@ class EmailRelayClient:
 
     async def analytics(self, group_id: str) -> api.EngagementAnalyticsReply:
         """Delivery and open counts for a group."""
-        reply = await self.request(
+        reply = await self.exchange(
             api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": group_id}
         )
         return _as_model(reply, api.EngagementAnalyticsReply)

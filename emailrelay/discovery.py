@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -113,8 +115,10 @@ class ServiceStats:
         queue_group: str = api.QUEUE_GROUP,
         version: str = __version__,
         service_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.id = service_id or uuid.uuid4().hex
+        self.metadata = metadata or {}
         self.version = version
         self.started = datetime.now(UTC)
         self.endpoints: dict[str, EndpointStats] = {
@@ -145,7 +149,7 @@ class ServiceStats:
             "name": SERVICE_NAME,
             "id": self.id,
             "version": self.version,
-            "metadata": {},
+            "metadata": self.metadata,
         }
 
     def ping(self) -> dict[str, Any]:
@@ -170,6 +174,16 @@ class ServiceStats:
         verb = subject.split(".")[1]
         body = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]()
         return json.dumps(body).encode()
+
+
+def instance_metadata(email_enabled: bool) -> dict[str, str]:
+    """Who this instance is (``$SRV.INFO`` metadata): where it runs, and whether
+    it sends; ``emailrelay dev`` tells its own relay from others by them."""
+    return {
+        "hostname": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "email_enabled": "true" if email_enabled else "false",
+    }
 
 
 def _format_started(started: datetime) -> str:

@@ -137,3 +137,10 @@ SUPPRESSIONS_ADDED = Counter(
     "Recipients added to the suppression list, by reason (bounce, complaint, manual).",
     ["reason"],
 )
+SKIPPED_SENDS = Counter(
+    "emailrelay_skipped_sends",
+    "Send requests answered with the skip reply (empty ids, nothing sent), by reason: "
+    "email_disabled (EMAIL_ENABLED is not true), recipient_domain "
+    "(outside SMTP_ALLOWED_RECIPIENT_DOMAINS).",
+    ["reason"],
+)

@@ -53,7 +53,7 @@ from emailrelay.bridge.nats import (
 from emailrelay.bridge.smtp import DATA_REPLY_WAIT
 from emailrelay.deadline import Deadline, request_deadline
 from emailrelay.discovery import error_headers
-from emailrelay.handlers.replies import Reply, encode_reply, error_reply
+from emailrelay.handlers.replies import Reply, encode_reply, error_reply, reply_headers
 from emailrelay.metrics import (
     REQUEST_BACKLOG,
     REQUEST_INTAKE_PAUSED,
@@ -414,10 +414,11 @@ class RequestServer:
 
 
 async def _respond(request: IncomingRequest, reply: Reply) -> None:
-    headers = error_headers(reply) if isinstance(reply, api.ErrorReply) else None
+    headers = error_headers(reply) if isinstance(reply, api.ErrorReply) else {}
+    headers |= reply_headers(reply)
     try:
         with anyio.fail_after(REPLY_TIMEOUT):
-            await request.respond(encode_reply(reply), headers)
+            await request.respond(encode_reply(reply), headers or None)
     except Exception as exc:
         log.warning("reply not sent", extra={"subject": request.subject, "error": repr(exc)})
 

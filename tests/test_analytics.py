@@ -63,7 +63,13 @@ def test_analytics_counts_the_group_records(relay: RelayProcess, nats_client: Sy
     group = unique_group()
     email_ids = [str(uuid.uuid4()) for _ in range(5)]
     put_record(
-        nats_client, email_ids[0], group, delivered=True, delivered_at="2024-05-01T10:01:00Z"
+        nats_client,
+        email_ids[0],
+        group,
+        delivered=True,
+        delivered_at="2024-05-01T10:01:00Z",
+        clicked=True,
+        click_count=2,
     )
     put_record(
         nats_client,
@@ -95,6 +101,8 @@ def test_analytics_counts_the_group_records(relay: RelayProcess, nats_client: Sy
         "opened": 3,
         "unique_opened": 2,
         "failed": 1,
+        "clicked": 2,
+        "unique_clicked": 1,
     }
 
 
@@ -112,6 +120,8 @@ def test_analytics_of_sent_emails_counts_them_as_sent(
         "opened": 0,
         "unique_opened": 0,
         "failed": 0,
+        "clicked": 0,
+        "unique_clicked": 0,
     }
 
 

@@ -626,6 +626,19 @@ def test_idempotency_bucket_ttl_matches_the_relays_default(chart: helm_python.Ch
     assert env_of(render(chart, values))["IDEMPOTENCY_TTL"]["value"] == bucket["spec"]["ttl"]
 
 
+def test_idempotency_bucket_ttl_is_derived_from_the_relays_setting(
+    chart: helm_python.Chart,
+) -> None:
+    values = {"kv": {"enabled": True}, "config": {"limits": {"idempotencyTtl": "2h"}}}
+    (bucket,) = [
+        obj
+        for obj in render(chart, values)
+        if obj["kind"] == "KeyValue" and obj["spec"]["bucket"] == "email-idempotency"
+    ]
+    assert bucket["spec"]["ttl"] == "2h"
+    assert env_of(render(chart, values))["IDEMPOTENCY_TTL"]["value"] == "2h"
+
+
 def test_external_secret_feeds_the_secret_the_pod_reads(chart: helm_python.Chart) -> None:
     objects = render(chart, EVERYTHING)
     es = only(objects, "ExternalSecret")

@@ -187,6 +187,8 @@ def test_analytics_shows_the_counts(relay: RelayProcess, nats_server: NatsServer
         "opened": 0,
         "unique_opened": 0,
         "failed": 0,
+        "clicked": 0,
+        "unique_clicked": 0,
     }
 
 
@@ -198,7 +200,7 @@ def test_error_reply_exits_1_with_the_error_on_stderr(
 ) -> None:
     done = send(nats_server.url, *SEND_FLAGS_HTML, "--from", "someone@evil.example")
     assert done.returncode == 1
-    assert done.stderr.strip() == api.ERR_FROM_DOMAIN_NOT_ALLOWED
+    assert done.stderr.startswith(f"emailrelay: {api.ERR_FROM_DOMAIN_NOT_ALLOWED} (")
     assert done.stdout == ""
 
 

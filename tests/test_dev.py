@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from emailrelay import api
 from emailrelay.dev.capture import CapturedMessage, CaptureServer
 from emailrelay.dev.natsserver import nats_server_binary
-from tests.support.servers.relay import REPO_ROOT
+from tests.support.servers.relay import REPO_ROOT, RelayProcess
 from tests.support.waiting import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc for child processes")
@@ -71,6 +72,8 @@ class DevStack:
                     "--smtp-port",
                     "0",
                     "--port",
+                    "0",
+                    "--nats-monitoring-port",
                     "0",
                     "--state-dir",
                     str(state_dir),
@@ -285,13 +288,16 @@ def test_nats_server_stops_when_the_stack_is_killed_outright(tmp_path: Path) -> 
 # --- Start-up conflicts, one line each ----------------------------------------
 
 
-@pytest.mark.parametrize("flag", ["--nats-port", "--smtp-port", "--port"])
+ANY_PORTS = {"--nats-port": "0", "--smtp-port": "0", "--port": "0", "--nats-monitoring-port": "0"}
+
+
+@pytest.mark.parametrize("flag", list(ANY_PORTS))
 def test_taken_port_is_one_line_naming_the_flag(flag: str, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        ports = {"--nats-port": "0", "--smtp-port": "0", "--port": "0", flag: port}
+        ports = {**ANY_PORTS, flag: port}
         done = emailrelay(
             "dev", *(a for pair in ports.items() for a in pair), "--state-dir", str(tmp_path)
         )
@@ -314,7 +320,7 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]
 
 def test_second_stack_on_one_state_dir_exits_2_naming_the_first(shared_stack: DevStack) -> None:
     done = emailrelay(
-        "dev", "--nats-port", "0", "--smtp-port", "0", "--port", "0",
+        "dev", *(a for pair in ANY_PORTS.items() for a in pair),
         "--state-dir", str(shared_stack.state_dir),
     )  # fmt: skip
     assert done.returncode == 2
@@ -368,6 +374,8 @@ def test_events_move_status_and_analytics_on_a_laptop(shared_stack: DevStack) ->
         "opened": 1,
         "unique_opened": 1,
         "failed": 0,
+        "clicked": 1,
+        "unique_clicked": 1,
     }
 
 
@@ -385,3 +393,101 @@ def test_event_without_a_running_stack_exits_3(tmp_path: Path) -> None:
     assert done.returncode == 3
     [line] = done.stderr.strip().splitlines()
     assert f"no emailrelay dev has run in {tmp_path}" in line
+
+
+def test_second_stack_reports_every_taken_port_at_once(tmp_path: Path) -> None:
+    with socket.socket() as nats_taken, socket.socket() as smtp_taken:
+        for taken in (nats_taken, smtp_taken):
+            taken.bind((LOOPBACK, 0))
+            taken.listen()
+        nats_port, smtp_port = (str(s.getsockname()[1]) for s in (nats_taken, smtp_taken))
+        ports = {**ANY_PORTS, "--nats-port": nats_port, "--smtp-port": smtp_port}
+        done = emailrelay(
+            "dev", *(a for pair in ports.items() for a in pair), "--state-dir", str(tmp_path)
+        )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    assert f"port {nats_port} is already in use" in lines[0]
+    assert "--nats-port" in lines[0]
+    assert f"port {smtp_port} is already in use" in lines[1]
+    assert "--smtp-port" in lines[1]
+
+
+def test_dev_bounce_suppresses_and_the_next_send_answers_recipient_suppressed(
+    shared_stack: DevStack,
+) -> None:
+    """The dev event path is production's: a Permanent bounce reaches the
+    suppression list (on by default in dev), and the next send is refused."""
+    server = ("--server", shared_stack.nats_url)
+    address = f"bounce-{uuid.uuid4().hex[:8]}@example.com"
+    message = ("--to", address, "--subject", "Bounce", "--text", "t", "--html", "<p>t</p>")
+    sent = cli(shared_stack, "send", *server, *message, "--json")
+    email_id = json.loads(sent.stdout)["email_id"]
+    capture = shared_stack.state_dir / "capture"
+    wait_until(lambda: list(capture.glob(f"*{email_id}.eml")), message="no .eml captured")
+
+    state = ("--state-dir", str(shared_stack.state_dir))
+    bounced = cli(shared_stack, "dev", "event", "bounce", "--email-id", email_id, *state)
+    assert "applied by the relay" in bounced.stdout
+
+    listed = cli(shared_stack, "suppression", "get", *server, address, "--json")
+    assert json.loads(listed.stdout)["reason"] == "bounce"
+    again = emailrelay("send", *server, *message)
+    assert again.returncode == 1
+    assert api.ERR_RECIPIENT_SUPPRESSED in again.stderr
+
+
+def test_dev_event_finds_the_stack_from_another_directory(
+    shared_stack: DevStack, tmp_path: Path
+) -> None:
+    server = ("--server", shared_stack.nats_url)
+    sent = cli(
+        shared_stack, "send", *server, "--to", "elsewhere@example.com", "--subject", "Anywhere",
+        "--text", "t", "--html", "<p>t</p>", "--json",
+    )  # fmt: skip
+    email_id = json.loads(sent.stdout)["email_id"]
+    capture = shared_stack.state_dir / "capture"
+    wait_until(lambda: list(capture.glob(f"*{email_id}.eml")), message="no .eml captured")
+    done = subprocess.run(
+        [sys.executable, "-m", "emailrelay", "dev", "event", "open", "--email-id", email_id],
+        cwd=tmp_path,  # no state dir here: the stack is found through NATS
+        env={**os.environ, "NATS_URL": shared_stack.nats_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stderr}\n{shared_stack.logs()}"
+    assert "open event for" in done.stdout
+    assert "opened     1 time(s)" in done.stdout
+
+
+def test_dev_banner_lists_every_bucket_the_relay_opens(shared_stack: DevStack) -> None:
+    out = shared_stack.stdout()
+    assert (
+        "KV buckets       email-recipients, email-group-index, email-idempotency, "
+        "email-suppressions" in out
+    )
+    assert "polling the dev event queue for SES events" in shared_stack.logs()
+    assert "polling SQS" not in shared_stack.logs()
+
+
+def test_dev_warns_when_another_relay_answers_in_its_queue_group(
+    shared_stack: DevStack,
+) -> None:
+    with RelayProcess({"NATS_URL": shared_stack.nats_url, "EMAIL_ENABLED": None}) as other:
+        other.wait_ready()
+        wait_until(
+            lambda: "another relay" in shared_stack.stderr_path.read_text(),
+            timeout=20,
+            message=f"no warning about the other relay\n{shared_stack.logs()}",
+        )
+    [warning] = [
+        line
+        for line in shared_stack.stderr_path.read_text().splitlines()
+        if "another relay" in line
+    ]
+    assert f"PID {other.pid}" in warning
+    assert "lfx.email-service.queue" in warning
+    assert "EMAIL_ENABLED is not true" in warning

@@ -3,6 +3,7 @@ parser; the in-memory queue's SQS semantics; the state directory's lock."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from datetime import UTC, datetime
@@ -13,8 +14,11 @@ import pytest
 import trio
 import trio.testing
 
+import emailrelay
 from emailrelay.dev.eventqueue import DevEventQueue
+from emailrelay.dev.natsserver import NatsEndpoints
 from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
+from emailrelay.dev.stack import DevOptions, relay_settings
 from emailrelay.dev.state import (
     NoStackRunning,
     StackInfo,
@@ -181,3 +185,59 @@ def test_stack_file_of_a_dead_stack_is_not_trusted(tmp_path: Path) -> None:
     (tmp_path / "kept.json").rename(tmp_path / "stack.json")  # as a SIGKILL leaves it
     with pytest.raises(NoStackRunning, match="no emailrelay dev is running"):
         running_stack(tmp_path)
+
+
+# --- One wiring for dev and production ------------------------------------------
+
+PACKAGE = Path(emailrelay.__file__).parent
+
+
+def uses_of(name: str) -> dict[str, list[ast.AST]]:
+    """Every use of ``name`` in the package (called, or passed on as a value),
+    by module path; its definition and imports are not uses."""
+    found: dict[str, list[ast.AST]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            used = (isinstance(node, ast.Name) and node.id == name) or (
+                isinstance(node, ast.Attribute) and node.attr == name
+            )
+            if used:
+                found.setdefault(str(path.relative_to(PACKAGE)), []).append(node)
+    return found
+
+
+def calls_to(name: str, module: str) -> list[ast.Call]:
+    tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute | ast.Name)
+        and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == name
+    ]
+
+
+def test_the_engagement_poller_is_started_by_the_relays_wiring_alone() -> None:
+    """Dev cannot wire events differently from serve: nothing else starts the poller."""
+    assert list(uses_of("poll_engagement_events")) == ["app.py"]
+
+
+def test_dev_hands_its_event_queue_to_the_relays_own_serve() -> None:
+    [serve] = calls_to("serve", "dev/stack.py")
+    assert "events" in {keyword.arg for keyword in serve.keywords}
+
+
+def test_dev_turns_suppression_on_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    endpoints = NatsEndpoints("nats://127.0.0.1:1", "http://127.0.0.1:2")
+    monkeypatch.delenv("SUPPRESSION_ENABLED", raising=False)
+    assert relay_settings(endpoints, 3, 4).suppression_enabled is True
+    monkeypatch.setenv("SUPPRESSION_ENABLED", "false")
+    assert relay_settings(endpoints, 3, 4).suppression_enabled is False
+
+
+def test_monitoring_port_is_8222_only_beside_the_default_nats_port() -> None:
+    assert DevOptions().monitoring_port == 8222
+    assert DevOptions(nats_port=0).monitoring_port == 0
+    assert DevOptions(nats_port=0, nats_monitoring_port=9000).monitoring_port == 9000

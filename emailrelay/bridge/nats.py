@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import (
     AsyncIterator,
@@ -211,6 +212,15 @@ class _Closing:
     requested: bool = False
 
 
+@dataclass
+class _FirstConnect:
+    """Failures before the first connect, counted instead of logged one by one."""
+
+    done: bool = False
+    failures: int = 0
+    first_error: str = ""
+
+
 class NatsConnection:
     def __init__(
         self,
@@ -231,9 +241,23 @@ class NatsConnection:
         name: str = "emailrelay",
     ) -> NatsConnection:
         """Connect, retrying for ``give_up_after`` seconds; once connected the
-        client reconnects after any loss, indefinitely."""
+        client reconnects after any loss, indefinitely. Before the first
+        connect only the first failure is logged (nats-py reports one a
+        second); :class:`NatsUnavailable` counts them all."""
+        first_connect = _FirstConnect()
 
         async def on_error(exc: Exception) -> None:
+            if not first_connect.done:
+                first_connect.failures += 1
+                if first_connect.failures > 1:
+                    return
+                first_connect.first_error = f"{exc.__class__.__name__}: {exc}"
+                log.warning(
+                    "nats: cannot connect yet (%s); retrying, repeats not logged",
+                    exc.__class__.__name__,
+                    extra={"error": str(exc)},
+                )
+                return
             log.warning("nats: %s", exc.__class__.__name__, extra={"error": str(exc)})
 
         closing = _Closing()
@@ -277,7 +301,12 @@ class NatsConnection:
         with anyio.move_on_after(give_up_after):
             client = await aio(nats.connect)(**options)
         if client is None:
-            raise NatsUnavailable(f"no NATS server reachable at {', '.join(servers)}")
+            raise NatsUnavailable(
+                f"no NATS server reachable at {', '.join(servers)} "
+                f"({first_connect.failures} failed attempts; the first: "
+                f"{first_connect.first_error or 'no answer'})"
+            )
+        first_connect.done = True
         return cls(client, closing, closed)
 
     @property
@@ -308,6 +337,22 @@ class NatsConnection:
         self, subject: str, data: bytes, headers: Mapping[str, str] | None = None
     ) -> None:
         await aio(self._client.publish)(subject, data, headers=dict(headers) if headers else None)
+
+    async def gather_replies(self, subject: str, wait: float) -> list[bytes]:
+        """Every reply to one empty request that arrives within ``wait``
+        seconds (``$SRV.INFO.emailrelay``: one per running instance)."""
+        inbox = self._client.new_inbox()
+        replies_in, replies_out = anyio.create_memory_object_stream[IncomingRequest](math.inf)
+        subscription = await self.subscribe_requests(inbox, "", replies_in)
+        replies: list[bytes] = []
+        try:
+            await aio(self._client.publish)(subject, b"", reply=inbox)
+            with anyio.move_on_after(wait):
+                async for reply in replies_out:
+                    replies.append(reply.data)
+        finally:
+            await subscription.drain()
+        return replies
 
     async def subscribe_requests(
         self, subject: str, queue: str, channel: MemoryObjectSendStream[IncomingRequest]

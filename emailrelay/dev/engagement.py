@@ -8,12 +8,16 @@
                                                                v
                       DevEventQueue (SQS semantics, in memory)
                                                                │
-            the production poller: parse_message, apply_event, retry, delete
+            the production poller, started by app.serve exactly as for SQS
+            (same store, same suppression list): parse, apply, retry, delete
 
 Events are SES event records in SNS envelopes (:mod:`.sesevents`), read by the
-same poller, parser and applier as SQS events in production, so status and
-analytics move exactly as they would there. ``emailrelay serve`` never
-subscribes to :data:`DEV_EVENTS_SUBJECT`: it exists only while a dev stack runs.
+same poller, parser and applier as SQS events in production, so status,
+analytics and the suppression list move exactly as they would there. This
+module only fills the queue: the relay (``app.serve(events=...)``) polls it,
+so dev cannot wire the engagement path differently from production.
+``emailrelay serve`` never subscribes to :data:`DEV_EVENTS_SUBJECT` or
+:data:`DEV_STACK_SUBJECT`: they exist only while a dev stack runs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,8 +38,7 @@ from emailrelay.bridge.nats import IncomingRequest, NatsConnection
 from emailrelay.dev.capture import CapturedMessage
 from emailrelay.dev.eventqueue import DevEventQueue
 from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
-from emailrelay.engagement.handler import RecordUpdater
-from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
+from emailrelay.dev.state import StackInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,11 @@ DEV_EVENTS_SUBJECT = "emailrelay.dev.ses-events"
 """Request: an SQS message body (an SNS notification carrying an SES event).
 Reply: ``{"message_id": str, "handled": bool}``, ``handled`` once the poller
 deleted it (applied, a duplicate, or skipped) within :data:`HANDLED_WAIT`."""
+
+DEV_STACK_SUBJECT = "emailrelay.dev.stack"
+"""Request: anything. Reply: the running stack's ``stack.json``
+(:class:`emailrelay.dev.state.StackInfo`), so ``emailrelay dev event`` finds
+the stack through NATS from any directory."""
 
 DELIVERY_DELAY = 0.2
 """Seconds between capture and the Delivery event (SES takes longer; the relay
@@ -51,7 +60,7 @@ VISIBILITY_TIMEOUT = 1.0
 
 
 class DevEngagement:
-    """Feeds the dev stack's event queue and runs the poller over it."""
+    """Feeds the dev stack's event queue (which the relay polls)."""
 
     def __init__(self, visibility_timeout: float = VISIBILITY_TIMEOUT) -> None:
         self.queue = DevEventQueue(visibility_timeout)
@@ -72,22 +81,25 @@ class DevEngagement:
     async def run(
         self,
         nats: NatsConnection,
-        store: RecordUpdater,
-        poller: PollerSettings,
+        stack: StackInfo,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Until cancelled; ``started`` once :data:`DEV_EVENTS_SUBJECT` is subscribed."""
+        """Until cancelled; ``started`` once :data:`DEV_EVENTS_SUBJECT` and
+        :data:`DEV_STACK_SUBJECT` (answered with ``stack``) are subscribed."""
         requests_in, requests_out = anyio.create_memory_object_stream[IncomingRequest](64)
+        asks_in, asks_out = anyio.create_memory_object_stream[IncomingRequest](64)
         subscription = await nats.subscribe_requests(DEV_EVENTS_SUBJECT, "", requests_in)
+        stack_subscription = await nats.subscribe_requests(DEV_STACK_SUBJECT, "", asks_in)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._deliver_captured)
-                tg.start_soon(poll_engagement_events, self.queue, store, poller)
                 tg.start_soon(self._accept_requests, requests_out, tg)
+                tg.start_soon(_answer_stack_info, asks_out, json.dumps(asdict(stack)).encode())
                 task_status.started()
         finally:
             await subscription.drain()
+            await stack_subscription.drain()
 
     async def _deliver_captured(self) -> None:
         async for path in self._captured_out:
@@ -123,3 +135,14 @@ class DevEngagement:
             await request.respond(json.dumps(reply).encode())
         except Exception as exc:  # the requester is gone; the event stays queued
             log.warning("dev event reply not sent", extra={"error": repr(exc)})
+
+
+async def _answer_stack_info(
+    asks: anyio.abc.ObjectReceiveStream[IncomingRequest], info: bytes
+) -> None:
+    async with asks:
+        async for ask in asks:
+            try:
+                await ask.respond(info)
+            except Exception as exc:  # the asker is gone
+                log.warning("dev stack info not sent", extra={"error": repr(exc)})

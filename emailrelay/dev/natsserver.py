@@ -163,8 +163,10 @@ class EmbeddedNatsServer:
         log_file: Path,
         startup_timeout: float = 20.0,
         kill_after: float = 10.0,
+        monitoring_port: int = 0,
     ) -> None:
         self.port = port
+        self.monitoring_port = monitoring_port
         self.startup_timeout = startup_timeout
         self.kill_after = kill_after
         self.store_dir = store_dir
@@ -180,7 +182,7 @@ class EmbeddedNatsServer:
             "--port",
             str(self.port or -1),  # -1: any free port, reported in the ports file
             "--http_port",
-            "-1",
+            str(self.monitoring_port or -1),
             "--jetstream",
             "--store_dir",
             str(self.store_dir),

@@ -6,8 +6,8 @@
     ├── nats-server child (own session; JetStream in <state>/nats)   stopped last
     ├── SMTP capture (aiosmtpd thread; .eml files in <state>/capture)
     ├── the relay itself, in this process (app.serve, EMAIL_ENABLED=true, no TLS)
-    └── engagement events (Delivery per captured message, `emailrelay dev event`),
-        through the production poller over an in-memory queue (see .engagement)
+    └── engagement events (Delivery per captured message, `emailrelay dev event`)
+        into an in-memory queue that app.serve polls as it polls SQS (see .engagement)
 
 Ctrl-C (SIGINT to the process group), SIGTERM and SIGHUP (the terminal closed)
 all take the same path: the relay drains and answers what is in flight, then
@@ -20,6 +20,7 @@ stops nats-server (see .natsserver). One stack per state directory (see
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -27,14 +28,14 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import trio
 
 from emailrelay import api, app
 from emailrelay.bridge.loop import asyncio_loop
-from emailrelay.bridge.nats import NatsUnavailable, connected_to_nats
+from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, connected_to_nats
 from emailrelay.client import EmailRelayClient, EmailRelayError, RelayUnavailable
 from emailrelay.command import EXIT_FAILURE, EXIT_OK, EXIT_STATE_DIR_IN_USE, command_name
 from emailrelay.config import ConfigError, Settings, load_settings
@@ -46,7 +47,7 @@ from emailrelay.dev.natsserver import (
     NatsServerError,
 )
 from emailrelay.dev.state import StackInfo, StateDirInUse, StateDirLock
-from emailrelay.engagement.poller import PollerSettings
+from emailrelay.discovery import SERVICE_NAME
 from emailrelay.health import bind_http_socket, why_unbindable
 from emailrelay.logs import configure_logging
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from emailrelay.dev.engagement import DevEngagement
 
 READY_TIMEOUT = 30.0
+DEFAULT_MONITORING_PORT = 8222
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,15 @@ class DevOptions:
     smtp_port: int = 1025
     http_port: int = 8080
     state_dir: Path = Path(".emailrelay-dev")
+    nats_monitoring_port: int | None = None
+    """``None``: 8222 beside the default NATS port 4222, else any free port (a
+    stack moved off the default ports does not take 8222 either)."""
+
+    @property
+    def monitoring_port(self) -> int:
+        if self.nats_monitoring_port is not None:
+            return self.nats_monitoring_port
+        return DEFAULT_MONITORING_PORT if self.nats_port == DevOptions.nats_port else 0
 
     @property
     def state_dir_flag(self) -> str:
@@ -88,22 +99,39 @@ def run_dev(options: DevOptions) -> int:
         _say(f"emailrelay dev: {exc}", err=True)
         return EXIT_STATE_DIR_IN_USE
     with lock:
-        problem = _port_problem(options.nats_port, "--nats-port") or _port_problem(
-            options.smtp_port, "--smtp-port"
-        )
-        if problem:
-            _say(f"emailrelay dev: {problem}", err=True)
+        problems = [
+            problem
+            for port, flag in (
+                (options.nats_port, "--nats-port"),
+                (options.smtp_port, "--smtp-port"),
+                (options.monitoring_port, "--nats-monitoring-port"),
+            )
+            if (problem := _port_problem(port, flag))
+        ]
+        http_socket = _bind_http(options.http_port, problems)
+        if problems:
+            # Every taken port at once: a second stack learns all it must change.
+            for problem in problems:
+                _say(f"emailrelay dev: {problem}", err=True)
+            if http_socket is not None:
+                http_socket.close()
             return EXIT_FAILURE
-        try:
-            http_socket = bind_http_socket(LOOPBACK, options.http_port)
-        except OSError as exc:
-            _say(f"emailrelay dev: {_unbindable(exc, options.http_port, '--port')}", err=True)
+        if http_socket is None:  # never: a failed bind is one of the problems
             return EXIT_FAILURE
         with http_socket:
             try:
                 return trio.run(_run_until_signal, options, lock, http_socket)
             except KeyboardInterrupt:  # Ctrl-C before trio installed its handlers
                 return EXIT_OK
+
+
+def _bind_http(port: int, problems: list[str]) -> socket.socket | None:
+    """The relay's HTTP socket, bound now; ``None`` (and why, in ``problems``) if taken."""
+    try:
+        return bind_http_socket(LOOPBACK, port)
+    except OSError as exc:
+        problems.append(_unbindable(exc, port, "--port"))
+        return None
 
 
 def _port_problem(port: int, flag: str) -> str | None:
@@ -159,6 +187,7 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
         store_dir=state_dir / "nats",
         run_dir=state_dir / "run",
         log_file=state_dir / "nats-server.log",
+        monitoring_port=options.monitoring_port,
     )
     engagement = DevEngagement()
 
@@ -193,12 +222,24 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
             await nats_server.stop()
 
 
+DEV_DEFAULTS: dict[str, str] = {
+    "LOG_FORMAT": "text",
+    "SUPPRESSION_ENABLED": "true",
+}
+"""Settings ``emailrelay dev`` turns on unless the environment sets them (an
+empty value counts as unset): a laptop shows what production can do. One row
+per setting."""
+
+
 def relay_settings(endpoints: NatsEndpoints, smtp_port: int, http_port: int) -> Settings:
-    """The developer's environment for everything else, with the stack's wiring forced."""
+    """The developer's environment for everything else, with the stack's wiring
+    forced and :data:`DEV_DEFAULTS` where the environment says nothing."""
     env = dict(os.environ)
     for name in ("SMTP_USERNAME", "SMTP_PASSWORD", "NATS_CREDS", "SES_ENGAGEMENT_SQS_QUEUE_URL"):
         env.pop(name, None)  # the capture has no AUTH; there is no SQS here
-    env.setdefault("LOG_FORMAT", "text")
+    for name, value in DEV_DEFAULTS.items():
+        if not env.get(name, "").strip():
+            env[name] = value
     env.update(
         {
             "NATS_URL": endpoints.client_url,
@@ -239,19 +280,74 @@ async def _run_relay(
                     )
                     return EXIT_FAILURE
                 info = stack_info(settings, endpoints, capture)
-                _print_urls(info, endpoints, lock.state_dir)
+                _print_urls(info, endpoints, lock.state_dir, kv_buckets(settings))
                 async with anyio.create_task_group() as tg:
-                    poller = PollerSettings(max_receives=settings.ses_event_max_receives)
-                    await tg.start(engagement.run, nats, tracking, poller)
+                    await tg.start(engagement.run, nats, info)
                     tg.start_soon(_announce_when_serving, info, lock, options.state_dir_flag)
+                    tg.start_soon(warn_about_other_relays, nats)
                     code = await app.serve(
-                        settings, nats, http_socket=http_socket, tracking=tracking
+                        settings,
+                        nats,
+                        http_socket=http_socket,
+                        tracking=tracking,
+                        events=app.EventSource(
+                            engagement.queue, "dev event poller", "the dev event queue"
+                        ),
                     )
                     tg.cancel_scope.cancel()
                 return code
         except NatsUnavailable as exc:
             _say(f"emailrelay dev: {exc}", err=True)
             return EXIT_FAILURE
+
+
+OTHER_RELAYS_INTERVAL = 5.0
+"""Seconds between two looks for relays that are not this stack's."""
+
+
+async def warn_about_other_relays(
+    nats: NatsConnection, interval: float = OTHER_RELAYS_INTERVAL
+) -> None:
+    """Say once per relay when one that is not this stack's answers in its
+    queue group (an ``emailrelay serve`` pointed at this NATS): it takes a
+    share of the sends, and with EMAIL_ENABLED unset answers them as skipped.
+    Found through service discovery (``$SRV.INFO.emailrelay``)."""
+    own = {"hostname": socket.gethostname(), "pid": str(os.getpid())}
+    warned: set[str] = set()
+    while True:
+        for relay in await _relays(nats):
+            metadata = relay.get("metadata") or {}
+            service_id = str(relay.get("id", ""))
+            if service_id in warned or all(metadata.get(k) == v for k, v in own.items()):
+                continue
+            warned.add(service_id)
+            what = (
+                "it sends for real"
+                if metadata.get("email_enabled") == "true"
+                else "its EMAIL_ENABLED is not true, so it answers its share as skipped"
+            )
+            _say(
+                f"emailrelay dev: warning: another relay (PID {metadata.get('pid', '?')} on "
+                f"{metadata.get('hostname', '?')}, service id {service_id}) answers in the "
+                f"queue group {api.QUEUE_GROUP} on this NATS and takes a share of the sends: "
+                f"{what}. Stop it, or point its NATS_URL elsewhere.",
+                err=True,
+            )
+        await anyio.sleep(interval)
+
+
+async def _relays(nats: NatsConnection) -> list[dict[str, Any]]:
+    try:
+        replies = await nats.gather_replies(f"$SRV.INFO.{SERVICE_NAME}", 0.5)
+    except Exception:  # NATS reconnecting: look again next time
+        return []
+    found = []
+    for reply in replies:
+        with contextlib.suppress(ValueError):
+            body = json.loads(reply)
+            if isinstance(body, dict):
+                found.append(body)
+    return found
 
 
 def stack_info(settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer) -> StackInfo:
@@ -298,7 +394,17 @@ async def _announce_when_serving(info: StackInfo, lock: StateDirLock, state_flag
     )
 
 
-def _print_urls(info: StackInfo, endpoints: NatsEndpoints, state_dir: Path) -> None:
+def kv_buckets(settings: Settings) -> list[str]:
+    """The buckets the relay opens (creating them when missing) with these settings."""
+    names = [api.RECIPIENTS_BUCKET, api.GROUP_INDEX_BUCKET, api.IDEMPOTENCY_BUCKET]
+    if settings.suppression_enabled:
+        names.append(api.SUPPRESSIONS_BUCKET)
+    return names
+
+
+def _print_urls(
+    info: StackInfo, endpoints: NatsEndpoints, state_dir: Path, buckets: list[str]
+) -> None:
     _say(
         f"emailrelay dev: state in {state_dir}\n"
         f"  NATS             {info.nats_url}\n"
@@ -306,7 +412,7 @@ def _print_urls(info: StackInfo, endpoints: NatsEndpoints, state_dir: Path) -> N
         f"  SMTP capture     {info.smtp_url}  -> {info.capture_dir}/*.eml\n"
         f"  relay health     {info.http_url}/livez  {info.http_url}/readyz\n"
         f"  relay metrics    {info.http_url}/metrics\n"
-        f"  KV buckets       {api.RECIPIENTS_BUCKET}, {api.GROUP_INDEX_BUCKET}\n"
+        f"  KV buckets       {', '.join(buckets)}\n"
         f"  SES events       {info.events_subject} (dev only; see `{command_name()} dev event -h`)"
     )
 

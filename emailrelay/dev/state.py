@@ -102,7 +102,11 @@ class StackInfo:
 def running_stack(state_dir: Path) -> StackInfo:
     """The stack serving ``state_dir``; :class:`NoStackRunning` when there is none."""
     lock_path = state_dir / LOCK_FILE
-    hint = f"start one with: emailrelay dev --state-dir {state_dir}"
+    hint = (
+        f"start one with: emailrelay dev --state-dir {state_dir} (add --nats-port 0 "
+        "--smtp-port 0 --port 0 --nats-monitoring-port 0 beside another stack), "
+        "or pass --server URL of the one that runs"
+    )
     try:
         fd = os.open(lock_path, os.O_RDONLY)
     except FileNotFoundError:

@@ -110,16 +110,18 @@ async def poll_engagement_events(
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     backoff: Backoff | None = None,
     suppressions: SuppressionAdder | None = None,
+    source: str = "SQS",
 ) -> None:
     """Run until cancelled; raise :class:`PollerAborted` after
-    ``failures_before_abort`` consecutive receive failures."""
+    ``failures_before_abort`` consecutive receive failures. ``source``: what
+    the start-up log line says is polled."""
     handler = EventHandler(store, settings.max_receives, suppressions=suppressions)
     summary = _Summary()
     if backoff is None:
         backoff = Backoff(settings.backoff_initial, settings.backoff_max)
     limiter = anyio.CapacityLimiter(settings.concurrency)
     done_send, done_receive = anyio.create_memory_object_stream[SqsMessage](math.inf)
-    log.info("polling SQS for SES events", extra={"concurrency": settings.concurrency})
+    log.info("polling %s for SES events", source, extra={"concurrency": settings.concurrency})
     aborted: PollerAborted | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(_delete_done, queue, done_receive, summary, settings.delete_linger)

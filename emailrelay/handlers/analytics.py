@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from emailrelay import api
-from emailrelay.handlers.replies import Reply, error_reply, parse_request
+from emailrelay.handlers.replies import NO_GROUP, Reply, error_reply, parse_request
 from emailrelay.handlers.status import TrackingReader
 from emailrelay.logs import shorten
 from emailrelay.store.kv import StoreError
@@ -38,8 +38,8 @@ class GetEngagementAnalyticsHandler:
             )
             return error_reply(api.ERR_INTERNAL)
         if ids is None:
-            return error_reply(api.ERR_NOT_FOUND)
-        delivered = opened = unique_opened = failed = 0
+            return error_reply(api.ERR_NOT_FOUND, NO_GROUP)
+        delivered = opened = unique_opened = failed = clicked = unique_clicked = 0
         for start in range(0, len(ids), READ_CHUNK):
             chunk = ids[start : start + READ_CHUNK]
             for record in await self._tracking.get_records(chunk, skip_unreadable=True):
@@ -47,6 +47,8 @@ class GetEngagementAnalyticsHandler:
                 opened += record.open_count
                 unique_opened += record.opened or record.open_count > 0
                 failed += record.failed
+                clicked += record.click_count
+                unique_clicked += record.clicked or record.click_count > 0
         return api.EngagementAnalyticsReply(
             group_id=request.group_id,
             total_sent=len(ids),
@@ -54,4 +56,6 @@ class GetEngagementAnalyticsHandler:
             opened=opened,
             unique_opened=unique_opened,
             failed=failed,
+            clicked=clicked,
+            unique_clicked=unique_clicked,
         )

@@ -54,8 +54,17 @@ class EncodedRecords:
     records: Sequence[bytes]
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """A send's first reply, answered again to a repeated idempotency key: the
+    same body, marked with :data:`emailrelay.api.IDEMPOTENT_REPLAY_HEADER`."""
+
+    reply: api.SendEmailReply
+
+
 Reply: TypeAlias = (
     api.ErrorReply
+    | Replayed
     | api.SendEmailReply
     | api.TrackingRecord
     | api.EngagementAnalyticsReply
@@ -71,11 +80,36 @@ def encode_reply(reply: Reply) -> bytes:
     """The reply body on the wire."""
     if isinstance(reply, EncodedRecords):
         return b"[" + b",".join(reply.records) + b"]"
+    if isinstance(reply, Replayed):
+        reply = reply.reply
     if isinstance(reply, api.TrackingRecord):
         # As stored: shortened to the record budget, times with a Z suffix.
         return reply.to_json()
     return reply.model_dump_json(by_alias=True).encode()
 
 
-def error_reply(error: str) -> api.ErrorReply:
-    return api.ErrorReply(error=error)
+def reply_headers(reply: Reply) -> dict[str, str]:
+    """The additions' reply headers (docs/contract.md): an error's detail, a
+    replayed send's mark. Empty for most replies."""
+    if isinstance(reply, Replayed):
+        return {api.IDEMPOTENT_REPLAY_HEADER: "true"}
+    if isinstance(reply, api.ErrorReply) and reply.detail:
+        return {api.ERROR_DETAIL_HEADER: _header_value(reply.detail)}
+    return {}
+
+
+def _header_value(text: str) -> str:
+    """One line of printable ASCII: a header value nats-py can always send
+    (a reply that cannot be sent would leave its caller waiting)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
+NO_RECORD = "no tracking record has this email_id (an id as the send reply gave it)"
+NO_GROUP = "no email is tracked under this group_id"
+NOT_SUPPRESSED = "the address is not on the suppression list"
+"""``not found`` details (:data:`emailrelay.api.ERROR_DETAIL_HEADER`)."""
+
+
+def error_reply(error: str, detail: str = "") -> api.ErrorReply:
+    """``detail``: advice for people, sent as a header (never in the body)."""
+    return api.ErrorReply(error=error, detail=detail)

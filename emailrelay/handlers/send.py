@@ -41,7 +41,7 @@ import anyio
 from emailrelay import api
 from emailrelay.addresses import redact
 from emailrelay.deadline import Deadline, DeadlinePassed
-from emailrelay.handlers.replies import Reply, error_reply
+from emailrelay.handlers.replies import Replayed, Reply, error_reply
 from emailrelay.handlers.send_decision import (
     SKIPPED_REPLY,
     Idempotency,
@@ -56,6 +56,7 @@ from emailrelay.mail.message import build_message
 from emailrelay.metrics import (
     IDEMPOTENCY_WRITE_FAILURES,
     IDEMPOTENT_REPLIES,
+    SKIPPED_SENDS,
     SUPPRESSED_SENDS,
     SUPPRESSION_CHECK_FAILURES,
 )
@@ -289,6 +290,9 @@ class SendEmailHandler:
             ):
                 return error_reply(api.ERR_RECIPIENT_SUPPRESSED)
             log.info(decision.reason, extra={"to": decision.to})
+            SKIPPED_SENDS.labels(
+                "email_disabled" if decision.recipient is not None else "recipient_domain"
+            ).inc()
             return SKIPPED_REPLY
         if isinstance(decision, Send):
             if await self._suppressed(decision.email.recipient.address, deadline):
@@ -381,7 +385,7 @@ class SendEmailHandler:
                 "idempotency key already sent; first reply again",
                 extra={**context, "email_id": answer.reply.email_id},
             )
-            return answer.reply
+            return Replayed(answer.reply)
         if isinstance(answer, Mismatch):
             IDEMPOTENT_REPLIES.labels("mismatch").inc()
             return error_reply(api.ERR_IDEMPOTENCY_KEY_REUSED)

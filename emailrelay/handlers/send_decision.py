@@ -145,7 +145,7 @@ def decide_send(
     ):
         return Skip("recipient outside SMTP_ALLOWED_RECIPIENT_DOMAINS; skipped", redact(to_value))
     if recipient is None:
-        return error_reply(api.ERR_INVALID_TO)
+        return error_reply(api.ERR_INVALID_TO, _why_not_one_address(to_value))
 
     sender = rules.default_from
     if parsed.from_:
@@ -153,7 +153,9 @@ def decide_send(
         if parsed_from is None:
             return error_reply(api.ERR_INVALID_FROM)
         if not domain_is_listed(parsed_from.domain, rules.allowed_from_domains):
-            return error_reply(api.ERR_FROM_DOMAIN_NOT_ALLOWED)
+            return error_reply(
+                api.ERR_FROM_DOMAIN_NOT_ALLOWED, _allowed(rules.allowed_from_domains)
+            )
         sender = parsed_from
 
     reply_to = None
@@ -162,7 +164,10 @@ def decide_send(
         if reply_to is None:
             return error_reply(api.ERR_INVALID_REPLY_TO)
         if not domain_is_within(reply_to.domain, rules.allowed_reply_to_domains):
-            return error_reply(api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED)
+            return error_reply(
+                api.ERR_REPLY_TO_DOMAIN_NOT_ALLOWED,
+                _allowed(rules.allowed_reply_to_domains, " and their subdomains"),
+            )
 
     if not rules.email_enabled:
         return Skip(
@@ -194,3 +199,18 @@ def decide_send(
         Idempotency(idempotency_key, request_fingerprint(parsed)) if idempotency_key else None
     )
     return Send(email, record, idempotency)
+
+
+def _why_not_one_address(value: str) -> str:
+    """The ``invalid to address`` detail: a list is the common mistake."""
+    parts = [part for part in value.replace(";", ",").split(",") if part.strip()]
+    if len(parts) > 1:
+        return "one recipient per request: send one request per address"
+    return "not one address (expected a@example.com or Name <a@example.com>)"
+
+
+def _allowed(domains: tuple[str, ...], scope: str = "") -> str:
+    """A refused domain's detail: the relay's own allowlist (configuration, no secret)."""
+    if not domains:
+        return "no domain is allowed (the relay's allowlist is empty)"
+    return f"allowed: {', '.join(domains)}{scope}"

@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from emailrelay import api
-from emailrelay.handlers.replies import EncodedRecords, Reply, error_reply, parse_request
+from emailrelay.handlers.replies import (
+    NO_GROUP,
+    NO_RECORD,
+    EncodedRecords,
+    Reply,
+    error_reply,
+    parse_request,
+)
 from emailrelay.logs import shorten
 from emailrelay.store.keys import is_valid_key
 from emailrelay.store.kv import StoreError
@@ -61,11 +68,11 @@ class GetEmailStatusHandler:
         if request.email_id and not is_valid_key(request.email_id):
             # It cannot be a key, so no record has it; and an over-long id
             # must never reach a subject (nats-server drops the connection).
-            return error_reply(api.ERR_NOT_FOUND)
+            return error_reply(api.ERR_NOT_FOUND, NO_RECORD)
         try:
             if request.email_id:
                 record = await self._tracking.get_record(request.email_id)
-                return error_reply(api.ERR_NOT_FOUND) if record is None else record
+                return error_reply(api.ERR_NOT_FOUND, NO_RECORD) if record is None else record
             return await self._group_reply(request)
         except ReplyTooLarge:
             return error_reply(api.ERR_GROUP_TOO_LARGE)
@@ -87,7 +94,7 @@ class GetEmailStatusHandler:
         else:
             ids = await self._tracking.group_ids(request.group_id)
         if ids is None:
-            return error_reply(api.ERR_NOT_FOUND)
+            return error_reply(api.ERR_NOT_FOUND, NO_GROUP)
         budget = self._max_reply_bytes()
         parts: list[bytes] = []
         size = 2  # the brackets

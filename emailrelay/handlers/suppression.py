@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox, redact, strip_line_breaks
-from emailrelay.handlers.replies import Reply, error_reply, parse_request
+from emailrelay.handlers.replies import NOT_SUPPRESSED, Reply, error_reply, parse_request
 from emailrelay.metrics import SUPPRESSIONS_ADDED
 from emailrelay.store.kv import StoreError
 from emailrelay.store.suppressions import (
@@ -78,7 +78,7 @@ class GetSuppressionHandler:
         except StoreError as exc:
             log.warning("suppression get failed", extra={"error": str(exc)})
             return error_reply(api.ERR_INTERNAL)
-        return error_reply(api.ERR_NOT_FOUND) if found is None else entry_of(found)
+        return error_reply(api.ERR_NOT_FOUND, NOT_SUPPRESSED) if found is None else entry_of(found)
 
 
 class ListSuppressionsHandler:
