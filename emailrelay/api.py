@@ -78,6 +78,11 @@ IDEMPOTENCY_BUCKET = "email-idempotency"
 """Key: SHA-256 of a caller's idempotency key (base64url); value: the
 reservation and, once known, the reply (see emailrelay.store.idempotency)."""
 
+RECIPIENT_INDEX_BUCKET = "email-recipient-index"
+"""Key: SHA-256 of a lower-cased bare recipient address (base64url), as in
+``email-suppressions``; value: the ids of the records addressed to it,
+paged like the group index (an addition: what an erasure starts from)."""
+
 SUPPRESSIONS_BUCKET = "email-suppressions"
 """Key: SHA-256 of a lower-cased recipient address (base64url); value: why
 and since when it is suppressed (see emailrelay.store.suppressions)."""

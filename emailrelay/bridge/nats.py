@@ -532,6 +532,15 @@ class JetStreamKeyValue:
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._write("update", key, partial(self._kv.update, key, value, last=last))
 
+    async def purge(self, key: str, last: int | None = None) -> None:
+        """A purge marker with a subject rollup: every earlier revision of
+        the key is removed from the stream, not just hidden."""
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        subject = self._bucket.prefix + key
+        await self._write("purge", key, partial(_publish_seq, self._bucket.js, subject, headers))
+
     async def _write(self, what: str, key: str, write: Callable[[], Awaitable[int]]) -> int:
         """One revision-checked write (``write`` calls nats-py), its failures classified."""
         _check_key_length(key)
@@ -636,6 +645,18 @@ async def _read_then_write(kv: _NatsKeyValue, key: str, derive: Derive[T]) -> tu
     if entry is None:
         return result, int(await kv.create(key, value))
     return result, int(await kv.update(key, value, last=entry.revision))
+
+
+async def _publish_seq(js: Any, subject: str, headers: dict[str, str]) -> int:
+    """Publish to the bucket's stream; a wrong expected revision is a lost
+    race, as nats-py's own ``update`` reports it."""
+    try:
+        ack = await js.publish(subject, b"", headers=headers)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in (10071, 10164):
+            raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+        raise
+    return int(ack.seq)
 
 
 def _check_key_length(key: str) -> None:

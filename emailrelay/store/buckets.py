@@ -163,6 +163,9 @@ class ReopeningBucket:
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._call(lambda kv: kv.update(key, value, last))
 
+    async def purge(self, key: str, last: int | None = None) -> None:
+        await self._call(lambda kv: kv.purge(key, last))
+
     async def read_then_write(self, key: str, derive: Derive[T]) -> tuple[T, int | None]:
         return await self._call(lambda kv: read_then_write(kv, key, derive))
 

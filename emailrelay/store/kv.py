@@ -58,6 +58,13 @@ class KeyValue(Protocol):
         else :class:`RevisionConflict`."""
         ...
 
+    async def purge(self, key: str, last: int | None = None) -> None:
+        """Remove the key and every revision of it (a purge marker without a
+        value is all that stays); with ``last``, only if the key is still at
+        that revision, else :class:`RevisionConflict`. Purging a missing key
+        without ``last`` is not an error."""
+        ...
+
 
 class ListableKeyValue(KeyValue, Protocol):
     async def keys(self) -> list[str]:
