@@ -14,7 +14,15 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 # --- NATS subjects -----------------------------------------------------------
 
@@ -40,6 +48,11 @@ in, :class:`SuppressionChangeReply` out)."""
 SUPPRESSION_REMOVE_SUBJECT = "lfx.email-service.suppression.remove"
 """An addition: allow sending to an address again (:class:`SuppressionAddressRequest`
 in, :class:`SuppressionChangeReply` out)."""
+ERASE_RECIPIENT_DATA_SUBJECT = "lfx.email-service.erase_recipient_data"
+"""An addition, served wherever status is: remove every tracking record
+addressed to one recipient and their ids from every group index
+(:class:`EraseRecipientDataRequest` in, :class:`EraseRecipientDataReply`
+out). It destroys data: grant it explicitly, never through a wildcard."""
 SUPPRESSION_SUBJECTS = (
     SUPPRESSION_GET_SUBJECT,
     SUPPRESSION_LIST_SUBJECT,
@@ -108,6 +121,8 @@ ERR_RECIPIENT_SUPPRESSED = "recipient suppressed"
 ERR_GROUP_TOO_LARGE = "group too large for one reply, page with limit and offset"
 ERR_ADDRESS_REQUIRED = "address is required"
 ERR_INVALID_ADDRESS = "invalid address"
+ERR_RECIPIENT_REQUIRED = "recipient is required"
+ERR_ERASURE_INCOMPLETE = "erasure incomplete, safe to repeat"
 
 CONTRACT_ERRORS = frozenset(
     {
@@ -130,6 +145,8 @@ CONTRACT_ERRORS = frozenset(
         ERR_RECIPIENT_SUPPRESSED,
         ERR_ADDRESS_REQUIRED,
         ERR_INVALID_ADDRESS,
+        ERR_RECIPIENT_REQUIRED,
+        ERR_ERASURE_INCOMPLETE,
     }
 )
 """Every error string of the contract (a small fixed set: safe as a metric label)."""
@@ -139,6 +156,7 @@ SERVICE_ERROR_CODES = {
     ERR_DELIVERY_FAILED: "502",
     ERR_INTERNAL: "500",
     ERR_DELIVERY_OUTCOME_UNKNOWN: "502",
+    ERR_ERASURE_INCOMPLETE: "500",
 }
 """HTTP-like ``Nats-Service-Error-Code`` values, as NATS services use them:
 no such record (404), the provider refused (502), anything else of ours (500);
@@ -296,6 +314,22 @@ class SuppressionChangeReply(BaseModel):
 
     address: str
     changed: bool
+
+
+class EraseRecipientDataRequest(_Request):
+    """``erase_recipient_data``: one recipient (one mailbox; compared as a
+    bare address, case-insensitively). ``suppression``: erase its
+    suppression-list entry too (kept by default: it is the do-not-contact record)."""
+
+    recipient: StrictStr = ""
+    suppression: StrictBool = False
+
+
+class EraseRecipientDataReply(BaseModel):
+    """What this erasure removed; both 0 when there was nothing (left) to erase."""
+
+    erased_records: int
+    erased_index_entries: int
 
 
 class OpenEvent(BaseModel):

@@ -10,11 +10,14 @@ import uuid
 
 import pytest
 
+from emailrelay.api import TrackingRecord
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
+from emailrelay.handlers.erasure import EraseRecipientDataHandler
 from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import GetEmailStatusHandler
 from emailrelay.store.index import HEAD_CAPACITY, PAGE_CAPACITY, PagedIndex
 from emailrelay.store.keys import group_key, index_page_key, index_range_key
+from emailrelay.store.kv import StoreError
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryKeyValue
 
@@ -226,3 +229,36 @@ async def test_a_removal_racing_an_append_loses_neither() -> None:
     assert await index.remove("g", {wanted[0]}) == 1
     await index.append("g", "new")
     assert await index.ids("g") == [*wanted[1:], "new"]
+
+
+# --- erasure over the store ------------------------------------------------------
+
+
+class PurgeFailing(MemoryKeyValue):
+    """Fails the purge of the keys in ``purge_fails`` (a store lost midway)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.purge_fails: set[str] = set()
+
+    async def purge(self, key: str, last: int | None = None) -> None:
+        if key in self.purge_fails:
+            raise StoreError(f"{key}: purge failed")
+        await super().purge(key, last)
+
+
+async def test_erasure_failing_midway_is_finished_by_the_repeat() -> None:
+    records, groups = PurgeFailing(), MemoryKeyValue()
+    store = TrackingStore(records, groups, recipients=MemoryKeyValue())
+    for n in range(3):
+        await store.create_record(TrackingRecord.model_validate_json(record_json(f"e{n}", "g")))
+        await store.append_to_group("g", f"e{n}")
+    handler = EraseRecipientDataHandler(store)
+    records.purge_fails.add("e1")
+    body = b'{"recipient": "A@example.org"}'
+    incomplete = json.loads(encode_reply(await handler(body)))
+    records.purge_fails.clear()
+    repeat = json.loads(encode_reply(await handler(body)))
+    assert incomplete == {"error": "erasure incomplete, safe to repeat"}
+    assert repeat["erased_records"] == 2  # e0 went the first time
+    assert (records.entries, groups.entries) == ({}, {})

@@ -532,6 +532,37 @@ class JetStreamKeyValue:
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._write("update", key, partial(self._kv.update, key, value, last=last))
 
+    async def max_age(self) -> float:
+        """The bucket's ``max_age`` in seconds (0: for ever)."""
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                info = await aio(self._bucket.js.stream_info)(self._bucket.stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"stream info failed: {exc!r}") from exc
+        return float(info.config.max_age or 0.0)
+
+    async def scan(self) -> AsyncIterator[tuple[str, Entry]]:
+        """Every key that holds a value, with its value, streamed (an ordered
+        consumer over the bucket: memory stays bounded whatever its size)."""
+        watcher = await aio(self._kv.watchall)(ignore_deletes=True)
+        try:
+            while True:
+                with anyio.fail_after(_KV_TIMEOUT):
+                    update = await aio(watcher.updates)(timeout=_KV_TIMEOUT)
+                if update is None:
+                    return
+                if update.value:
+                    yield update.key, Entry(update.value, int(update.revision or 0))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await aio(watcher.stop)()
+
+    async def count(self) -> int:
+        """How many messages the bucket's stream holds (a progress total)."""
+        with anyio.fail_after(_KV_TIMEOUT):
+            info = await aio(self._bucket.js.stream_info)(self._bucket.stream)
+        return int(info.state.messages)
+
     async def purge(self, key: str, last: int | None = None) -> None:
         """A purge marker with a subject rollup: every earlier revision of
         the key is removed from the stream, not just hidden."""
@@ -681,7 +712,11 @@ def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:
     key; it keeps the API error as the context. A missing bucket is a store
     failure, never "not found"."""
     cause = exc.__context__
-    return isinstance(cause, nats.js.errors.APIError) and cause.err_code == _STREAM_NOT_FOUND
+    # A purged or deleted key's KeyDeletedError is an APIError without an err_code.
+    return (
+        isinstance(cause, nats.js.errors.APIError)
+        and getattr(cause, "err_code", None) == _STREAM_NOT_FOUND
+    )
 
 
 @dataclass(frozen=True)
