@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -72,6 +72,12 @@ class TrackingStore:
             if recipients is None
             else PagedIndex(recipients, api.RECIPIENT_INDEX_BUCKET, touch_range=expiring, **backoff)
         )
+        self._after_erasure: list[Callable[[str], Awaitable[object]]] = []
+
+    def after_erasure(self, hook: Callable[[str], Awaitable[object]]) -> None:
+        """Run ``hook(address)`` after every erasure of a recipient's records
+        (the dev stack deletes its captured messages to that address)."""
+        self._after_erasure.append(hook)
 
     # --- records -----------------------------------------------------------
 
@@ -222,6 +228,8 @@ class TrackingStore:
         if indexed:
             await self._recipient_index.remove(name, indexed)
             await self._recipient_index.purge_if_empty(name)
+        for hook in self._after_erasure:
+            await hook(address)
         return Erasure(records=len(erased), index_entries=entries)
 
     async def _backoff(self, attempt: int) -> None:
