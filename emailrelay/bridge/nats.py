@@ -37,6 +37,7 @@ from nats.js.kv import KeyValue as _NatsKeyValue
 from emailrelay.store.kv import (
     BucketMissing,
     Derive,
+    DerivePair,
     Entry,
     RevisionConflict,
     StoreError,
@@ -606,6 +607,31 @@ class JetStreamKeyValue:
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"read then write failed: {exc!r}") from exc
 
+    async def read_pair_then_write(
+        self, key: str, other: str, derive: DerivePair[T]
+    ) -> tuple[T, int | None]:
+        """:meth:`read_then_write` whose ``derive`` also sees ``other``: both
+        gets go out at once, in the same crossing."""
+        if len(key) > MAX_KEY_LENGTH or len(other) > MAX_KEY_LENGTH:
+            seen = await self.get(other)
+            return await read_then_write_separately(self, key, lambda e: derive(e, seen))
+        try:
+            with anyio.fail_after(2 * _KV_TIMEOUT):
+                result: tuple[T, int | None] = await aio(_read_pair_then_write)(
+                    self._kv, key, other, derive
+                )
+                return result
+        except _StreamMissing as exc:
+            raise BucketMissing(
+                f"get failed: bucket {self._bucket.name} does not exist"
+            ) from exc.__cause__
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RevisionConflict(key) from exc
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
+            raise await self._classify("read then write", exc) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"read then write failed: {exc!r}") from exc
+
     async def _classify(self, what: str, exc: Exception) -> StoreError:
         """Nobody served the bucket's subjects: the bucket may be gone, or
         JetStream may be unreachable for a moment (a leader election, a
@@ -661,16 +687,32 @@ class _StreamMissing(Exception):
 
 async def _read_then_write(kv: _NatsKeyValue, key: str, derive: Derive[T]) -> tuple[T, int | None]:
     """Runs on the asyncio side: get, ``derive``, then create or update."""
-    entry: Entry | None
+    entry = await _get_entry(kv, key)
+    return await _write_derived(kv, key, entry, derive(entry))
+
+
+async def _read_pair_then_write(
+    kv: _NatsKeyValue, key: str, other: str, derive: DerivePair[T]
+) -> tuple[T, int | None]:
+    """Runs on the asyncio side: both gets at once, ``derive``, then the write."""
+    entry, seen = await asyncio.gather(_get_entry(kv, key), _get_entry(kv, other))
+    return await _write_derived(kv, key, entry, derive(entry, seen))
+
+
+async def _get_entry(kv: _NatsKeyValue, key: str) -> Entry | None:
     try:
         found = await kv.get(key)
     except nats.js.errors.KeyNotFoundError as exc:  # also deleted and purged keys
         if _stream_is_missing(exc):
             raise _StreamMissing() from exc
-        entry = None
-    else:
-        entry = Entry(value=found.value or b"", revision=int(found.revision or 0))
-    value, result = derive(entry)
+        return None
+    return Entry(value=found.value or b"", revision=int(found.revision or 0))
+
+
+async def _write_derived(
+    kv: _NatsKeyValue, key: str, entry: Entry | None, derived: tuple[bytes | None, T]
+) -> tuple[T, int | None]:
+    value, result = derived
     if value is None:
         return result, None
     if entry is None:

@@ -27,10 +27,12 @@ from emailrelay.metrics import KV_BUCKET_REOPENS
 from emailrelay.store.kv import (
     BucketMissing,
     Derive,
+    DerivePair,
     Entry,
     KeyValue,
     ListableKeyValue,
     StoreError,
+    read_pair_then_write,
     read_then_write,
 )
 from emailrelay.store.tracking import TrackingStore
@@ -213,6 +215,11 @@ class ReopeningBucket:
 
     async def read_then_write(self, key: str, derive: Derive[T]) -> tuple[T, int | None]:
         return await self._call(lambda kv: read_then_write(kv, key, derive))
+
+    async def read_pair_then_write(
+        self, key: str, other: str, derive: DerivePair[T]
+    ) -> tuple[T, int | None]:
+        return await self._call(lambda kv: read_pair_then_write(kv, key, other, derive))
 
     async def _call(self, operation: Callable[[ListableKeyValue], Awaitable[T]]) -> T:
         kv = self._kv

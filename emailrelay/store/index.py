@@ -52,7 +52,14 @@ import anyio
 
 from emailrelay.metrics import KV_CONFLICTS
 from emailrelay.store.keys import group_key, index_page_key, index_range_key
-from emailrelay.store.kv import Entry, KeyValue, RevisionConflict, StoreError, read_then_write
+from emailrelay.store.kv import (
+    Entry,
+    KeyValue,
+    RevisionConflict,
+    StoreError,
+    read_pair_then_write,
+    read_then_write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,17 +240,16 @@ class PagedIndex:
         self._remember(name, overflowed)
 
     async def _append_to_head(self, name: str, pending: list[str]) -> tuple[list[str], bool]:
-        head_key = group_key(name)
-        derive = partial(_append_step, pending=pending, capacity=HEAD_CAPACITY)
-        step, _ = await read_then_write(self._kv, head_key, derive)
+        """The head and the range key are read together (one round trip): a
+        missing head is created only when there is no range either, since an
+        index whose head expired or was erased while its pages live on takes
+        new ids after them, never in a new head."""
+        derive = partial(_head_step, pending=pending)
+        step, _ = await read_pair_then_write(
+            self._kv, group_key(name), index_range_key(name), derive
+        )
         if step.move == "missing":
-            # A new index, or one whose head expired or was erased while its
-            # pages live on: then the ids go after them, never into a new head.
-            if await self._kv.get(index_range_key(name)) is not None:
-                return pending, True
-            chunk = pending[:HEAD_CAPACITY]
-            await self._kv.create(head_key, _encode_ids(chunk))
-            return pending[len(chunk) :], len(chunk) == HEAD_CAPACITY
+            return pending, True
         return step.pending, step.move == "full" or bool(step.pending)
 
     async def _append_to_tail(self, name: str, pending: list[str]) -> tuple[list[str], bool]:
@@ -449,6 +455,19 @@ def _append_step(
         return None, _Step(remaining, "full")
     chunk = remaining[:room]
     return _encode_ids(ids + chunk), _Step(remaining[len(chunk) :], "wrote")
+
+
+def _head_step(
+    head: Entry | None, span: Entry | None, *, pending: list[str]
+) -> tuple[bytes | None, _Step]:
+    """:func:`_append_step` for the head, which is created only for an index
+    without a range key (``missing`` otherwise: the ids go to the pages)."""
+    if head is None and span is not None:
+        return None, _Step(pending, "missing")
+    if head is None:
+        chunk = pending[:HEAD_CAPACITY]
+        return _encode_ids(chunk), _Step(pending[len(chunk) :], "wrote")
+    return _append_step(head, pending=pending, capacity=HEAD_CAPACITY)
 
 
 def _touch(entry: Entry | None) -> tuple[bytes | None, Entry | None]:

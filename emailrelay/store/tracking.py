@@ -82,16 +82,26 @@ class TrackingStore:
     # --- records -----------------------------------------------------------
 
     async def create_record(self, record: TrackingRecord) -> None:
-        """Store a new record, and its id in its recipient's index. The key is
-        a fresh uuid4, so a conflict means a previous attempt of this same
-        write landed (the reply was lost); the index entry is written all the
-        same (an append skips an id already there)."""
+        """Store a new record, and its id in its recipient's index (both at
+        once). The key is a fresh uuid4, so a conflict means a previous
+        attempt of this same write landed (the reply was lost); the index
+        entry is written all the same (an append skips an id already there)."""
+        if self._recipient_index is None:
+            await self._create(record)
+            return
+        index = self._recipient_index
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._create, record)
+                tg.start_soon(index.append, recipient_key(record.to), record.email_id)
+        except BaseExceptionGroup as group:
+            raise _first_store_error(group) from group
+
+    async def _create(self, record: TrackingRecord) -> None:
         try:
             await self._records.create(record.email_id, record.to_json())
         except RevisionConflict:
             log.debug("record already stored", extra={"email_id": record.email_id})
-        if self._recipient_index is not None:
-            await self._recipient_index.append(recipient_key(record.to), record.email_id)
 
     async def get_record(self, email_id: str) -> TrackingRecord | None:
         """The record, ``None`` when there is none (or the id cannot be a key).
@@ -135,11 +145,7 @@ class TrackingStore:
                 for number in range(len(batches)):
                     tg.start_soon(read_batch, number)
         except BaseExceptionGroup as group:
-            store_errors, other = group.split(StoreError)
-            if other is not None:
-                raise
-            assert store_errors is not None
-            raise store_errors.exceptions[0] from group
+            raise _first_store_error(group) from group
 
         records = []
         for batch, entries in zip(batches, found, strict=True):
@@ -244,6 +250,16 @@ class Erasure:
 
     records: int
     index_entries: int
+
+
+def _first_store_error(group: BaseExceptionGroup[BaseException]) -> StoreError:
+    """The one :class:`StoreError` a concurrent read or write raises for its
+    group of failures; anything else (a cancellation, a bug) is re-raised."""
+    store_errors, other = group.split(StoreError)
+    if other is not None or store_errors is None:
+        raise group
+    first = store_errors.exceptions[0]
+    return first if isinstance(first, StoreError) else _first_store_error(first)
 
 
 def _decode_record(value: bytes) -> TrackingRecord:
