@@ -179,3 +179,27 @@ def test_relay_warns_once_when_an_existing_bucket_has_another_max_age(
     assert len([w for w in warnings if api.RECIPIENTS_BUCKET in w]) == 1
     assert '"bucket_max_age": 4.0' in warnings[0]
     assert '"retention": 10.0' in warnings[0]
+
+
+def test_an_engagement_update_restarts_a_records_clock(
+    client: SyncNats, module_nats_server: NatsServer
+) -> None:
+    email_id = send(client, unique_group("engaged"))["email_id"]
+    sent_at = time.monotonic()
+    time.sleep(RETENTION * 0.6)  # an engagement event arrives later in the record's life
+
+    async def deliver(store: TrackingStore) -> None:
+        def mark(record: api.TrackingRecord) -> bool:
+            record.delivered, record.delivered_at = True, datetime.now(UTC)
+            return True
+
+        assert await store.update_record(email_id, mark) is not None
+
+    with_store(module_nats_server.url, deliver)
+    time.sleep(max(0.0, sent_at + RETENTION + 1.0 - time.monotonic()))  # past the first expiry
+    assert status(client, email_id=email_id)["delivered"] is True
+    wait_until(
+        lambda: status(client, email_id=email_id) == {"error": api.ERR_NOT_FOUND},
+        timeout=RETENTION + 10,
+        message="the updated record did not expire",
+    )
