@@ -592,20 +592,7 @@ class JetStreamKeyValue:
         ``derive`` runs on the asyncio side, between the two round trips."""
         if len(key) > MAX_KEY_LENGTH:
             return await read_then_write_separately(self, key, derive)
-        try:
-            with anyio.fail_after(2 * _KV_TIMEOUT):
-                result: tuple[T, int | None] = await aio(_read_then_write)(self._kv, key, derive)
-                return result
-        except _StreamMissing as exc:
-            raise BucketMissing(
-                f"get failed: bucket {self._bucket.name} does not exist"
-            ) from exc.__cause__
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise RevisionConflict(key) from exc
-        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError) as exc:
-            raise await self._classify("read then write", exc) from exc
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise StoreError(f"read then write failed: {exc!r}") from exc
+        return await self._in_one_crossing(key, partial(_read_then_write, self._kv, key, derive))
 
     async def read_pair_then_write(
         self, key: str, other: str, derive: DerivePair[T]
@@ -615,11 +602,17 @@ class JetStreamKeyValue:
         if len(key) > MAX_KEY_LENGTH or len(other) > MAX_KEY_LENGTH:
             seen = await self.get(other)
             return await read_then_write_separately(self, key, lambda e: derive(e, seen))
+        return await self._in_one_crossing(
+            key, partial(_read_pair_then_write, self._kv, key, other, derive)
+        )
+
+    async def _in_one_crossing(
+        self, key: str, call: Callable[[], Awaitable[tuple[T, int | None]]]
+    ) -> tuple[T, int | None]:
+        """Run a read-then-write ``call`` on the asyncio side, its failures classified."""
         try:
             with anyio.fail_after(2 * _KV_TIMEOUT):
-                result: tuple[T, int | None] = await aio(_read_pair_then_write)(
-                    self._kv, key, other, derive
-                )
+                result: tuple[T, int | None] = await aio(call)()
                 return result
         except _StreamMissing as exc:
             raise BucketMissing(

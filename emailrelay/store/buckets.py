@@ -64,10 +64,11 @@ RECIPIENT_INDEX = BucketSpec(api.RECIPIENT_INDEX_BUCKET, 1024 * 1024)
 def tracking_buckets(retention: float = 0.0) -> tuple[BucketSpec, BucketSpec, BucketSpec]:
     """Records, group index and recipient index, with RETENTION (seconds,
     0: for ever) as their ``max_age``."""
-    return tuple(  # type: ignore[return-value]
-        BucketSpec(spec.name, spec.max_value_size, max_age=retention, check_age=True)
-        for spec in (RECIPIENTS, GROUP_INDEX, RECIPIENT_INDEX)
-    )
+
+    def aged(spec: BucketSpec) -> BucketSpec:
+        return BucketSpec(spec.name, spec.max_value_size, max_age=retention, check_age=True)
+
+    return aged(RECIPIENTS), aged(GROUP_INDEX), aged(RECIPIENT_INDEX)
 
 
 SUPPRESSIONS = BucketSpec(api.SUPPRESSIONS_BUCKET, 16 * 1024)

@@ -42,7 +42,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count, islice
@@ -364,6 +364,44 @@ class PagedIndex:
             await self._start_range(name)
 
     async def _remove_from_page(self, key: str, targets: set[str]) -> int:
+        async def store(entry: Entry, kept: list[str]) -> None:
+            if kept:
+                await self._kv.update(key, _encode_ids(kept), last=entry.revision)
+            else:
+                await self._kv.purge(key, last=entry.revision)
+
+        return await self._remove_from(key, targets, store)
+
+    async def _remove_from_head(self, name: str, targets: set[str]) -> int:
+        """The head is rewritten in place while it is the whole index; once
+        the index has a range its remaining ids move to page 0 first."""
+        head_key, range_key = group_key(name), index_range_key(name)
+
+        async def store(entry: Entry, kept: list[str]) -> None:
+            span = await self._kv.get(range_key)
+            if span is None:
+                if kept:
+                    await self._kv.update(head_key, _encode_ids(kept), last=entry.revision)
+                else:
+                    await self._kv.purge(head_key, last=entry.revision)
+                return
+            if kept:
+                await self._put(index_page_key(name, 0), _encode_ids(kept))
+                first, last = _decode_range(span.value)
+                if first > 0:
+                    await self._kv.update(range_key, _encode_range(0, last), last=span.revision)
+            await self._kv.purge(head_key, last=entry.revision)
+
+        return await self._remove_from(head_key, targets, store)
+
+    async def _remove_from(
+        self,
+        key: str,
+        targets: set[str],
+        store: Callable[[Entry, list[str]], Awaitable[None]],
+    ) -> int:
+        """Read ``key``'s ids and have ``store`` write what is left of them
+        (revision-checked, retried on conflict); the number removed."""
         attempt = 0
         while True:
             entry = await self._kv.get(key)
@@ -374,43 +412,7 @@ class PagedIndex:
             if len(kept) == len(ids):
                 return 0
             try:
-                if kept:
-                    await self._kv.update(key, _encode_ids(kept), last=entry.revision)
-                else:
-                    await self._kv.purge(key, last=entry.revision)
-            except RevisionConflict:
-                attempt += 1
-                await self._backoff(attempt)
-                continue
-            return len(ids) - len(kept)
-
-    async def _remove_from_head(self, name: str, targets: set[str]) -> int:
-        """The head is rewritten in place while it is the whole index; once
-        the index has a range its remaining ids move to page 0 first."""
-        head_key, range_key = group_key(name), index_range_key(name)
-        attempt = 0
-        while True:
-            entry = await self._kv.get(head_key)
-            if entry is None:
-                return 0
-            ids = _decode_ids(entry.value)
-            kept = [i for i in ids if i not in targets]
-            if len(kept) == len(ids):
-                return 0
-            try:
-                span = await self._kv.get(range_key)
-                if span is None:
-                    if kept:
-                        await self._kv.update(head_key, _encode_ids(kept), last=entry.revision)
-                    else:
-                        await self._kv.purge(head_key, last=entry.revision)
-                    return len(ids) - len(kept)
-                if kept:
-                    await self._put(index_page_key(name, 0), _encode_ids(kept))
-                    first, last = _decode_range(span.value)
-                    if first > 0:
-                        await self._kv.update(range_key, _encode_range(0, last), last=span.revision)
-                await self._kv.purge(head_key, last=entry.revision)
+                await store(entry, kept)
             except RevisionConflict:
                 attempt += 1
                 await self._backoff(attempt)
@@ -422,18 +424,21 @@ class PagedIndex:
         await read_then_write(self._kv, key, lambda entry: (value, None))
 
     async def _backoff(self, attempt: int) -> None:
-        """Wait a random time in ``[0, ceiling]`` ("full jitter"), where the
-        ceiling doubles per attempt up to ``backoff_max``.
+        await full_jitter(attempt, self._backoff_initial, self._backoff_max)
 
-        Full jitter on purpose, unlike the "equal jitter" of
-        :class:`emailrelay.supervision.Backoff` that guards a failing server: a
-        conflict means the server is fine and another writer just won the
-        same key, and the writers that lost should spread out as widely as
-        possible so that they stop colliding, not all wait at least half the
-        ceiling. Waits are milliseconds, so a retry that comes at once costs
-        one KV round trip."""
-        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
-        await anyio.sleep(random.uniform(0, ceiling))
+
+async def full_jitter(attempt: int, initial: float, maximum: float) -> None:
+    """Wait a random time in ``[0, ceiling]`` ("full jitter"), where the
+    ceiling doubles per attempt from ``initial`` up to ``maximum``.
+
+    Full jitter on purpose, unlike the "equal jitter" of
+    :class:`emailrelay.supervision.Backoff` that guards a failing server: a
+    conflict means the server is fine and another writer just won the same
+    key, and the writers that lost should spread out as widely as possible so
+    that they stop colliding, not all wait at least half the ceiling. Waits
+    are milliseconds, so a retry that comes at once costs one KV round trip."""
+    ceiling = min(maximum, initial * 2 ** min(attempt, 16))
+    await anyio.sleep(random.uniform(0, ceiling))
 
 
 def _append_step(

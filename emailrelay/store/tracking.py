@@ -4,7 +4,7 @@ Many replicas write the same keys at once (a hot group's index, one email's
 record under a burst of open events), so every write is revision-checked:
 ``create`` for a new key, ``update(last=revision)`` otherwise, and a
 :class:`~emailrelay.store.kv.RevisionConflict` is retried with "full
-jitter" backoff (:meth:`TrackingStore._backoff`) until the write lands.
+jitter" backoff (:func:`~emailrelay.store.index.full_jitter`) until the write lands.
 "Retry once" loses writes under load.
 A :class:`~emailrelay.store.kv.StoreError` is never read as "not found", and
 nothing here ever writes an empty index.
@@ -17,7 +17,6 @@ indexes: :mod:`emailrelay.store.index` describes their layout.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +26,13 @@ from pydantic import ValidationError
 from emailrelay import api
 from emailrelay.api import RECIPIENTS_BUCKET, TrackingRecord
 from emailrelay.metrics import KV_CONFLICTS
-from emailrelay.store.index import HEAD_CAPACITY, PAGE_CAPACITY, CorruptValue, PagedIndex
+from emailrelay.store.index import (
+    HEAD_CAPACITY,
+    PAGE_CAPACITY,
+    CorruptValue,
+    PagedIndex,
+    full_jitter,
+)
 from emailrelay.store.keys import is_valid_key
 from emailrelay.store.kv import Entry, KeyValue, RevisionConflict, StoreError
 from emailrelay.store.suppressions import normalize_address, suppression_key
@@ -239,9 +244,7 @@ class TrackingStore:
         return Erasure(records=len(erased), index_entries=entries)
 
     async def _backoff(self, attempt: int) -> None:
-        """Full jitter, as :meth:`emailrelay.store.index.PagedIndex._backoff` explains."""
-        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** min(attempt, 16))
-        await anyio.sleep(random.uniform(0, ceiling))
+        await full_jitter(attempt, self._backoff_initial, self._backoff_max)
 
 
 @dataclass(frozen=True)
