@@ -148,16 +148,16 @@ class PagedIndex:
     async def _walk(self, name: str, visit: Callable[[list[str]], bool]) -> bool:
         """Hand every page's ids to ``visit`` in index order until it answers
         ``False``; ``False`` when the index does not exist."""
-        head_key, range_key = group_key(name), index_range_key(name)
-        found = await self._kv.get_many([head_key, range_key])
-        head, span = found.get(head_key), found.get(range_key)
+        head = await self._kv.get(group_key(name))
+        head_ids = [] if head is None else _decode_ids(head.value)
+        if head is not None and len(head_ids) < HEAD_CAPACITY:
+            visit(head_ids)  # a head that is not full is the whole index: one read
+            return True
+        span = await self._kv.get(index_range_key(name))
         if head is None and span is None:
             return False
-        head_ids: list[str] = []
-        if head is not None:
-            head_ids = _decode_ids(head.value)
-            if not visit(head_ids):
-                return True
+        if head is not None and not visit(head_ids):
+            return True
         numbers: Iterable[int]
         if span is not None:
             first, last = _decode_range(span.value)
