@@ -61,7 +61,8 @@ async def _scan_and_erase(
             if records is None or groups is None or recipients is None:
                 raise SystemExit("emailrelay: the tracking buckets do not exist")
             matches = await _scan(records, address, state_file, sys.stderr)
-            store = TrackingStore(records, groups, recipients=recipients)
+            expiring = await groups.max_age() > 0  # keep range keys alive, as the relay does
+            store = TrackingStore(records, groups, recipients=recipients, expiring=expiring)
             erasure = await store.erase_recipient(address, also=matches)
         finally:
             await nats.drain()
