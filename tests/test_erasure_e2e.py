@@ -19,8 +19,10 @@ import nats.js.errors
 import pytest
 
 from emailrelay import api
+from emailrelay.client import EmailRelayClient, InvalidAddress
 from emailrelay.store.tracking import recipient_key
 from tests.support.nats_client import SyncNats
+from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
@@ -243,3 +245,42 @@ def test_an_id_twice_in_a_group_index_is_shown_and_counted_once(client: SyncNats
     assert [r["email_id"] for r in status(client, group_id=group)] == [first, second]
     assert [r["email_id"] for r in status(client, group_id=group, limit=10)] == [first, second]
     assert analytics(client, group_id=group)["total_sent"] == 2
+
+
+async def test_client_erase_recipient_data_returns_the_counts(
+    relay: RelayProcess, module_nats_server: NatsServer
+) -> None:
+    target = f"client-{uuid.uuid4().hex[:8]}@example.org"
+    async with EmailRelayClient.connect(servers=module_nats_server.url) as relay_client:
+        await relay_client.send(**send_request(to=target, group_id=unique_group()))
+        first = await relay_client.erase_recipient_data(target)
+        again = await relay_client.erase_recipient_data(target.upper())
+        with pytest.raises(InvalidAddress):
+            await relay_client.erase_recipient_data("not an address")
+    assert (first.erased_records, first.erased_index_entries) == (1, 1)
+    assert (again.erased_records, again.erased_index_entries) == (0, 0)
+
+
+def test_interrupted_scan_resumes_from_its_state_file(
+    client: SyncNats, module_nats_server: NatsServer, tmp_path: Path
+) -> None:
+    target = f"resumed-{uuid.uuid4().hex[:8]}@example.org"
+    group = unique_group("resumed")
+    old_id = str(uuid.uuid4())
+    put_record(client, old_id, group, to=target)
+    client.kv_put(api.GROUP_INDEX_BUCKET, group, [old_id])
+    state = tmp_path / "state.json"
+    # As an interrupted scan left it: past every record, with the match it had found.
+    state.write_text(
+        json.dumps(
+            {"recipient_hash": recipient_key(target), "revision": 10**9, "matches": [old_id]}
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "emailrelay", "erase", "--recipient", target, "--scan",
+         "--server", module_nats_server.url, "--state-file", str(state), "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["erased_records"] == 1
+    assert client.kv_get(api.RECIPIENTS_BUCKET, old_id) is None
