@@ -14,7 +14,15 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 # --- NATS subjects -----------------------------------------------------------
 
@@ -40,6 +48,11 @@ in, :class:`SuppressionChangeReply` out)."""
 SUPPRESSION_REMOVE_SUBJECT = "lfx.email-service.suppression.remove"
 """An addition: allow sending to an address again (:class:`SuppressionAddressRequest`
 in, :class:`SuppressionChangeReply` out)."""
+ERASE_RECIPIENT_DATA_SUBJECT = "lfx.email-service.erase_recipient_data"
+"""An addition, served wherever status is: remove every tracking record
+addressed to one recipient and their ids from every group index
+(:class:`EraseRecipientDataRequest` in, :class:`EraseRecipientDataReply`
+out). It destroys data: grant it explicitly, never through a wildcard."""
 SUPPRESSION_SUBJECTS = (
     SUPPRESSION_GET_SUBJECT,
     SUPPRESSION_LIST_SUBJECT,
@@ -99,6 +112,11 @@ IDEMPOTENCY_BUCKET = "email-idempotency"
 """Key: SHA-256 of a caller's idempotency key (base64url); value: the
 reservation and, once known, the reply (see emailrelay.store.idempotency)."""
 
+RECIPIENT_INDEX_BUCKET = "email-recipient-index"
+"""Key: SHA-256 of a lower-cased bare recipient address (base64url), as in
+``email-suppressions``; value: the ids of the records addressed to it,
+paged like the group index (an addition: what an erasure starts from)."""
+
 SUPPRESSIONS_BUCKET = "email-suppressions"
 """Key: SHA-256 of a lower-cased recipient address (base64url); value: why
 and since when it is suppressed (see emailrelay.store.suppressions)."""
@@ -129,6 +147,8 @@ ERR_OVERLOADED = "overloaded"
 already held twice ``MAX_READS_IN_FLIGHT`` of them (running and waiting), or
 a suppression list page ran out of time; nothing was answered from the store.
 Retry after a pause."""
+ERR_RECIPIENT_REQUIRED = "recipient is required"
+ERR_ERASURE_INCOMPLETE = "erasure incomplete, safe to repeat"
 
 CONTRACT_ERRORS = frozenset(
     {
@@ -152,6 +172,8 @@ CONTRACT_ERRORS = frozenset(
         ERR_ADDRESS_REQUIRED,
         ERR_INVALID_ADDRESS,
         ERR_OVERLOADED,
+        ERR_RECIPIENT_REQUIRED,
+        ERR_ERASURE_INCOMPLETE,
     }
 )
 """Every error string of the contract (a small fixed set: safe as a metric label)."""
@@ -162,6 +184,7 @@ SERVICE_ERROR_CODES = {
     ERR_INTERNAL: "500",
     ERR_DELIVERY_OUTCOME_UNKNOWN: "502",
     ERR_OVERLOADED: "503",
+    ERR_ERASURE_INCOMPLETE: "500",
 }
 """HTTP-like ``Nats-Service-Error-Code`` values, as NATS services use them:
 no such record (404), the provider refused (502), too busy to read (503),
@@ -334,6 +357,22 @@ class SuppressionChangeReply(BaseModel):
 
     address: str
     changed: bool
+
+
+class EraseRecipientDataRequest(_Request):
+    """``erase_recipient_data``: one recipient (one mailbox; compared as a
+    bare address, case-insensitively). ``suppression``: erase its
+    suppression-list entry too (kept by default: it is the do-not-contact record)."""
+
+    recipient: StrictStr = ""
+    suppression: StrictBool = False
+
+
+class EraseRecipientDataReply(BaseModel):
+    """What this erasure removed; both 0 when there was nothing (left) to erase."""
+
+    erased_records: int
+    erased_index_entries: int
 
 
 class OpenEvent(BaseModel):

@@ -46,6 +46,7 @@ from emailrelay.config import Settings
 from emailrelay.discovery import ServiceStats, instance_metadata, serve_discovery
 from emailrelay.engagement.poller import MessageQueue, PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
+from emailrelay.handlers.erasure import EraseRecipientDataHandler
 from emailrelay.handlers.send import (
     SETTLE_WAIT,
     TRACKING_WAIT,
@@ -280,7 +281,7 @@ async def serve(
             if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
                 subscribed.set()
             if tracking is not None:
-                await _add_routes(requests, service, query_routes(tracking, nats))
+                await _add_routes(requests, service, query_routes(tracking, nats, suppressions))
                 if suppressions is not None:
                     await _add_routes(requests, service, suppression_routes(suppressions))
             else:
@@ -386,10 +387,16 @@ def suppression_routes(store: SuppressionStore) -> dict[str, Handler]:
     }
 
 
-def query_routes(tracking: TrackingStore, nats: NatsConnection) -> dict[str, Handler]:
-    """Status and analytics: served whenever the KV store is; a query still
-    running at its deadline (or cut off at shutdown) answers ``internal error``."""
+def query_routes(
+    tracking: TrackingStore, nats: NatsConnection, suppressions: SuppressionStore | None = None
+) -> dict[str, Handler]:
+    """Status, analytics and erasure: served whenever the KV store is; a query
+    still running at its deadline (or cut off at shutdown) answers ``internal
+    error``, an erasure ``erasure incomplete, safe to repeat``."""
     return {
+        api.ERASE_RECIPIENT_DATA_SUBJECT: bounded_by_deadline(
+            EraseRecipientDataHandler(tracking, suppressions), api.ERR_ERASURE_INCOMPLETE
+        ),
         api.GET_EMAIL_STATUS_SUBJECT: bounded_by_deadline(
             GetEmailStatusHandler(tracking, lambda: nats.max_payload), api.ERR_INTERNAL
         ),
@@ -441,7 +448,7 @@ async def _track_once_available(
                 send_handler.start_suppressions(suppressions)
                 await _add_routes(requests, service, suppression_routes(suppressions))
             once_open.open(tracing.traced_tracking(tracking))
-            await _add_routes(requests, service, query_routes(tracking, nats))
+            await _add_routes(requests, service, query_routes(tracking, nats, suppressions))
             return
 
 
@@ -496,7 +503,9 @@ async def open_tracking_store(nats: NatsConnection, settings: Settings) -> Track
     (unless KV_AUTO_CREATE=false), re-opened or re-created when they vanish
     later. ``None`` turns tracking off."""
     return await buckets.open_tracking_store(
-        nats, buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas)
+        nats,
+        buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas),
+        retention=settings.retention or 0.0,
     )
 
 
@@ -520,7 +529,9 @@ async def open_send_stores(
         )
     suppressions: SuppressionStore | None = None
     if settings.suppression_enabled:
-        listed = await buckets.open_reopening_bucket(nats, buckets.SUPPRESSIONS, policy)
+        listed = await buckets.open_reopening_bucket(
+            nats, buckets.suppressions_bucket(settings.suppression_retention or 0.0), policy
+        )
         if listed is not None:
             suppressions = SuppressionStore(listed)
             log.info("suppression list on", extra={"bucket": api.SUPPRESSIONS_BUCKET})

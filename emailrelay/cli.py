@@ -484,6 +484,7 @@ def _add_client_commands(commands: Any) -> None:
     _add_connection_options(analytics)
     analytics.set_defaults(run=_analytics, parser=analytics)
     _add_suppression_command(commands)
+    _add_erase_command(commands)
 
 
 def _idempotency_key(value: str) -> str:
@@ -571,6 +572,63 @@ def _add_suppression_command(commands: Any) -> None:
         )
         _add_connection_options(action)
         action.set_defaults(run=run, parser=action, subject=subject)
+
+
+def _add_erase_command(commands: Any) -> None:
+    erase = commands.add_parser(
+        "erase",
+        help="erase one recipient's tracking data (a data-protection request)",
+        description=(
+            "Remove every tracking record addressed to RECIPIENT and its id from every "
+            "group index (lfx.email-service.erase_recipient_data). Idempotent: a repeat "
+            "erases nothing and says so. The suppression-list entry is kept unless "
+            "--suppression is given. --scan also finds records written before the "
+            "recipient index existed: it reads the whole email-recipients bucket itself "
+            "(direct KV access), with a progress bar, and resumes an interrupted scan."
+        ),
+        epilog=EXIT_CODES_HELP,
+    )
+    erase.add_argument(
+        "--recipient", required=True, type=_mailbox, metavar="ADDRESS", help="one address"
+    )
+    erase.add_argument("--suppression", action="store_true", help="erase its suppression entry too")
+    erase.add_argument("--scan", action="store_true", help="also scan every record (older data)")
+    erase.add_argument(
+        "--state-file",
+        type=Path,
+        metavar="PATH",
+        help="where --scan keeps its position (default: .emailrelay-erase-<hash>.json)",
+    )
+    _add_connection_options(erase)
+    erase.set_defaults(run=_erase, parser=erase)
+
+
+def _erase(args: argparse.Namespace) -> int:
+    payload = {"recipient": args.recipient, "suppression": args.suppression}
+    if not args.scan:
+        return _request(args, api.ERASE_RECIPIENT_DATA_SUBJECT, payload, _show_erasure)
+    from emailrelay.erase_scan import default_state_file, run_scan
+
+    state_file = args.state_file or default_state_file(args.recipient)
+    reply = run_scan(_nats_servers(args), args.recipient, state_file, args.timeout)
+    code = EXIT_OK
+    if args.suppression:
+        code = _request(args, api.ERASE_RECIPIENT_DATA_SUBJECT, payload, lambda body: None)
+    print(reply.model_dump_json() if args.json else _erasure_line(reply))
+    return code
+
+
+def _erasure_line(reply: api.EraseRecipientDataReply) -> str:
+    if not reply.erased_records and not reply.erased_index_entries:
+        return "nothing to erase (already erased, or no records for this recipient)"
+    return (
+        f"erased {reply.erased_records} records and "
+        f"{reply.erased_index_entries} group-index entries"
+    )
+
+
+def _show_erasure(body: Any) -> None:
+    print(_erasure_line(api.EraseRecipientDataReply.model_validate(body)))
 
 
 def _suppression_list(args: argparse.Namespace) -> int:

@@ -126,6 +126,14 @@ class InvalidAddress(InvalidRequest):
     """``invalid address``: not one mailbox (``suppression.add``)."""
 
 
+class RecipientRequired(InvalidRequest):
+    pass
+
+
+class ErasureIncomplete(EmailRelayError):
+    """The store failed midway through an erasure: repeat the request."""
+
+
 class NotFound(EmailRelayError):
     """``not found``: no such email or group."""
 
@@ -181,6 +189,8 @@ ERRORS: dict[str, type[EmailRelayError]] = {
     api.ERR_ADDRESS_REQUIRED: AddressRequired,
     api.ERR_INVALID_ADDRESS: InvalidAddress,
     api.ERR_OVERLOADED: Overloaded,
+    api.ERR_RECIPIENT_REQUIRED: RecipientRequired,
+    api.ERR_ERASURE_INCOMPLETE: ErasureIncomplete,
 }
 """Contract error string -> the exception raised for it."""
 
@@ -424,6 +434,17 @@ class EmailRelayClient:
         """Allow sending to ``address`` again (``changed`` false: it was not suppressed)."""
         reply = await self.exchange(api.SUPPRESSION_REMOVE_SUBJECT, {"address": address})
         return _as_model(reply, api.SuppressionChangeReply)
+
+    async def erase_recipient_data(
+        self, recipient: str, *, suppression: bool = False
+    ) -> api.EraseRecipientDataReply:
+        """Remove every tracking record addressed to ``recipient`` and their
+        ids from every group index (and its suppression entry when
+        ``suppression``). Idempotent: a repeat erases nothing and says so;
+        :class:`ErasureIncomplete` asks for one."""
+        payload = {"recipient": recipient, "suppression": suppression}
+        reply = await self.exchange(api.ERASE_RECIPIENT_DATA_SUBJECT, payload)
+        return _as_model(reply, api.EraseRecipientDataReply)
 
     async def status(self, email_id: str) -> api.TrackingRecord:
         """The tracking record of one email (:class:`NotFound` if there is none)."""

@@ -214,6 +214,11 @@ class Settings(BaseModel):
     """How long an idempotency key is remembered (emailrelay.store.idempotency)."""
     suppression_enabled: Bool = Field(default=False, alias="SUPPRESSION_ENABLED")
     """Refuse suppressed recipients (emailrelay.store.suppressions)."""
+    retention: Seconds | None = Field(default=None, alias="RETENTION")
+    """How long tracking records and index pages live after their last write
+    (the buckets' ``max_age``); unset: for ever (emailrelay.store.index)."""
+    suppression_retention: Seconds | None = Field(default=None, alias="SUPPRESSION_RETENTION")
+    """How long a suppression entry lives (``email-suppressions``' ``max_age``); unset: for ever."""
     shutdown_grace_seconds: Seconds = Field(default=25.0, alias="SHUTDOWN_GRACE_SECONDS")
 
     # Engagement events

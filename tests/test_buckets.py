@@ -11,7 +11,12 @@ import anyio
 import pytest
 import trio
 
-from emailrelay.api import GROUP_INDEX_BUCKET, RECIPIENTS_BUCKET, TrackingRecord
+from emailrelay.api import (
+    GROUP_INDEX_BUCKET,
+    RECIPIENT_INDEX_BUCKET,
+    RECIPIENTS_BUCKET,
+    TrackingRecord,
+)
 from emailrelay.store.buckets import (
     GROUP_INDEX,
     RECIPIENTS,
@@ -52,11 +57,30 @@ async def test_missing_buckets_are_created_with_the_deployments_settings() -> No
     assert host.created == [
         CreatedBucket(RECIPIENTS_BUCKET, 64 * 1024, 3),
         CreatedBucket(GROUP_INDEX_BUCKET, 1024 * 1024, 3),
+        CreatedBucket(RECIPIENT_INDEX_BUCKET, 1024 * 1024, 3),
     ]
 
 
-async def test_existing_buckets_are_opened_not_created() -> None:
+async def test_retention_is_the_max_age_of_the_tracking_buckets_created() -> None:
+    host = MemoryBuckets()
+    store = await open_tracking_store(host, AUTO_CREATE, retention=30.0)
+    assert store is not None
+    assert {c.name: c.max_age for c in host.created} == {
+        RECIPIENTS_BUCKET: 30.0,
+        GROUP_INDEX_BUCKET: 30.0,
+        RECIPIENT_INDEX_BUCKET: 30.0,
+    }
+
+
+async def test_missing_recipient_index_leaves_tracking_on() -> None:
     host = MemoryBuckets(RECIPIENTS_BUCKET, GROUP_INDEX_BUCKET)
+    store = await open_tracking_store(host, NO_CREATE)
+    assert store is not None
+    await store.create_record(record())
+
+
+async def test_existing_buckets_are_opened_not_created() -> None:
+    host = MemoryBuckets(RECIPIENTS_BUCKET, GROUP_INDEX_BUCKET, RECIPIENT_INDEX_BUCKET)
     await open_store(host, AUTO_CREATE)
     assert host.created == []
 

@@ -563,6 +563,7 @@ def test_everything_enabled_renders_every_object(chart: helm_python.Chart) -> No
         "KeyValue",
         "KeyValue",
         "KeyValue",
+        "KeyValue",
         "PodDisruptionBudget",
         "Service",
         "ServiceAccount",
@@ -592,6 +593,7 @@ def test_kv_buckets_render_as_nack_keyvalues(chart: helm_python.Chart) -> None:
         "email-group-index",
         "email-idempotency",
         "email-suppressions",
+        "email-recipient-index",
     }
     for obj in buckets.values():
         assert obj["apiVersion"] == "jetstream.nats.io/v1beta2"
@@ -601,6 +603,7 @@ def test_kv_buckets_render_as_nack_keyvalues(chart: helm_python.Chart) -> None:
         "email-group-index": (1, "file"),
         "email-idempotency": (1, "file"),
         "email-suppressions": (1, "file"),
+        "email-recipient-index": (1, "file"),
     }
     assert buckets["email-recipients"]["spec"]["maxValueSize"] == 64 * 1024
     assert buckets["email-group-index"]["spec"]["maxValueSize"] == 1024 * 1024
@@ -612,7 +615,24 @@ def test_kv_buckets_render_as_nack_keyvalues(chart: helm_python.Chart) -> None:
 def test_kv_bucket_replicas_default_to_kv_replicas_config(chart: helm_python.Chart) -> None:
     values = {"kv": {"enabled": True}, "config": {"nats": {"kvReplicas": 5}}}
     buckets = [obj for obj in render(chart, values) if obj["kind"] == "KeyValue"]
-    assert [b["spec"]["replicas"] for b in buckets] == [5, 5, 5, 5]
+    assert [b["spec"]["replicas"] for b in buckets] == [5, 5, 5, 5, 5]
+
+
+def test_retention_is_the_ttl_of_the_tracking_buckets_only(chart: helm_python.Chart) -> None:
+    values = {"kv": {"enabled": True}, "config": {"limits": {"retention": "2160h"}}}
+    ttl = {
+        obj["spec"]["bucket"]: obj["spec"].get("ttl")
+        for obj in render(chart, values)
+        if obj["kind"] == "KeyValue"
+    }
+    assert ttl == {
+        "email-recipients": "2160h",
+        "email-group-index": "2160h",
+        "email-recipient-index": "2160h",
+        "email-idempotency": "24h",
+        "email-suppressions": None,
+    }
+    assert env_of(render(chart, values))["RETENTION"]["value"] == "2160h"
 
 
 def test_idempotency_bucket_ttl_matches_the_relays_default(chart: helm_python.Chart) -> None:
@@ -715,7 +735,13 @@ def test_nats_permissions_publish_only_to_the_relays_buckets_and_reply_by_respon
 ) -> None:
     permissions = nats_permissions(chart, {})
     assert permissions["allow_responses"] is True
-    buckets = ("email-recipients", "email-group-index", "email-idempotency", "email-suppressions")
+    buckets = (
+        "email-recipients",
+        "email-group-index",
+        "email-idempotency",
+        "email-suppressions",
+        "email-recipient-index",
+    )
     for subject in permissions["publish"]["allow"]:
         assert any(bucket in subject for bucket in buckets), subject
     assert "_INBOX.>" not in permissions["publish"]["allow"]

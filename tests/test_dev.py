@@ -491,3 +491,24 @@ def test_dev_warns_when_another_relay_answers_in_its_queue_group(
     assert f"PID {other.pid}" in warning
     assert "lfx.email-service.queue" in warning
     assert "EMAIL_ENABLED is not true" in warning
+
+
+def test_erasure_deletes_the_recipients_captured_messages(shared_stack: DevStack) -> None:
+    server = ("--server", shared_stack.nats_url)
+    target = f"forget-{uuid.uuid4().hex[:8]}@example.com"
+    for to in (f"Forget Me <{target}>", "keep@example.com"):
+        cli(
+            shared_stack, "send", *server, "--to", to, "--subject", "Erase",
+            "--text", "t", "--html", "<p>t</p>",
+        )  # fmt: skip
+    capture = shared_stack.state_dir / "capture"
+
+    def addressed_to(address: str) -> list[Path]:
+        return [p for p in capture.glob("*.eml") if address in p.read_text(errors="replace")]
+
+    wait_until(lambda: addressed_to(target), timeout=20, message="the email was not captured")
+    kept = addressed_to("keep@example.com")
+    erased = cli(shared_stack, "erase", "--recipient", target.upper(), *server, "--json")
+    assert json.loads(erased.stdout)["erased_records"] == 1
+    assert addressed_to(target) == []
+    assert all(path.exists() for path in kept)

@@ -30,6 +30,7 @@ CONTRACT_SUBJECTS = (
     api.SEND_EMAIL_SUBJECT,
     api.GET_EMAIL_STATUS_SUBJECT,
     api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT,
+    api.ERASE_RECIPIENT_DATA_SUBJECT,
 )
 SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
 

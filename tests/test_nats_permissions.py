@@ -149,8 +149,15 @@ def test_queue_subscriptions_are_granted_only_in_the_queue_group() -> None:
             api.GET_EMAIL_STATUS_SUBJECT,
             api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT,
             *api.SUPPRESSION_SUBJECTS,
+            api.ERASE_RECIPIENT_DATA_SUBJECT,
         )
     )
+
+
+def test_erasure_is_granted_by_name_never_through_a_wildcard() -> None:
+    subscribe = json.loads(chart_permissions()["emailrelay-permissions.json"])["subscribe"]
+    assert f"{api.ERASE_RECIPIENT_DATA_SUBJECT} {api.QUEUE_GROUP}" in subscribe["allow"]
+    assert not [s for s in subscribe["allow"] if s.startswith("lfx.") and ">" in s]
 
 
 def test_without_kv_auto_create_the_relay_may_not_create_streams() -> None:

@@ -10,7 +10,12 @@ import trio
 
 from emailrelay.bridge.nats import JetStreamKeyValue
 from emailrelay.store.buckets import GROUP_INDEX
-from emailrelay.store.kv import Entry, KeyValue, read_then_write
+from emailrelay.store.kv import (
+    Entry,
+    KeyValue,
+    read_pair_then_write,
+    read_then_write,
+)
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryKeyValue
 from tests.support.jetstream_kv import replicas_on_one_bucket
@@ -92,3 +97,28 @@ async def test_read_then_write_on_a_plain_key_value_gets_then_writes() -> None:
     entry = await kv.get("k")
     assert entry is not None
     assert entry.value == b"ab"
+
+
+def beside(entry: Entry | None, other: Entry | None) -> tuple[bytes | None, Entry | None]:
+    """Appends the other key's value: what the write decided from both reads."""
+    return (b"" if entry is None else entry.value) + (b"-" if other is None else other.value), other
+
+
+async def test_read_pair_then_write_sees_the_other_key_on_nats_server(
+    nats_server: NatsServer,
+) -> None:
+    async with replicas_on_one_bucket(nats_server.url, GROUP_INDEX, count=1) as (kv,):
+        await kv.create("other", b"o")
+        await kv.create("k", b"a")
+        seen, revision = await read_pair_then_write(kv, "k", "other", beside)
+        assert seen is not None
+        assert seen.value == b"o"
+        assert await kv.get("k") == Entry(b"ao", revision or -1)
+        assert (await kv.get("other") or Entry(b"", 0)).value == b"o"
+
+
+async def test_read_pair_then_write_on_the_memory_kv_reads_both() -> None:
+    kv = MemoryKeyValue()
+    kv.put("other", b"o")
+    await read_pair_then_write(kv, "k", "other", beside)
+    assert kv.entries["k"].value == b"o"

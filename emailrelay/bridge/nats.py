@@ -41,6 +41,7 @@ from emailrelay.store.kv import (
     Change,
     Changes,
     Derive,
+    DerivePair,
     Entry,
     RevisionConflict,
     StoreError,
@@ -631,6 +632,46 @@ class JetStreamKeyValue:
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._write("update", key, partial(self._kv.update, key, value, last=last))
 
+    async def max_age(self) -> float:
+        """The bucket's ``max_age`` in seconds (0: for ever)."""
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                info = await aio(self._bucket.js.stream_info)(self._bucket.stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"stream info failed: {exc!r}") from exc
+        return float(info.config.max_age or 0.0)
+
+    async def scan(self) -> AsyncIterator[tuple[str, Entry]]:
+        """Every key that holds a value, with its value, streamed (an ordered
+        consumer over the bucket: memory stays bounded whatever its size)."""
+        watcher = await aio(self._kv.watchall)(ignore_deletes=True)
+        try:
+            while True:
+                with anyio.fail_after(_KV_TIMEOUT):
+                    update = await aio(watcher.updates)(timeout=_KV_TIMEOUT)
+                if update is None:
+                    return
+                if update.value:
+                    yield update.key, Entry(update.value, int(update.revision or 0))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await aio(watcher.stop)()
+
+    async def count(self) -> int:
+        """How many messages the bucket's stream holds (a progress total)."""
+        with anyio.fail_after(_KV_TIMEOUT):
+            info = await aio(self._bucket.js.stream_info)(self._bucket.stream)
+        return int(info.state.messages)
+
+    async def purge(self, key: str, last: int | None = None) -> None:
+        """A purge marker with a subject rollup: every earlier revision of
+        the key is removed from the stream, not just hidden."""
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        subject = self._bucket.prefix + key
+        await self._write("purge", key, partial(_publish_seq, self._bucket.js, subject, headers))
+
     async def _write(self, what: str, key: str, write: Callable[[], Awaitable[int]]) -> int:
         """One revision-checked write (``write`` calls nats-py), its failures classified."""
         _check_key_length(key)
@@ -650,9 +691,27 @@ class JetStreamKeyValue:
         ``derive`` runs on the asyncio side, between the two round trips."""
         if len(key) > MAX_KEY_LENGTH:
             return await read_then_write_separately(self, key, derive)
+        return await self._in_one_crossing(key, partial(_read_then_write, self._kv, key, derive))
+
+    async def read_pair_then_write(
+        self, key: str, other: str, derive: DerivePair[T]
+    ) -> tuple[T, int | None]:
+        """:meth:`read_then_write` whose ``derive`` also sees ``other``: both
+        gets go out at once, in the same crossing."""
+        if len(key) > MAX_KEY_LENGTH or len(other) > MAX_KEY_LENGTH:
+            seen = await self.get(other)
+            return await read_then_write_separately(self, key, lambda e: derive(e, seen))
+        return await self._in_one_crossing(
+            key, partial(_read_pair_then_write, self._kv, key, other, derive)
+        )
+
+    async def _in_one_crossing(
+        self, key: str, call: Callable[[], Awaitable[tuple[T, int | None]]]
+    ) -> tuple[T, int | None]:
+        """Run a read-then-write ``call`` on the asyncio side, its failures classified."""
         try:
             with anyio.fail_after(2 * _KV_TIMEOUT):
-                result: tuple[T, int | None] = await aio(_read_then_write)(self._kv, key, derive)
+                result: tuple[T, int | None] = await aio(call)()
                 return result
         except _StreamMissing as exc:
             raise BucketMissing(
@@ -720,21 +779,49 @@ class _StreamMissing(Exception):
 
 async def _read_then_write(kv: _NatsKeyValue, key: str, derive: Derive[T]) -> tuple[T, int | None]:
     """Runs on the asyncio side: get, ``derive``, then create or update."""
-    entry: Entry | None
+    entry = await _get_entry(kv, key)
+    return await _write_derived(kv, key, entry, derive(entry))
+
+
+async def _read_pair_then_write(
+    kv: _NatsKeyValue, key: str, other: str, derive: DerivePair[T]
+) -> tuple[T, int | None]:
+    """Runs on the asyncio side: both gets at once, ``derive``, then the write."""
+    entry, seen = await asyncio.gather(_get_entry(kv, key), _get_entry(kv, other))
+    return await _write_derived(kv, key, entry, derive(entry, seen))
+
+
+async def _get_entry(kv: _NatsKeyValue, key: str) -> Entry | None:
     try:
         found = await kv.get(key)
     except nats.js.errors.KeyNotFoundError as exc:  # also deleted and purged keys
         if _stream_is_missing(exc):
             raise _StreamMissing() from exc
-        entry = None
-    else:
-        entry = Entry(value=found.value or b"", revision=int(found.revision or 0))
-    value, result = derive(entry)
+        return None
+    return Entry(value=found.value or b"", revision=int(found.revision or 0))
+
+
+async def _write_derived(
+    kv: _NatsKeyValue, key: str, entry: Entry | None, derived: tuple[bytes | None, T]
+) -> tuple[T, int | None]:
+    value, result = derived
     if value is None:
         return result, None
     if entry is None:
         return result, int(await kv.create(key, value))
     return result, int(await kv.update(key, value, last=entry.revision))
+
+
+async def _publish_seq(js: Any, subject: str, headers: dict[str, str]) -> int:
+    """Publish to the bucket's stream; a wrong expected revision is a lost
+    race, as nats-py's own ``update`` reports it."""
+    try:
+        ack = await js.publish(subject, b"", headers=headers)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in (10071, 10164):
+            raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
+        raise
+    return int(ack.seq)
 
 
 def _check_key_length(key: str) -> None:
@@ -759,7 +846,11 @@ def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:
     key; it keeps the API error as the context. A missing bucket is a store
     failure, never "not found"."""
     cause = exc.__context__
-    return isinstance(cause, nats.js.errors.APIError) and cause.err_code == _STREAM_NOT_FOUND
+    # A purged or deleted key's KeyDeletedError is an APIError without an err_code.
+    return (
+        isinstance(cause, nats.js.errors.APIError)
+        and getattr(cause, "err_code", None) == _STREAM_NOT_FOUND
+    )
 
 
 @dataclass(frozen=True)

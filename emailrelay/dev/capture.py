@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email
+import email.parser
 import email.policy
 import itertools
 import logging
@@ -82,6 +83,29 @@ class _Handler:
             )
         )
         return "250 Message accepted for delivery"
+
+
+def erase_captured(directory: Path, address: str) -> int:
+    """Delete the captured messages addressed to ``address`` (bare address,
+    case-insensitive; the ``To`` header or, failing that, any address in it);
+    how many were deleted. The dev stack's part of erasing a recipient's data."""
+    from emailrelay.store.suppressions import normalize_address
+
+    wanted = normalize_address(address)
+    deleted = 0
+    parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+    for path in sorted(directory.glob("*.eml")):
+        try:
+            with path.open("rb") as file:
+                headers = parser.parse(file)
+        except OSError:
+            continue
+        to = str(headers.get("To", "") or "")
+        addresses = {normalize_address(part) for part in to.split(",") if part.strip()}
+        if wanted in addresses or normalize_address(to) == wanted:
+            path.unlink(missing_ok=True)
+            deleted += 1
+    return deleted
 
 
 class CaptureServer:

@@ -279,6 +279,13 @@ async def _run_relay(
                         "emailrelay dev: JetStream KV is not available; see the log above", err=True
                     )
                     return EXIT_FAILURE
+                from emailrelay.dev.capture import erase_captured
+
+                tracking.after_erasure(
+                    lambda address: anyio.to_thread.run_sync(
+                        erase_captured, capture.directory, address
+                    )
+                )
                 info = stack_info(settings, endpoints, capture)
                 _print_urls(info, endpoints, lock.state_dir, kv_buckets(settings))
                 async with anyio.create_task_group() as tg:

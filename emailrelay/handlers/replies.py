@@ -71,6 +71,7 @@ Reply: TypeAlias = (
     | api.SuppressionEntry
     | api.SuppressionListReply
     | api.SuppressionChangeReply
+    | api.EraseRecipientDataReply
     | EncodedRecords
 )
 """What a handler answers: a contract model, or an error value."""

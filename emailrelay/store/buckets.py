@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import anyio
 
@@ -28,11 +28,13 @@ from emailrelay.store.kv import (
     BucketMissing,
     Changes,
     Derive,
+    DerivePair,
     Entry,
     KeyValue,
     ListableKeyValue,
     StoreError,
     changes_of,
+    read_pair_then_write,
     read_then_write,
 )
 from emailrelay.store.tracking import TrackingStore
@@ -50,11 +52,26 @@ class BucketSpec:
     max_value_size: int
     max_age: float = 0.0
     """Seconds an entry lives after its last write (JetStream ``max_age``);
-    0 keeps entries for ever, as the two tracking buckets do."""
+    0 keeps entries for ever, as the tracking buckets do unless RETENTION is set."""
+    check_age: bool = False
+    """Warn when an existing bucket's ``max_age`` differs (RETENTION buckets)."""
 
 
 RECIPIENTS = BucketSpec(api.RECIPIENTS_BUCKET, 64 * 1024)
 GROUP_INDEX = BucketSpec(api.GROUP_INDEX_BUCKET, 1024 * 1024)
+
+RECIPIENT_INDEX = BucketSpec(api.RECIPIENT_INDEX_BUCKET, 1024 * 1024)
+
+
+def tracking_buckets(retention: float = 0.0) -> tuple[BucketSpec, BucketSpec, BucketSpec]:
+    """Records, group index and recipient index, with RETENTION (seconds,
+    0: for ever) as their ``max_age``."""
+
+    def aged(spec: BucketSpec) -> BucketSpec:
+        return BucketSpec(spec.name, spec.max_value_size, max_age=retention, check_age=True)
+
+    return aged(RECIPIENTS), aged(GROUP_INDEX), aged(RECIPIENT_INDEX)
+
 
 SUPPRESSIONS = BucketSpec(api.SUPPRESSIONS_BUCKET, 16 * 1024)
 """Kept until an operator removes an address (no ``max_age``): SES itself
@@ -64,6 +81,12 @@ keeps its account-level suppressions until removed. Records are small
 IDEMPOTENCY_MAX_VALUE = 128 * 1024
 """An entry holds the reply, whose ``group_id`` may be 16 KiB of UTF-8 and
 JSON-escaping can grow control characters sixfold (96 KiB at worst)."""
+
+
+def suppressions_bucket(retention: float = 0.0) -> BucketSpec:
+    """``email-suppressions`` with SUPPRESSION_RETENTION (0: for ever) as its
+    ``max_age``: a bounced address stays suppressed after its records expire."""
+    return BucketSpec(SUPPRESSIONS.name, SUPPRESSIONS.max_value_size, max_age=retention)
 
 
 def idempotency_bucket(ttl: float) -> BucketSpec:
@@ -80,6 +103,13 @@ class BucketPolicy:
 
     auto_create: bool
     replicas: int = 1
+
+
+@runtime_checkable
+class AgedBucket(Protocol):
+    async def max_age(self) -> float:
+        """The bucket's ``max_age`` in seconds (0: for ever)."""
+        ...
 
 
 class BucketHost(Protocol):
@@ -112,6 +142,8 @@ async def _open_or_create(
 ) -> tuple[ListableKeyValue | None, str]:
     kv = await host.key_value(spec.name)
     if kv is not None:
+        if spec.check_age:
+            await _warn_if_age_differs(kv, spec)
         return kv, "reopened"
     if not policy.auto_create:
         return None, "missing"
@@ -128,6 +160,22 @@ async def _open_or_create(
         return kv, "reopened"
     log.info("created KV bucket", extra={"bucket": spec.name})
     return kv, "created"
+
+
+async def _warn_if_age_differs(kv: ListableKeyValue, spec: BucketSpec) -> None:
+    """An operator's bucket is never rewritten: say once that its age limit
+    is not the one RETENTION asks for."""
+    if not isinstance(kv, AgedBucket):
+        return
+    try:
+        actual = await kv.max_age()
+    except StoreError:
+        return
+    if abs(actual - spec.max_age) > 0.5:
+        log.warning(
+            "KV bucket max_age differs from RETENTION; the bucket is left as it is",
+            extra={"bucket": spec.name, "bucket_max_age": actual, "retention": spec.max_age},
+        )
 
 
 class ReopeningBucket:
@@ -170,8 +218,16 @@ class ReopeningBucket:
     async def update(self, key: str, value: bytes, last: int) -> int:
         return await self._call(lambda kv: kv.update(key, value, last))
 
+    async def purge(self, key: str, last: int | None = None) -> None:
+        await self._call(lambda kv: kv.purge(key, last))
+
     async def read_then_write(self, key: str, derive: Derive[T]) -> tuple[T, int | None]:
         return await self._call(lambda kv: read_then_write(kv, key, derive))
+
+    async def read_pair_then_write(
+        self, key: str, other: str, derive: DerivePair[T]
+    ) -> tuple[T, int | None]:
+        return await self._call(lambda kv: read_pair_then_write(kv, key, other, derive))
 
     async def _call(self, operation: Callable[[ListableKeyValue], Awaitable[T]]) -> T:
         kv = self._kv
@@ -215,13 +271,19 @@ class ReopeningBucket:
             return True
 
 
-async def open_tracking_store(host: BucketHost, policy: BucketPolicy) -> TrackingStore | None:
-    """Both buckets, created with the deployment's settings when missing and
-    allowed, each re-opened when it vanishes later. ``None`` turns tracking
-    off (the caller looks again later)."""
+async def open_tracking_store(
+    host: BucketHost, policy: BucketPolicy, retention: float = 0.0
+) -> TrackingStore | None:
+    """The record and group-index buckets, created with the deployment's
+    settings (``retention`` seconds as their ``max_age``, 0: for ever) when
+    missing and allowed, each re-opened when it vanishes later. ``None``
+    turns tracking off (the caller looks again later). The recipient index
+    is opened or created the same way; without it tracking still works, but
+    records are not indexed by recipient (erasure then fails)."""
+    records, groups, recipients = tracking_buckets(retention)
     opened: dict[str, KeyValue] = {}
     try:
-        for spec in (RECIPIENTS, GROUP_INDEX):
+        for spec in (records, groups):
             kv = await open_bucket(host, spec, policy)
             if kv is None:
                 log.warning(
@@ -233,8 +295,14 @@ async def open_tracking_store(host: BucketHost, policy: BucketPolicy) -> Trackin
     except StoreError as exc:
         log.warning("JetStream not available: tracking is off", extra={"error": str(exc)})
         return None
+    by_recipient = await open_reopening_bucket(host, recipients, policy)
     log.info("tracking on", extra={"buckets": sorted(opened)})
-    return TrackingStore(opened[RECIPIENTS.name], opened[GROUP_INDEX.name])
+    return TrackingStore(
+        opened[records.name],
+        opened[groups.name],
+        recipients=by_recipient,
+        expiring=retention > 0,
+    )
 
 
 async def open_reopening_bucket(

@@ -17,14 +17,16 @@ KV") has three kinds of keys:
 - every other group id is stored under ``=`` plus the unpadded URL-safe
   base64 of its UTF-8 bytes (``==`` plus the base64 SHA-256 of those bytes
   when that would make an unreasonably long key: over 300 bytes);
-- overflow page ``n`` (n >= 1) of any group is ``=<base64 of the id>.<n>``
-  (``==<sha256>.<n>`` for long ids).
+- overflow page ``n`` (n >= 0) of any group is ``=<base64 of the id>.<n>``
+  (``==<sha256>.<n>`` for long ids), and the group's page range, once it has
+  overflowed its head, is ``=<base64 of the id>.range`` (emailrelay.store.index).
 
 Why nothing collides: keys of the first kind never start with ``=``; the
 other two always do. Base64url (no padding) never contains ``=`` or ``.``, so
 an encoded group key (``=`` + base64) and a hashed one (``==`` + base64) are
-told apart by their second character, and a page key is the only kind with a
-``.``. Within each kind the encoding is injective (the SHA-256 form is
+told apart by their second character, and page and range keys are the only
+kinds with a ``.``: a page key ends in digits after it, a range key in
+``range``. Within each kind the encoding is injective (the SHA-256 form is
 collision-resistant, not injective: it only serves ids over 300 bytes, and
 ids too long to be their own key). Every key of the last two kinds is at most
 ``1 + 400 + 1 + digits`` characters, far below :data:`MAX_KEY_LENGTH`.
@@ -76,10 +78,16 @@ def group_key(group_id: str) -> str:
 
 
 def index_page_key(group_id: str, page: int) -> str:
-    """The key of overflow page ``page`` (1, 2, …) of the group's index."""
-    if page < 1:
-        raise ValueError("overflow pages are numbered from 1; page 0 is group_key()")
+    """The key of overflow page ``page`` (1, 2, …) of the group's index; page
+    0 is where an erasure moves the head of a group that has overflowed."""
+    if page < 0:
+        raise ValueError("overflow pages are numbered from 0")
     return f"{_encoded(group_id)}{PAGE_SEPARATOR}{page}"
+
+
+def index_range_key(group_id: str) -> str:
+    """The key naming the first and last overflow page of the group's index."""
+    return f"{_encoded(group_id)}{PAGE_SEPARATOR}range"
 
 
 def _encoded(group_id: str) -> str:

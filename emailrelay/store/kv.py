@@ -58,6 +58,13 @@ class KeyValue(Protocol):
         else :class:`RevisionConflict`."""
         ...
 
+    async def purge(self, key: str, last: int | None = None) -> None:
+        """Remove the key and every revision of it (a purge marker without a
+        value is all that stays); with ``last``, only if the key is still at
+        that revision, else :class:`RevisionConflict`. Purging a missing key
+        without ``last`` is not an error."""
+        ...
+
 
 class ListableKeyValue(KeyValue, Protocol):
     async def keys(self) -> list[str]:
@@ -123,6 +130,24 @@ async def read_then_write(kv: KeyValue, key: str, derive: Derive[T]) -> tuple[T,
         result: tuple[T, int | None] = await own(key, derive)
         return result
     return await read_then_write_separately(kv, key, derive)
+
+
+DerivePair = Callable[[Entry | None, Entry | None], tuple[bytes | None, T]]
+""":data:`Derive` that also sees a second key's entry (read, never written)."""
+
+
+async def read_pair_then_write(
+    kv: KeyValue, key: str, other: str, derive: DerivePair[T]
+) -> tuple[T, int | None]:
+    """:func:`read_then_write` of ``key`` that lets ``derive`` see ``other``
+    too, read at the same time (the JetStream adapter: both gets concurrently,
+    one crossing into the asyncio loop)."""
+    own = getattr(kv, "read_pair_then_write", None)
+    if own is not None:
+        result: tuple[T, int | None] = await own(key, other, derive)
+        return result
+    seen = await kv.get(other)
+    return await read_then_write_separately(kv, key, lambda entry: derive(entry, seen))
 
 
 async def read_then_write_separately(

@@ -131,6 +131,15 @@ class SuppressionStore:
             lambda current: tombstone if current is not None else None,
         )
 
+    async def erase(self, address: str) -> bool:
+        """Purge the address's entry (every revision): erasure of the
+        recipient's data when asked for. ``False`` when there was none."""
+        key = suppression_key(address)
+        if await self._kv.get(key) is None:
+            return False
+        await self._kv.purge(key)
+        return True
+
     async def list(self, limit: int = 100, offset: int = 0) -> builtins.list[Suppression]:
         """Suppressed addresses ``offset`` to ``offset + limit`` (see :meth:`page`)."""
         suppressions, _ = await self.page(limit, offset)

@@ -126,6 +126,15 @@ class MemoryKeyValue:
             raise RevisionConflict(key)
         return self._store(key, value)
 
+    async def purge(self, key: str, last: int | None = None) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._check(key)
+        current = self.entries.get(key)
+        if last is not None and (current is None or current.revision != last):
+            raise RevisionConflict(key)
+        self.writes += 1
+        self.entries.pop(key, None)
+
     def put(self, key: str, value: bytes) -> int:
         """Write without any check (test set-up)."""
         return self._store(key, value)

@@ -165,6 +165,8 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "SEND_TIMEOUT" $limits.sendTimeout)
   (list "TRACKING_WAIT" $limits.trackingWait)
   (list "IDEMPOTENCY_TTL" $limits.idempotencyTtl)
+  (list "RETENTION" $limits.retention)
+  (list "SUPPRESSION_RETENTION" $limits.suppressionRetention)
   (list "SHUTDOWN_GRACE_SECONDS" $c.shutdownGraceSeconds)
   (list "LOG_LEVEL" $log.level)
   (list "LOG_FORMAT" $log.format)
@@ -238,7 +240,7 @@ Proven by tests/test_nats_permissions.py against a server enforcing it.
 {{- define "emailrelay.natsPermissions" -}}
 {{- $queue := "lfx.email-service.queue" }}
 {{- $subscribe := list }}
-{{- range $subject := list "lfx.email-service.send_email" "lfx.email-service.get_email_status" "lfx.email-service.get_email_engagement_analytics" "lfx.email-service.suppression.get" "lfx.email-service.suppression.list" "lfx.email-service.suppression.add" "lfx.email-service.suppression.remove" }}
+{{- range $subject := list "lfx.email-service.send_email" "lfx.email-service.get_email_status" "lfx.email-service.get_email_engagement_analytics" "lfx.email-service.suppression.get" "lfx.email-service.suppression.list" "lfx.email-service.suppression.add" "lfx.email-service.suppression.remove" "lfx.email-service.erase_recipient_data" }}
 {{- $subscribe = append $subscribe (printf "%s %s" $subject $queue) }}
 {{- end }}
 {{- $subscribe = concat $subscribe (list "$SRV.PING" "$SRV.INFO" "$SRV.STATS" "$SRV.*.emailrelay" "$SRV.*.emailrelay.*" "_INBOX.>") }}
@@ -248,7 +250,8 @@ Proven by tests/test_nats_permissions.py against a server enforcing it.
 {{- $autoCreate = .Values.config.nats.kvAutoCreate }}
 {{- end }}
 {{- /* email-idempotency (issue 11, always opened) and email-suppressions (SUPPRESSION_ENABLED) are fixed names */}}
-{{- range $bucket := list .Values.kv.buckets.recipients.bucket .Values.kv.buckets.groupIndex.bucket "email-idempotency" "email-suppressions" }}
+{{- /* email-recipient-index (erasure by recipient) is a fixed name too */}}
+{{- range $bucket := list .Values.kv.buckets.recipients.bucket .Values.kv.buckets.groupIndex.bucket "email-idempotency" "email-suppressions" "email-recipient-index" }}
 {{- $stream := printf "KV_%s" $bucket }}
 {{- $publish = append $publish (printf "$JS.API.STREAM.INFO.%s" $stream) }}
 {{- if $autoCreate }}
