@@ -54,6 +54,39 @@ answers a send that arrives past it with ``email delivery failed`` (see
 docs/contract.md, "Deadlines"). Without it the relay allows ``SEND_TIMEOUT``
 from receipt."""
 
+# --- JetStream stream of engagement events -----------------------------------
+
+EVENTS_STREAM = "EMAIL_EVENTS"
+"""An addition (``EVENTS_STREAM_ENABLED=true``): every outcome of a sent email,
+once, as one :class:`EmailEvent` per message (docs/contract.md, "Engagement
+events on NATS")."""
+
+EVENTS_SUBJECT_PREFIX = "lfx.email-service.events"
+EVENTS_SUBJECTS = EVENTS_SUBJECT_PREFIX + ".>"
+"""The stream's subjects: ``lfx.email-service.events.<type>``."""
+
+EVENT_TYPES = (
+    "sent",
+    "delivered",
+    "opened",
+    "clicked",
+    "bounced",
+    "complained",
+    "delayed",
+    "rejected",
+)
+"""Every ``type`` an :class:`EmailEvent` has: ``sent`` when the provider
+accepted the message (the send path), the rest from SES events."""
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+"""JetStream's de-duplication header; an event carries its ``event_id`` in it."""
+
+
+def events_subject(event_type: str) -> str:
+    """The subject an event of ``event_type`` is published on."""
+    return f"{EVENTS_SUBJECT_PREFIX}.{event_type}"
+
+
 # --- JetStream KV ------------------------------------------------------------
 
 RECIPIENTS_BUCKET = "email-recipients"
@@ -308,6 +341,39 @@ class ClickEvent(BaseModel):
     event_id: str
     link: str
     clicked_at: Timestamp
+
+
+class EmailEvent(BaseModel):
+    """One message of the ``EMAIL_EVENTS`` stream: one outcome of one email.
+
+    ``event_id`` is derived from the event, never random (``sent:<email_id>``;
+    for SES events a hash of the SES message id, the type, the event's own
+    timestamp and the recipient), so the same event arriving twice has one id:
+    it travels as :data:`MSG_ID_HEADER` and the stream drops the copy. Fields
+    that do not apply to a type are absent, never null; fields this version
+    does not know are kept (a newer relay may add some)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event_id: str
+    type: str
+    """One of :data:`EVENT_TYPES`; also the last token of the subject."""
+    email_id: str
+    group_id: str
+    recipient: str
+    """The bare address (``a@example.org``), as the record's ``to`` names it."""
+    occurred_at: Timestamp
+    """The provider's time where it gives one (SES's detail timestamp), else
+    the relay's: ``sent_at`` for ``sent``, the time of processing otherwise."""
+    bounce_type: str | None = None
+    bounce_sub_type: str | None = None
+    complaint_feedback_type: str | None = None
+    link: str | None = None
+    ses_message_id: str | None = None
+
+    def to_json(self) -> bytes:
+        """The message body: unset optional fields left out."""
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 OPENS_KEPT = 100

@@ -12,7 +12,8 @@
         ├── NATS connection watch (closed for good: stop, exit 1)
         ├── SQS poller for SES events (when SES_EVENTING_ENABLED=true)
         ├── tracking watcher (when the KV store was missing at start)
-        ├── pending tracking writes (sent emails whose record waits for the store)
+        ├── pending tracking writes (sent emails whose record waits for the store,
+        │      and sent events waiting for EMAIL_EVENTS when EVENTS_STREAM_ENABLED=true)
         └── signal watcher (from before NATS is connected)
 
 The SMTP pool is a resource of the send handler, closed after the last
@@ -41,6 +42,12 @@ from emailrelay.command import EXIT_FAILURE, EXIT_OK
 from emailrelay.config import Settings
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
+from emailrelay.engagement.stream import (
+    EventPublisher,
+    SentEvents,
+    events_stream_spec,
+    open_events_stream,
+)
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.send import NoSender, NoTracking, SendEmailHandler, SendRules
 from emailrelay.handlers.status import GetEmailStatusHandler
@@ -58,6 +65,7 @@ from emailrelay.server import Handler, RequestServer, bounded_by_deadline
 from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
 from emailrelay.store.idempotency import IdempotencyStore
+from emailrelay.store.kv import StoreError
 from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.suppressions import SuppressionStore
 from emailrelay.store.tracking import TrackingStore
@@ -172,6 +180,11 @@ async def serve(
         except SqsError as exc:
             log.error("SES_EVENTING_ENABLED is true but SQS cannot be used: %s; exiting", exc)
             return EXIT_FAILURE
+    events: EventPublisher | None = None
+    if settings.events_stream_enabled:
+        events = await open_events_publisher(nats, settings)
+        if events is None:
+            return EXIT_FAILURE
     pool = build_smtp_pool(settings) if settings.email_enabled else None
     pending = PendingTrackingWrites()
     send_handler = SendEmailHandler(
@@ -183,6 +196,7 @@ async def serve(
         on_expired=REQUESTS_EXPIRED.inc,
         reservations=reservations,
         suppressions=suppressions,
+        sent_events=None if events is None else SentEvents(events, pending),
     )
     service = ServiceStats([])
     requests = RequestServer(
@@ -225,7 +239,7 @@ async def serve(
                     lifecycle.supervise,
                     "sqs poller",
                     lambda: poll_engagement_events(
-                        sqs, tracking, poller, suppressions=suppressions
+                        sqs, tracking, poller, suppressions=suppressions, events=events
                     ),
                 )
             if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
@@ -410,6 +424,38 @@ async def open_tracking_store(nats: NatsConnection, settings: Settings) -> Track
     return await buckets.open_tracking_store(
         nats, buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas)
     )
+
+
+async def open_events_publisher(nats: NatsConnection, settings: Settings) -> EventPublisher | None:
+    """The ``EMAIL_EVENTS`` publisher, the stream created first when missing
+    and KV_AUTO_CREATE=true. ``None``, with one error line, when it is missing
+    and may not be created: the relay must not start (as with a missing
+    suppression bucket). JetStream not answering yet is no reason to stop:
+    publishing then fails like any outage (sent events wait, SES events stay
+    in SQS) until it answers."""
+    spec = events_stream_spec(
+        settings.kv_replicas,
+        settings.events_max_age,
+        settings.events_max_bytes,
+        settings.events_duplicate_window,
+    )
+    try:
+        there = await open_events_stream(nats, spec, settings.kv_auto_create)
+    except StoreError as exc:
+        log.warning(
+            "events stream not checked: JetStream not available; publishing waits for it",
+            extra={"stream": spec.name, "error": str(exc)},
+        )
+        return EventPublisher(nats)
+    if not there:
+        log.error(
+            "EVENTS_STREAM_ENABLED is true but the %s stream does not exist "
+            "(create it, or set KV_AUTO_CREATE=true); exiting",
+            spec.name,
+        )
+        return None
+    log.info("events stream on", extra={"stream": spec.name})
+    return EventPublisher(nats)
 
 
 async def open_send_stores(

@@ -419,6 +419,7 @@ def _add_client_commands(commands: Any) -> None:
     _add_connection_options(analytics)
     analytics.set_defaults(run=_analytics, parser=analytics)
     _add_suppression_command(commands)
+    _add_events_command(commands)
 
 
 def _idempotency_key(value: str) -> str:
@@ -767,6 +768,84 @@ def _show_analytics(body: Any) -> None:
     reply = api.EngagementAnalyticsReply.model_validate(body)
     for name, value in reply.model_dump().items():
         print(f"{name:<14} {value}")
+
+
+# --- emailrelay events ----------------------------------------------------------
+
+
+def _add_events_command(commands: Any) -> None:
+    events = commands.add_parser(
+        "events",
+        help="read the EMAIL_EVENTS stream (relays with EVENTS_STREAM_ENABLED=true)",
+        description=(
+            "Print the outcomes of sent emails from the JetStream stream EMAIL_EVENTS, one "
+            "line each, oldest first, through a durable consumer: a second run goes on "
+            "where the first stopped. Without --follow it stops once it has caught up."
+        ),
+        epilog=EXIT_CODES_HELP.replace("no relay answered", "the stream cannot be read"),
+    )
+    events.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        choices=api.EVENT_TYPES,
+        default=[],
+        metavar="TYPE",
+        help=f"only this type, repeatable ({', '.join(api.EVENT_TYPES)}); default: all",
+    )
+    events.add_argument(
+        "--follow", "-f", action="store_true", help="keep waiting for new events (Ctrl-C stops)"
+    )
+    events.add_argument(
+        "--consumer",
+        metavar="NAME",
+        help="the durable consumer's name (default: emailrelay-cli-<types or all>)",
+    )
+    _add_connection_options(events)
+    events.set_defaults(run=_events, parser=events)
+
+
+def _events(args: argparse.Namespace) -> int:
+    from emailrelay.client import EmailRelayClient, RelayUnavailable
+
+    servers = _nats_servers(args)
+    types = sorted(set(args.types))
+    consumer = args.consumer or "emailrelay-cli-" + ("-".join(types) or "all")
+
+    async def read() -> None:
+        problem = await unreachable(servers, args.timeout)
+        if problem is not None:
+            raise RelayUnavailable(f"cannot reach NATS: {problem}")
+        async with EmailRelayClient.connect(
+            servers, timeout=args.timeout, connect_timeout=args.timeout, name="emailrelay-cli"
+        ) as relay:
+            stream = relay.events(consumer, types, follow=args.follow)
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    print(event.to_json().decode() if args.json else _event_line(event))
+                    sys.stdout.flush()
+
+    try:
+        asyncio.run(read())
+    except RelayUnavailable as exc:
+        print(f"emailrelay: {exc}", file=sys.stderr)
+        return EXIT_NO_RELAY
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _event_line(event: api.EmailEvent) -> str:
+    details = {
+        "bounce": "/".join(filter(None, (event.bounce_type, event.bounce_sub_type))),
+        "feedback": event.complaint_feedback_type,
+        "link": event.link,
+    }
+    extra = "".join(f"  {name}={value}" for name, value in details.items() if value)
+    return (
+        f"{api.format_time(event.occurred_at)}  {event.type:<10}  {event.recipient}  "
+        f"email_id={event.email_id}  group_id={event.group_id}{extra}"
+    )
 
 
 def _serve_epilog() -> str:

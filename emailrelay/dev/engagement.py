@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -33,7 +34,7 @@ from emailrelay.bridge.nats import IncomingRequest, NatsConnection
 from emailrelay.dev.capture import CapturedMessage
 from emailrelay.dev.eventqueue import DevEventQueue
 from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
-from emailrelay.engagement.handler import RecordUpdater
+from emailrelay.engagement.handler import RecordUpdater, StreamPublisher
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 
 log = logging.getLogger(__name__)
@@ -75,15 +76,19 @@ class DevEngagement:
         store: RecordUpdater,
         poller: PollerSettings,
         *,
+        events: StreamPublisher | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Until cancelled; ``started`` once :data:`DEV_EVENTS_SUBJECT` is subscribed."""
+        """Until cancelled; ``started`` once :data:`DEV_EVENTS_SUBJECT` is subscribed.
+        ``events``: the ``EMAIL_EVENTS`` publisher, as ``serve`` gives its poller."""
         requests_in, requests_out = anyio.create_memory_object_stream[IncomingRequest](64)
         subscription = await nats.subscribe_requests(DEV_EVENTS_SUBJECT, "", requests_in)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._deliver_captured)
-                tg.start_soon(poll_engagement_events, self.queue, store, poller)
+                tg.start_soon(
+                    partial(poll_engagement_events, self.queue, store, poller, events=events)
+                )
                 tg.start_soon(self._accept_requests, requests_out, tg)
                 task_status.started()
         finally:

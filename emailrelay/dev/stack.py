@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,6 +200,7 @@ def relay_settings(endpoints: NatsEndpoints, smtp_port: int, http_port: int) -> 
     for name in ("SMTP_USERNAME", "SMTP_PASSWORD", "NATS_CREDS", "SES_ENGAGEMENT_SQS_QUEUE_URL"):
         env.pop(name, None)  # the capture has no AUTH; there is no SQS here
     env.setdefault("LOG_FORMAT", "text")
+    env.setdefault("EVENTS_STREAM_ENABLED", "true")  # see the stream move on a laptop
     env.update(
         {
             "NATS_URL": endpoints.client_url,
@@ -242,7 +244,12 @@ async def _run_relay(
                 _print_urls(info, endpoints, lock.state_dir)
                 async with anyio.create_task_group() as tg:
                     poller = PollerSettings(max_receives=settings.ses_event_max_receives)
-                    await tg.start(engagement.run, nats, tracking, poller)
+                    events = (
+                        await app.open_events_publisher(nats, settings)
+                        if settings.events_stream_enabled
+                        else None
+                    )
+                    await tg.start(partial(engagement.run, events=events), nats, tracking, poller)
                     tg.start_soon(_announce_when_serving, info, lock, options.state_dir_flag)
                     code = await app.serve(
                         settings, nats, http_socket=http_socket, tracking=tracking

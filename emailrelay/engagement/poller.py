@@ -45,6 +45,7 @@ from emailrelay.engagement.handler import (
     EventHandler,
     Outcome,
     RecordUpdater,
+    StreamPublisher,
     SuppressionAdder,
 )
 from emailrelay.metrics import SQS_EVENTS, SQS_RECEIVE_ERRORS
@@ -110,10 +111,12 @@ async def poll_engagement_events(
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     backoff: Backoff | None = None,
     suppressions: SuppressionAdder | None = None,
+    events: StreamPublisher | None = None,
 ) -> None:
     """Run until cancelled; raise :class:`PollerAborted` after
-    ``failures_before_abort`` consecutive receive failures."""
-    handler = EventHandler(store, settings.max_receives, suppressions=suppressions)
+    ``failures_before_abort`` consecutive receive failures. ``events``: the
+    ``EMAIL_EVENTS`` publisher (``EVENTS_STREAM_ENABLED=true``)."""
+    handler = EventHandler(store, settings.max_receives, suppressions=suppressions, events=events)
     summary = _Summary()
     if backoff is None:
         backoff = Backoff(settings.backoff_initial, settings.backoff_max)
