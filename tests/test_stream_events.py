@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import pytest
@@ -330,3 +331,24 @@ def test_a_duplicate_window_under_2_minutes_is_refused() -> None:
 def test_a_duplicate_window_longer_than_the_max_age_is_refused() -> None:
     with pytest.raises(ConfigError, match="must not be longer than EVENTS_MAX_AGE"):
         load_settings({"EVENTS_DUPLICATE_WINDOW": "10m", "EVENTS_MAX_AGE": "5m"})
+
+
+# --- the contract's examples ------------------------------------------------------------------
+
+CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "contract.md"
+
+
+def contract_examples() -> list[dict[str, object]]:
+    """The JSON lines of docs/contract.md's "One example per type" block."""
+    text = CONTRACT.read_text()
+    block = text.split("One example per type", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    return [json.loads(line) for line in block.strip().splitlines()]
+
+
+def test_the_contract_shows_one_example_per_type_each_a_valid_event() -> None:
+    examples = contract_examples()
+    assert [example["type"] for example in examples] == list(api.EVENT_TYPES)
+    for example in examples:
+        event = api.EmailEvent.model_validate(example)
+        assert json.loads(event.to_json()) == example
+        assert event.event_id.startswith(f"{event.type}:")
