@@ -467,7 +467,7 @@ class EmailRelayClient:
                     unread = await self._calls(
                         subscription.fetch, EVENTS_BATCH, timeout=EVENTS_POLL
                     )
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own or asyncio's: none arrived
                     if follow:
                         continue
                     info = await self._calls(subscription.consumer_info)
