@@ -385,3 +385,21 @@ def test_event_without_a_running_stack_exits_3(tmp_path: Path) -> None:
     assert done.returncode == 3
     [line] = done.stderr.strip().splitlines()
     assert f"no emailrelay dev has run in {tmp_path}" in line
+
+
+def test_dev_stack_publishes_events_to_the_stream(shared_stack: DevStack) -> None:
+    server = ("--server", shared_stack.nats_url)
+    email_id = send_first_email(shared_stack)
+    consumer = ("--consumer", f"dev-test-{uuid.uuid4().hex[:8]}")
+    seen: list[str] = []
+
+    def sent_and_delivered() -> bool:
+        done = cli(shared_stack, "events", *server, *consumer, "--json")
+        seen.extend(
+            event["type"]
+            for event in map(json.loads, done.stdout.splitlines())
+            if event["email_id"] == email_id
+        )
+        return sorted(seen) == ["delivered", "sent"]
+
+    wait_until(sent_and_delivered, timeout=30, message=f"events seen: {seen}")
