@@ -439,6 +439,7 @@ async def open_events_publisher(nats: NatsConnection, settings: Settings) -> Eve
         settings.events_max_bytes,
         settings.events_duplicate_window,
     )
+    publisher = EventPublisher(nats, recreate=spec if settings.kv_auto_create else None)
     try:
         there = await open_events_stream(nats, spec, settings.kv_auto_create)
     except StoreError as exc:
@@ -446,7 +447,7 @@ async def open_events_publisher(nats: NatsConnection, settings: Settings) -> Eve
             "events stream not checked: JetStream not available; publishing waits for it",
             extra={"stream": spec.name, "error": str(exc)},
         )
-        return EventPublisher(nats)
+        return publisher
     if not there:
         log.error(
             "EVENTS_STREAM_ENABLED is true but the %s stream does not exist "
@@ -455,7 +456,7 @@ async def open_events_publisher(nats: NatsConnection, settings: Settings) -> Eve
         )
         return None
     log.info("events stream on", extra={"stream": spec.name})
-    return EventPublisher(nats)
+    return publisher
 
 
 async def open_send_stores(

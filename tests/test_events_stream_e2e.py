@@ -504,3 +504,15 @@ def test_cli_events_follow_prints_a_new_event_as_it_comes(
         cli.send_signal(signal.SIGINT)
         cli.communicate(timeout=30)
     assert cli.returncode == 0
+
+
+def test_a_stream_deleted_while_running_is_created_again_by_the_next_event(
+    own_nats_server: NatsServer, smtp: SmtpServer
+) -> None:
+    env = {**relay_defaults(own_nats_server, smtp), "EVENTS_STREAM_ENABLED": "true"}
+    with RelayProcess(env) as process, SyncNats(own_nats_server.url) as client:
+        process.wait_ready()
+        client.run(client.nc.jetstream().delete_stream(api.EVENTS_STREAM))
+        reply = client.request_json(api.SEND_EMAIL_SUBJECT, send_request(to=TO))
+        event = wait_for_event(client, reply["email_id"], "sent")
+    assert event["event_id"] == f"sent:{reply['email_id']}"

@@ -14,12 +14,18 @@ import anyio
 import pytest
 
 from emailrelay import api
+from emailrelay.bridge.nats import NoStreamAnswered
 from emailrelay.config import ConfigError, load_settings
 from emailrelay.deadline import Deadline
 from emailrelay.engagement.events import EngagementEvent, EventKind, parse_message
 from emailrelay.engagement.handler import EventHandler
 from emailrelay.engagement.outcomes import recipient_of, sent_event, ses_outcome
-from emailrelay.engagement.stream import EventPublisher, SentEvents
+from emailrelay.engagement.stream import (
+    EventPublisher,
+    SentEvents,
+    events_stream_spec,
+    open_events_stream,
+)
 from emailrelay.store.kv import StoreError
 from emailrelay.store.pending import PendingTrackingWrites
 from tests.test_engagement_events import SES_EXAMPLES, ses_event, sns_body
@@ -352,3 +358,48 @@ def test_the_contract_shows_one_example_per_type_each_a_valid_event() -> None:
         event = api.EmailEvent.model_validate(example)
         assert json.loads(event.to_json()) == example
         assert event.event_id.startswith(f"{event.type}:")
+
+
+# --- a stream that is not there ----------------------------------------------------------------
+
+
+class MissingStreamHost(FakeStreamHost):
+    """No stream until ``create_stream``: publishes are answered by nobody."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exists = False
+        self.creates = 0
+
+    async def stream_exists(self, name: str) -> bool:
+        return self.exists
+
+    async def create_stream(self, spec: object) -> None:
+        self.creates += 1
+        self.exists = True
+
+    async def publish_to_stream(self, subject: str, data: bytes, msg_id: str) -> bool:
+        if not self.exists:
+            raise NoStreamAnswered("no stream answered")
+        return await super().publish_to_stream(subject, data, msg_id)
+
+
+SPEC = events_stream_spec(1, 3600.0, 1024, 120.0)
+
+
+async def test_a_publish_nobody_answered_creates_the_stream_and_publishes_again() -> None:
+    host = MissingStreamHost()
+    await EventPublisher(host, recreate=SPEC).publish(sent_event(a_record()))
+    assert host.creates == 1
+    assert list(host.stored) == [f"sent:{EMAIL_ID}"]
+
+
+async def test_without_auto_create_a_missing_stream_fails_the_publish() -> None:
+    host = MissingStreamHost()
+    with pytest.raises(StoreError):
+        await EventPublisher(host).publish(sent_event(a_record()))
+    assert host.creates == 0
+
+
+async def test_missing_stream_is_not_created_without_auto_create_at_start() -> None:
+    assert not await open_events_stream(MissingStreamHost(), SPEC, auto_create=False)

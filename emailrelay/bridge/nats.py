@@ -419,6 +419,8 @@ class NatsConnection:
         try:
             with anyio.fail_after(_KV_TIMEOUT):
                 ack = await aio(self._jetstream().publish)(subject, data, headers=headers)
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise NoStreamAnswered(f"publish to {subject}: no stream answered") from exc
         except (nats.errors.Error, TimeoutError) as exc:
             raise StoreError(f"publish to {subject} failed: {exc!r}") from exc
         return bool(ack.duplicate)
@@ -447,6 +449,11 @@ class NatsConnection:
             await aio(self._client.close)()
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             log.info("nats: closed", extra={"error": repr(exc)})
+
+
+class NoStreamAnswered(StoreError):
+    """A JetStream publish nobody answered: no stream holds the subject (it
+    was deleted, or never made), or JetStream is away for a moment."""
 
 
 @dataclass(frozen=True)

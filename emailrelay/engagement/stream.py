@@ -19,13 +19,14 @@ JetStream calls cross into nats-py in :mod:`emailrelay.bridge.nats` only.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
 
 from emailrelay import api
-from emailrelay.bridge.nats import StreamSpec
+from emailrelay.bridge.nats import NoStreamAnswered, StreamSpec
 from emailrelay.deadline import Deadline
 from emailrelay.engagement.outcomes import sent_event
 from emailrelay.metrics import STREAM_EVENT_PUBLISH_FAILURES, STREAM_EVENTS_PUBLISHED
@@ -81,20 +82,59 @@ async def open_events_stream(host: StreamHost, spec: StreamSpec, auto_create: bo
 
 class EventPublisher:
     """Publishes :class:`~emailrelay.api.EmailEvent` s to ``EMAIL_EVENTS``;
-    counts them; raises :class:`StoreError` for one that is not stored."""
+    counts them; raises :class:`StoreError` for one that is not stored.
 
-    def __init__(self, host: StreamHost) -> None:
+    With ``recreate`` (``KV_AUTO_CREATE=true``), a publish no stream answered
+    makes it create the stream (at most once per ``retry_interval``) and
+    publish again: the stream may have been deleted while the relay ran, or
+    JetStream may not have answered at start, as buckets are re-created
+    (emailrelay.store.buckets)."""
+
+    def __init__(
+        self, host: StreamHost, recreate: StreamSpec | None = None, retry_interval: float = 1.0
+    ) -> None:
         self._host = host
+        self._recreate = recreate
+        self._retry_interval = retry_interval
+        self._lock = anyio.Lock()
+        self._tried_at = -math.inf
 
     async def publish(self, event: api.EmailEvent) -> None:
         try:
-            duplicate = await self._host.publish_to_stream(
-                api.events_subject(event.type), event.to_json(), event.event_id
-            )
+            try:
+                duplicate = await self._publish(event)
+            except NoStreamAnswered:
+                if not await self._recreate_stream():
+                    raise
+                duplicate = await self._publish(event)
         except StoreError:
             STREAM_EVENT_PUBLISH_FAILURES.labels(event.type).inc()
             raise
         STREAM_EVENTS_PUBLISHED.labels(event.type, "duplicate" if duplicate else "stored").inc()
+
+    async def _publish(self, event: api.EmailEvent) -> bool:
+        return await self._host.publish_to_stream(
+            api.events_subject(event.type), event.to_json(), event.event_id
+        )
+
+    async def _recreate_stream(self) -> bool:
+        """Create the stream if allowed and not tried within the interval;
+        whether it is there to publish again."""
+        if self._recreate is None:
+            return False
+        async with self._lock:
+            if anyio.current_time() - self._tried_at < self._retry_interval:
+                return False
+            self._tried_at = anyio.current_time()
+            try:
+                created = await open_events_stream(self._host, self._recreate, auto_create=True)
+            except StoreError as exc:
+                log.warning(
+                    "events stream not answering and could not be created",
+                    extra={"stream": self._recreate.name, "error": str(exc)},
+                )
+                return False
+            return created
 
 
 class PendingPublishes(Protocol):
