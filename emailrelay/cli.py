@@ -11,9 +11,9 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -26,6 +26,9 @@ from emailrelay.command import (
     EXIT_USAGE,
     command_name,
 )
+
+if TYPE_CHECKING:
+    from emailrelay.client import EmailRelayClient
 
 
 def _lacks_extra(command: str, extra: str) -> bool:
@@ -586,19 +589,12 @@ def _request(
     show: Callable[[Any], None],
 ) -> int:
     """One request; the reply printed; the exit code (see the README)."""
-    from emailrelay.client import EmailRelayClient, RelayUnavailable
+    from emailrelay.client import RelayUnavailable
 
     servers = _nats_servers(args)
 
     async def ask() -> bytes:
-        # The client retries a refused connection until its connect timeout (a
-        # relay may start before NATS); a person at a terminal wants to know now.
-        problem = await unreachable(servers, args.timeout)
-        if problem is not None:
-            raise RelayUnavailable(f"cannot reach NATS: {problem}")
-        async with EmailRelayClient.connect(
-            servers, timeout=args.timeout, connect_timeout=args.timeout, name="emailrelay-cli"
-        ) as relay:
+        async with _connected_client(servers, args.timeout) as relay:
             return await relay.request(subject, payload)
 
     try:
@@ -607,6 +603,23 @@ def _request(
         print(f"emailrelay: no relay answered: {exc}", file=sys.stderr)
         return EXIT_NO_RELAY
     return _print_reply(args, reply, show)
+
+
+@contextlib.asynccontextmanager
+async def _connected_client(servers: Sequence[str], wait: float) -> AsyncIterator[EmailRelayClient]:
+    """The client, connected; :class:`~emailrelay.client.RelayUnavailable` at
+    once when no server accepts a connection."""
+    from emailrelay.client import EmailRelayClient, RelayUnavailable
+
+    # The client retries a refused connection until its connect timeout (a
+    # relay may start before NATS); a person at a terminal wants to know now.
+    problem = await unreachable(servers, wait)
+    if problem is not None:
+        raise RelayUnavailable(f"cannot reach NATS: {problem}")
+    async with EmailRelayClient.connect(
+        servers, timeout=wait, connect_timeout=wait, name="emailrelay-cli"
+    ) as relay:
+        yield relay
 
 
 def _print_reply(args: argparse.Namespace, reply: bytes, show: Callable[[Any], None]) -> int:
@@ -806,19 +819,14 @@ def _add_events_command(commands: Any) -> None:
 
 
 def _events(args: argparse.Namespace) -> int:
-    from emailrelay.client import EmailRelayClient, RelayUnavailable
+    from emailrelay.client import RelayUnavailable
 
     servers = _nats_servers(args)
     types = sorted(set(args.types))
     consumer = args.consumer or "emailrelay-cli-" + ("-".join(types) or "all")
 
     async def read() -> None:
-        problem = await unreachable(servers, args.timeout)
-        if problem is not None:
-            raise RelayUnavailable(f"cannot reach NATS: {problem}")
-        async with EmailRelayClient.connect(
-            servers, timeout=args.timeout, connect_timeout=args.timeout, name="emailrelay-cli"
-        ) as relay:
+        async with _connected_client(servers, args.timeout) as relay:
             stream = relay.events(consumer, types, follow=args.follow)
             async with contextlib.aclosing(stream):
                 async for event in stream:
