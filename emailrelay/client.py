@@ -474,8 +474,6 @@ class EmailRelayClient:
                     if not info.num_pending:
                         return
                     continue
-                except nats.errors.Error as exc:
-                    raise RelayUnavailable(f"reading {api.EVENTS_STREAM} failed: {exc!r}") from None
                 while unread:
                     msg = unread[0]
                     try:
@@ -486,6 +484,8 @@ class EmailRelayClient:
                         yield event
                         await self._calls(msg.ack)
                     unread.pop(0)
+        except nats.errors.Error as exc:
+            raise RelayUnavailable(f"reading {api.EVENTS_STREAM} failed: {exc!r}") from None
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 for msg in unread:  # the one in hand and any not handed out: again, now

@@ -410,11 +410,13 @@ class NatsConnection:
 
     async def publish_to_stream(self, subject: str, data: bytes, msg_id: str) -> bool:
         """Publish to JetStream with ``Nats-Msg-Id: msg_id`` and wait for the
-        stream's acknowledgement, at most ``timeout`` seconds; ``True`` when
-        the stream dropped it as a copy of a message it already holds (same id
-        within its duplicate window). :class:`StoreError` when it is not
-        stored (no stream, JetStream unavailable, no acknowledgement in time):
-        the caller keeps it to publish again."""
+        stream's acknowledgement (5 s at most; a caller may bound it tighter);
+        ``True`` when the stream dropped it as a copy of a message it already
+        holds (same id within its duplicate window). :class:`NoStreamAnswered`
+        when nobody answered, :class:`StoreError` for any other failure (no
+        acknowledgement in time, a JetStream error): the caller keeps the
+        event to publish again (a message that did land then arrives as a
+        duplicate and is dropped)."""
         headers = {api.MSG_ID_HEADER: msg_id}
         try:
             with anyio.fail_after(_KV_TIMEOUT):
