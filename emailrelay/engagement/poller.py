@@ -13,6 +13,11 @@ after ``max_receives`` receives). Anything else (a store error, a record that
 does not exist yet) stays in the queue and comes back after its visibility
 timeout; applying an event twice changes nothing, so redelivery is safe.
 
+With the events stream on (``EVENTS_STREAM_ENABLED=true``), an applied event
+is also published to ``EMAIL_EVENTS`` before its message is deleted; a publish
+that fails keeps the message too (the stream drops the copy a redelivery
+publishes again, emailrelay.engagement.stream).
+
 With the suppression list on (``SUPPRESSION_ENABLED=true``), a Permanent
 bounce or a complaint first adds the recipients it names
 (emailrelay.engagement.suppression), whether or not the message carries a
