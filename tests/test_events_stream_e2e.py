@@ -516,3 +516,44 @@ def test_a_stream_deleted_while_running_is_created_again_by_the_next_event(
         reply = client.request_json(api.SEND_EMAIL_SUBJECT, send_request(to=TO))
         event = wait_for_event(client, reply["email_id"], "sent")
     assert event["event_id"] == f"sent:{reply['email_id']}"
+
+
+def test_an_event_the_stream_did_not_take_stays_in_sqs_until_it_does(
+    own_nats_server: NatsServer,
+    smtp: SmtpServer,
+    sqs_server: SqsServer,
+    tmp_path: Path,
+) -> None:
+    queue = sqs_server.create_queue(f"ses-retry-{uuid.uuid4().hex[:8]}", visibility_timeout=1)
+    env = {
+        **relay_defaults(own_nats_server, smtp),
+        "EVENTS_STREAM_ENABLED": "true",
+        "SES_EVENTING_ENABLED": "true",
+        "SES_ENGAGEMENT_SQS_QUEUE_URL": queue,
+        **aws_env(sqs_server.endpoint_url, tmp_path),
+    }
+    with RelayProcess(env) as creator:  # makes the buckets and the stream
+        creator.wait_ready()
+    with (
+        RelayProcess({**env, "KV_AUTO_CREATE": "false"}) as process,
+        SyncNats(own_nats_server.url) as client,
+    ):
+        process.wait_ready()
+        js = client.nc.jetstream()
+        config = client.run(js.stream_info(api.EVENTS_STREAM)).config
+        email_id = send_email(client)
+        client.run(js.delete_stream(api.EVENTS_STREAM))
+        sqs_server.send(queue, sns_body(event_for("Bounce", email_id)))
+        wait_until(
+            lambda: (
+                process.metric("emailrelay_stream_event_publish_failures_total", type="bounced")
+                >= 2
+            ),
+            timeout=30,
+            message="the bounce was not tried (and redelivered) while the stream was gone",
+        )
+        assert sqs_server.queue_depth(queue) == 1
+        client.run(js.add_stream(config))
+        wait_for_event(client, email_id, "bounced", timeout=30)
+        wait_until(lambda: sqs_server.queue_depth(queue) == 0, timeout=30)
+        assert [e["type"] for e in events_of(client, email_id)] == ["bounced"]
