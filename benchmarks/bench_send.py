@@ -13,6 +13,10 @@ After each run it checks that every success reached the SMTP server (by
 once. CPU per send comes from ``/proc/<pid>/stat`` deltas over the measured
 phase (warm-up excluded); peak RSS from ``VmHWM``.
 
+Rows marked ``events`` run with ``EVENTS_STREAM_ENABLED=true`` beside the same
+scenario without it: the cost of publishing each ``sent`` event to EMAIL_EVENTS
+(and each is checked to be in the stream once).
+
 Ceilings, each measured in the same run at the same concurrency:
 ``responder`` (a trivial NATS responder behind the relay's trio-asyncio
 hand-off), ``smtp`` (the relay's SMTP pool alone against the same sink, same
@@ -41,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +77,12 @@ SEND_SUBJECT = "lfx.email-service.send_email"
 MATRIX = (
     Scenario(0, 1),
     Scenario(0, 64),
+    Scenario(0, 64, events=True),
     Scenario(0, 256),
     Scenario(0, 256, processes=3),
     Scenario(50, 1),
     Scenario(50, 64),
+    Scenario(50, 64, events=True),
     Scenario(50, 64, pool=64),
     Scenario(50, 256),
     Scenario(50, 256, pool=256),
@@ -308,6 +315,8 @@ class Bench:
         }
         if scenario.pool:
             env["SMTP_POOL_SIZE"] = str(scenario.pool)
+        if scenario.events:
+            env["EVENTS_STREAM_ENABLED"] = "true"
         c, n = scenario.concurrency, self.requests_for(scenario.concurrency)
         group = f"bench-{uuid.uuid4()}"
         pool = scenario.pool or "default"
@@ -336,6 +345,9 @@ class Bench:
             metrics = [relay.metrics() for relay in relays]
             ids = outcome.ids
             checked = asyncio.run(verify.collect(self.nats.url, group, ids, sink.values()))
+            events = (
+                asyncio.run(verify.sent_events(self.nats.url, ids)) if scenario.events else None
+            )
         finally:
             exits = [relay.stop() for relay in relays]
         successes = len(ids)
@@ -353,10 +365,13 @@ class Bench:
             peak_rss_mb=rss,
             ready_seconds=[relay.ready_seconds for relay in relays],
             verification=checked.summary(),
-            verified=checked.ok and successes > 0,
+            verified=checked.ok and successes > 0 and _events_ok(events, ids),
             ceilings=ceilings,
         )
         result.notes.append(checked.summary())
+        if events is not None:
+            once = sum(1 for i in ids if events[i] == 1)
+            result.notes.append(f"{once} of {successes} with one sent event in EMAIL_EVENTS")
         if checked.index_total is not None and checked.index_total != successes:
             result.notes.append(f"group index holds {checked.index_total} ids")
         if result.errors:
@@ -365,6 +380,11 @@ class Bench:
         if any(code != 0 for code in exits):
             result.notes.append(f"relay exit codes {exits}")
         return result
+
+
+def _events_ok(events: Counter[str] | None, ids: Sequence[str]) -> bool:
+    """With the events stream on, every success has exactly one ``sent`` event."""
+    return events is None or all(events[i] == 1 for i in ids)
 
 
 def _self_driven(kind: str, params: str, n: int, result: dict[str, object]) -> Ceiling:

@@ -88,6 +88,39 @@ IDEMPOTENT_REPLAY_HEADER = "Emailrelay-Idempotent-Replay"
 """Reply header (an addition): ``true`` on the reply to a send whose
 idempotency key had already sent; the body is the first send's reply."""
 
+# --- JetStream stream of engagement events -----------------------------------
+
+EVENTS_STREAM = "EMAIL_EVENTS"
+"""An addition (``EVENTS_STREAM_ENABLED=true``): every outcome of a sent email,
+once, as one :class:`EmailEvent` per message (docs/contract.md, "Engagement
+events on NATS")."""
+
+EVENTS_SUBJECT_PREFIX = "lfx.email-service.events"
+EVENTS_SUBJECTS = EVENTS_SUBJECT_PREFIX + ".>"
+"""The stream's subjects: ``lfx.email-service.events.<type>``."""
+
+EVENT_TYPES = (
+    "sent",
+    "delivered",
+    "opened",
+    "clicked",
+    "bounced",
+    "complained",
+    "delayed",
+    "rejected",
+)
+"""Every ``type`` an :class:`EmailEvent` has: ``sent`` when the provider
+accepted the message (the send path), the rest from SES events."""
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+"""JetStream's de-duplication header; an event carries its ``event_id`` in it."""
+
+
+def events_subject(event_type: str) -> str:
+    """The subject an event of ``event_type`` is published on."""
+    return f"{EVENTS_SUBJECT_PREFIX}.{event_type}"
+
+
 # --- JetStream KV ------------------------------------------------------------
 
 RECIPIENTS_BUCKET = "email-recipients"
@@ -390,6 +423,39 @@ class ClickEvent(BaseModel):
     event_id: str
     link: str
     clicked_at: Timestamp
+
+
+class EmailEvent(BaseModel):
+    """One message of the ``EMAIL_EVENTS`` stream: one outcome of one email.
+
+    ``event_id`` is derived from the event, never random (``sent:<email_id>``;
+    for SES events a hash of the SES message id, the type, the event's own
+    timestamp and the recipient), so the same event arriving twice has one id:
+    it travels as :data:`MSG_ID_HEADER` and the stream drops the copy. Fields
+    that do not apply to a type are absent, never null; fields this version
+    does not know are kept (a newer relay may add some)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event_id: str
+    type: str
+    """One of :data:`EVENT_TYPES`; also the last token of the subject."""
+    email_id: str
+    group_id: str
+    recipient: str
+    """The bare address (``a@example.org``), as the record's ``to`` names it."""
+    occurred_at: Timestamp
+    """The provider's time where it gives one (SES's detail timestamp), else
+    the relay's: ``sent_at`` for ``sent``, the time of processing otherwise."""
+    bounce_type: str | None = None
+    bounce_sub_type: str | None = None
+    complaint_feedback_type: str | None = None
+    link: str | None = None
+    ses_message_id: str | None = None
+
+    def to_json(self) -> bytes:
+        """The message body: unset optional fields left out."""
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 OPENS_KEPT = 100

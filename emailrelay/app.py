@@ -14,7 +14,8 @@
         ├── NATS connection watch (closed for good: stop, exit 1)
         ├── SQS poller for SES events (when SES_EVENTING_ENABLED=true)
         ├── tracking watcher (when the KV store was missing at start)
-        ├── pending tracking writes (sent emails whose record waits for the store)
+        ├── pending tracking writes (sent emails whose record waits for the store,
+        │      and sent events waiting for EMAIL_EVENTS when EVENTS_STREAM_ENABLED=true)
         └── signal watcher (from before NATS is connected)
 
 The SMTP pool is a resource of the send handler, closed after the last
@@ -45,6 +46,12 @@ from emailrelay.command import EXIT_FAILURE, EXIT_OK, command_name
 from emailrelay.config import Settings
 from emailrelay.discovery import ServiceStats, instance_metadata, serve_discovery
 from emailrelay.engagement.poller import MessageQueue, PollerSettings, poll_engagement_events
+from emailrelay.engagement.stream import (
+    EventPublisher,
+    SentEvents,
+    events_stream_spec,
+    open_events_stream,
+)
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.erasure import EraseRecipientDataHandler
 from emailrelay.handlers.send import (
@@ -70,6 +77,7 @@ from emailrelay.server import CUT_OFF_SECONDS, Handler, RequestServer, bounded_b
 from emailrelay.sqs import SqsClient, SqsError
 from emailrelay.store import buckets
 from emailrelay.store.idempotency import IdempotencyStore
+from emailrelay.store.kv import StoreError
 from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.suppressions import SuppressionStore
 from emailrelay.store.tracking import TrackingStore
@@ -217,6 +225,11 @@ async def serve(
             "is answered as skipped (empty email_id), also in a queue group beside relays "
             "that do send (emailrelay_skipped_sends counts them); set EMAIL_ENABLED=true to send"
         )
+    publisher: EventPublisher | None = None
+    if settings.events_stream_enabled:
+        publisher = await open_events_publisher(nats, settings)
+        if publisher is None:
+            return EXIT_FAILURE
     pool = build_smtp_pool(settings) if settings.email_enabled else None
     pending = PendingTrackingWrites()
     # Started before the KV store could be opened (a cluster still electing
@@ -233,6 +246,7 @@ async def serve(
         on_expired=REQUESTS_EXPIRED.inc,
         reservations=reservations,
         suppressions=suppressions,
+        sent_events=None if publisher is None else SentEvents(publisher, pending),
     )
     service = ServiceStats([], metadata=instance_metadata(settings.email_enabled))
     requests = RequestServer(
@@ -277,7 +291,9 @@ async def serve(
             if sqs is not None:
                 events = EventSource(sqs, "sqs poller", "SQS")
             if events is not None and tracking is not None:
-                _start_engagement(tg, lifecycle, events, tracking, settings, suppressions)
+                _start_engagement(
+                    tg, lifecycle, events, tracking, settings, suppressions, publisher
+                )
             if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
                 subscribed.set()
             if tracking is not None:
@@ -331,16 +347,23 @@ def _start_engagement(
     tracking: TrackingStore,
     settings: Settings,
     suppressions: SuppressionStore | None,
+    publisher: EventPublisher | None,
 ) -> None:
     """The engagement path, the same whatever the source: the production
-    poller over ``events`` into the tracking store and, when it is on, the
-    suppression list (Permanent bounces and complaints)."""
+    poller over ``events`` into the tracking store, the suppression list
+    (Permanent bounces and complaints) and the ``EMAIL_EVENTS`` stream, each
+    when it is on."""
     poller = PollerSettings(max_receives=settings.ses_event_max_receives)
     tg.start_soon(
         lifecycle.supervise,
         events.part,
         lambda: poll_engagement_events(
-            events.queue, tracking, poller, suppressions=suppressions, source=events.name
+            events.queue,
+            tracking,
+            poller,
+            suppressions=suppressions,
+            source=events.name,
+            events=publisher,
         ),
     )
 
@@ -507,6 +530,39 @@ async def open_tracking_store(nats: NatsConnection, settings: Settings) -> Track
         buckets.BucketPolicy(settings.kv_auto_create, settings.kv_replicas),
         retention=settings.retention or 0.0,
     )
+
+
+async def open_events_publisher(nats: NatsConnection, settings: Settings) -> EventPublisher | None:
+    """The ``EMAIL_EVENTS`` publisher, the stream created first when missing
+    and KV_AUTO_CREATE=true. ``None``, with one error line, when it is missing
+    and may not be created: the relay must not start (as with a missing
+    suppression bucket). JetStream not answering yet is no reason to stop:
+    publishing then fails like any outage (sent events wait, SES events stay
+    in SQS) until it answers."""
+    spec = events_stream_spec(
+        settings.kv_replicas,
+        settings.events_max_age,
+        settings.events_max_bytes,
+        settings.events_duplicate_window,
+    )
+    publisher = EventPublisher(nats, recreate=spec if settings.kv_auto_create else None)
+    try:
+        there = await open_events_stream(nats, spec, settings.kv_auto_create)
+    except StoreError as exc:
+        log.warning(
+            "events stream not checked: JetStream not available; publishing waits for it",
+            extra={"stream": spec.name, "error": str(exc)},
+        )
+        return publisher
+    if not there:
+        log.error(
+            "EVENTS_STREAM_ENABLED is true but the %s stream does not exist "
+            "(create it, or set KV_AUTO_CREATE=true); exiting",
+            spec.name,
+        )
+        return None
+    log.info("events stream on", extra={"stream": spec.name})
+    return publisher
 
 
 async def open_send_stores(

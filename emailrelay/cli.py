@@ -13,7 +13,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
@@ -30,7 +30,7 @@ from emailrelay.command import (
 )
 
 if TYPE_CHECKING:
-    from emailrelay.client import RelayReply
+    from emailrelay.client import EmailRelayClient, RelayReply
     from emailrelay.dev.state import StackInfo
 
 
@@ -485,6 +485,7 @@ def _add_client_commands(commands: Any) -> None:
     analytics.set_defaults(run=_analytics, parser=analytics)
     _add_suppression_command(commands)
     _add_erase_command(commands)
+    _add_events_command(commands)
 
 
 def _idempotency_key(value: str) -> str:
@@ -723,19 +724,12 @@ def _request(
     replayed: Callable[[Any], None] | None = None,
 ) -> int:
     """One request; the reply printed; the exit code (see the README)."""
-    from emailrelay.client import EmailRelayClient, NoResponders, RelayUnavailable
+    from emailrelay.client import NoResponders, RelayUnavailable
 
     servers = _nats_servers(args)
 
     async def ask() -> RelayReply:
-        # The client retries a refused connection until its connect timeout (a
-        # relay may start before NATS); a person at a terminal wants to know now.
-        problem = await unreachable(servers, args.timeout)
-        if problem is not None:
-            raise RelayUnavailable(f"cannot reach NATS: {problem}")
-        async with EmailRelayClient.connect(
-            servers, timeout=args.timeout, connect_timeout=args.timeout, name="emailrelay-cli"
-        ) as relay:
+        async with _connected_client(servers, args.timeout) as relay:
             return await relay.exchange(subject, payload)
 
     try:
@@ -747,6 +741,23 @@ def _request(
         return EXIT_NO_RELAY
     show_reply = replayed if replayed is not None and reply.replayed else show
     return _print_reply(args, reply, show_reply)
+
+
+@contextlib.asynccontextmanager
+async def _connected_client(servers: Sequence[str], wait: float) -> AsyncIterator[EmailRelayClient]:
+    """The client, connected; :class:`~emailrelay.client.RelayUnavailable` at
+    once when no server accepts a connection."""
+    from emailrelay.client import EmailRelayClient, RelayUnavailable
+
+    # The client retries a refused connection until its connect timeout (a
+    # relay may start before NATS); a person at a terminal wants to know now.
+    problem = await unreachable(servers, wait)
+    if problem is not None:
+        raise RelayUnavailable(f"cannot reach NATS: {problem}")
+    async with EmailRelayClient.connect(
+        servers, timeout=wait, connect_timeout=wait, name="emailrelay-cli"
+    ) as relay:
+        yield relay
 
 
 def _print_reply(args: argparse.Namespace, reply: RelayReply, show: Callable[[Any], None]) -> int:
@@ -968,6 +979,79 @@ def _show_analytics(body: Any) -> None:
     reply = api.EngagementAnalyticsReply.model_validate(body)
     for name, value in reply.model_dump().items():
         print(f"{name:<14} {value}")
+
+
+# --- emailrelay events ----------------------------------------------------------
+
+
+def _add_events_command(commands: Any) -> None:
+    events = commands.add_parser(
+        "events",
+        help="read the EMAIL_EVENTS stream (relays with EVENTS_STREAM_ENABLED=true)",
+        description=(
+            "Print the outcomes of sent emails from the JetStream stream EMAIL_EVENTS, one "
+            "line each, oldest first, through a durable consumer: a second run goes on "
+            "where the first stopped. Without --follow it stops once it has caught up."
+        ),
+        epilog=EXIT_CODES_HELP.replace("no relay answered", "the stream cannot be read"),
+    )
+    events.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        choices=api.EVENT_TYPES,
+        default=[],
+        metavar="TYPE",
+        help=f"only this type, repeatable ({', '.join(api.EVENT_TYPES)}); default: all",
+    )
+    events.add_argument(
+        "--follow", "-f", action="store_true", help="keep waiting for new events (Ctrl-C stops)"
+    )
+    events.add_argument(
+        "--consumer",
+        metavar="NAME",
+        help="the durable consumer's name (default: emailrelay-cli-<types or all>)",
+    )
+    _add_connection_options(events)
+    events.set_defaults(run=_events, parser=events)
+
+
+def _events(args: argparse.Namespace) -> int:
+    from emailrelay.client import RelayUnavailable
+
+    servers = _nats_servers(args)
+    types = sorted(set(args.types))
+    consumer = args.consumer or "emailrelay-cli-" + ("-".join(types) or "all")
+
+    async def read() -> None:
+        async with _connected_client(servers, args.timeout) as relay:
+            stream = relay.events(consumer, types, follow=args.follow)
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    print(event.to_json().decode() if args.json else _event_line(event))
+                    sys.stdout.flush()
+
+    try:
+        asyncio.run(read())
+    except RelayUnavailable as exc:
+        print(f"emailrelay: {exc}", file=sys.stderr)
+        return EXIT_NO_RELAY
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _event_line(event: api.EmailEvent) -> str:
+    details = {
+        "bounce": "/".join(filter(None, (event.bounce_type, event.bounce_sub_type))),
+        "feedback": event.complaint_feedback_type,
+        "link": event.link,
+    }
+    extra = "".join(f"  {name}={value}" for name, value in details.items() if value)
+    return (
+        f"{api.format_time(event.occurred_at)}  {event.type:<10}  {event.recipient}  "
+        f"email_id={event.email_id}  group_id={event.group_id}{extra}"
+    )
 
 
 def _serve_epilog() -> str:

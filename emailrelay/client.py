@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from emailrelay import api
@@ -38,6 +41,11 @@ from emailrelay.bridge.loop import AsyncioCalls
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
+EVENTS_BATCH = 16
+"""Events fetched from the stream per round trip by :meth:`EmailRelayClient.events`."""
+EVENTS_POLL = 1.0
+"""Seconds one fetch waits for new events before looking again (or, without
+``follow``, before deciding the reader has caught up)."""
 
 
 # --- Errors ------------------------------------------------------------------
@@ -475,3 +483,80 @@ class EmailRelayClient:
             api.GET_EMAIL_ENGAGEMENT_ANALYTICS_SUBJECT, {"group_id": group_id}
         )
         return _as_model(reply, api.EngagementAnalyticsReply)
+
+    # --- events -----------------------------------------------------------
+
+    async def events(
+        self, consumer: str, types: Sequence[str] = (), *, follow: bool = False
+    ) -> AsyncGenerator[api.EmailEvent, None]:
+        """The ``EMAIL_EVENTS`` stream (relays with ``EVENTS_STREAM_ENABLED=true``),
+        read through the durable pull consumer ``consumer``, created on first
+        use (from the stream's first event) and then resumed where it was left.
+        ``types`` (``"bounced"``, ...; see :data:`emailrelay.api.EVENT_TYPES`)
+        filters on the subject; empty: every type. Without ``follow`` the
+        iterator ends once it has caught up; with it, it waits for new events.
+
+        An event is acknowledged when the caller asks for the next one, so one
+        that was being handled when the caller stopped (an exception, a
+        ``break``) is read again next time: at least once. Close the iterator
+        (``contextlib.aclosing``) when leaving it early. Raises
+        :class:`RelayUnavailable` when the stream cannot be read."""
+        unknown = sorted(set(types) - set(api.EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {', '.join(unknown)}")
+        nc = self._connection()
+        js = nc.jetstream()
+        subjects = [api.events_subject(t) for t in sorted(set(types))]
+        config = ConsumerConfig(
+            durable_name=consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+        )
+        try:
+            await self._calls(js.add_consumer, api.EVENTS_STREAM, config, timeout=self.timeout)
+            subscription = await self._calls(js.pull_subscribe_bind, consumer, api.EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            raise RelayUnavailable(
+                f"the {api.EVENTS_STREAM} stream does not exist "
+                "(a relay with EVENTS_STREAM_ENABLED=true creates it)"
+            ) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise RelayUnavailable(f"reading {api.EVENTS_STREAM} failed: {exc!r}") from None
+        unread: list[Msg] = []
+        try:
+            while True:
+                try:
+                    unread = await self._calls(
+                        subscription.fetch, EVENTS_BATCH, timeout=EVENTS_POLL
+                    )
+                except TimeoutError:  # nats-py raises its own or asyncio's: none arrived
+                    if follow:
+                        continue
+                    info = await self._calls(subscription.consumer_info)
+                    if not info.num_pending:
+                        return
+                    continue
+                while unread:
+                    msg = unread[0]
+                    try:
+                        event = api.EmailEvent.model_validate_json(msg.data)
+                    except ValidationError:
+                        await self._calls(msg.term)  # never readable: not again
+                    else:
+                        yield event
+                        await self._calls(msg.ack)
+                    unread.pop(0)
+        except nats.errors.Error as exc:
+            raise RelayUnavailable(f"reading {api.EVENTS_STREAM} failed: {exc!r}") from None
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                for msg in unread:  # the one in hand and any not handed out: again, now
+                    await self._calls(msg.nak)
+                await self._calls(subscription.unsubscribe)
+
+    def _connection(self) -> Client:
+        if self._nc is None:
+            raise RuntimeError("use the client inside `async with EmailRelayClient.connect(...)`")
+        return self._nc

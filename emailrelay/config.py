@@ -230,6 +230,16 @@ class Settings(BaseModel):
         default=5, alias="SES_EVENT_MAX_RECEIVES"
     )
 
+    # Engagement events on NATS (the EMAIL_EVENTS stream)
+    events_stream_enabled: Bool = Field(default=False, alias="EVENTS_STREAM_ENABLED")
+    """Publish every outcome once to EMAIL_EVENTS (emailrelay.engagement.stream)."""
+    events_max_age: Seconds = Field(default=30 * 24 * 3600.0, alias="EVENTS_MAX_AGE")
+    """How long the stream keeps an event (a stream the relay creates)."""
+    events_max_bytes: Annotated[int, Field(ge=1)] = Field(default=1024**3, alias="EVENTS_MAX_BYTES")
+    """The stream's size bound in bytes; the oldest events go first beyond it."""
+    events_duplicate_window: Seconds = Field(default=120.0, alias="EVENTS_DUPLICATE_WINDOW")
+    """How long the stream remembers an event id to drop its copies."""
+
     # Tracking store
     kv_replicas: Annotated[int, Field(ge=1, le=5)] = Field(default=1, alias="KV_REPLICAS")
     kv_auto_create: Bool = Field(default=True, alias="KV_AUTO_CREATE")
@@ -329,6 +339,10 @@ def _is_duration(field: FieldInfo | None) -> bool:
     )
 
 
+MIN_EVENTS_DUPLICATE_WINDOW = 120.0
+"""Seconds: JetStream's own default window, and the least the issue allows."""
+
+
 def _check_consistency(settings: Settings) -> None:
     if settings.log_level.lower() not in ("debug", "info", "warn", "warning", "error"):
         raise ConfigError(
@@ -343,6 +357,16 @@ def _check_consistency(settings: Settings) -> None:
         missing = "SMTP_PASSWORD" if settings.smtp_username else "SMTP_USERNAME"
         raise ConfigError(
             f"SMTP_USERNAME and SMTP_PASSWORD must be set together ({missing} is empty)"
+        )
+    if settings.events_duplicate_window < MIN_EVENTS_DUPLICATE_WINDOW:
+        raise ConfigError(
+            "EVENTS_DUPLICATE_WINDOW must be at least 2m (a redelivered SES event "
+            f"must still find its first copy; got {settings.events_duplicate_window:g}s)"
+        )
+    if settings.events_duplicate_window > settings.events_max_age:
+        raise ConfigError(
+            "EVENTS_DUPLICATE_WINDOW must not be longer than EVENTS_MAX_AGE "
+            f"({settings.events_duplicate_window:g}s > {settings.events_max_age:g}s)"
         )
     if settings.ses_eventing_enabled and not settings.ses_engagement_sqs_queue_url:
         raise ConfigError(
@@ -368,7 +392,7 @@ def environment_defaults() -> list[tuple[str, str]]:
         elif isinstance(default, enum.Enum):
             shown = str(default.value)
         elif isinstance(default, float) and _is_duration(field):
-            shown = f"{default:g}s"
+            shown = f"{default:.15g}s"
         else:
             shown = str(default)
         rows.append((field.alias, shown))

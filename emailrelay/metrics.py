@@ -144,3 +144,19 @@ SKIPPED_SENDS = Counter(
     "(outside SMTP_ALLOWED_RECIPIENT_DOMAINS).",
     ["reason"],
 )
+STREAM_EVENTS_PUBLISHED = Counter(
+    "emailrelay_stream_events_published",
+    "Events published to the EMAIL_EVENTS stream (EVENTS_STREAM_ENABLED=true), by type and "
+    "outcome: stored, or duplicate (the stream already held that event id and dropped it).",
+    ["type", "outcome"],
+)
+STREAM_EVENT_PUBLISH_FAILURES = Counter(
+    "emailrelay_stream_event_publish_failures",
+    "Publishes to EMAIL_EVENTS that failed, by type: a sent event then waits in the "
+    "pending writes, an SES event's SQS message comes back for redelivery.",
+    ["type"],
+)
+STREAM_EVENTS_PENDING = Gauge(
+    "emailrelay_stream_events_pending",
+    "Sent events not yet published to EMAIL_EVENTS, waiting for the stream to answer.",
+)

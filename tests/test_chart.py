@@ -396,6 +396,12 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
             "engagementSqsQueueUrl": "https://sqs.us-west-2.amazonaws.com/1/q",
             "eventMaxReceives": 7,
         },
+        "events": {
+            "streamEnabled": True,
+            "maxAge": "48h",
+            "maxBytes": 1048576,
+            "duplicateWindow": "5m",
+        },
         "limits": {
             "maxInFlight": 64,
             "maxBacklog": 32,
@@ -435,6 +441,10 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "SES_EVENTING_ENABLED": "true",
         "SES_ENGAGEMENT_SQS_QUEUE_URL": "https://sqs.us-west-2.amazonaws.com/1/q",
         "SES_EVENT_MAX_RECEIVES": "7",
+        "EVENTS_STREAM_ENABLED": "true",
+        "EVENTS_MAX_AGE": "48h",
+        "EVENTS_MAX_BYTES": "1048576",
+        "EVENTS_DUPLICATE_WINDOW": "5m",
         "MAX_IN_FLIGHT": "64",
         "MAX_BACKLOG": "32",
         "MAX_READS_IN_FLIGHT": "8",
@@ -612,6 +622,35 @@ def test_kv_buckets_render_as_nack_keyvalues(chart: helm_python.Chart) -> None:
     assert {o["spec"]["replicas"] for o in buckets.values()} == {3}
 
 
+def test_events_stream_renders_beside_the_buckets_only_when_enabled(
+    chart: helm_python.Chart,
+) -> None:
+    assert "Stream" not in kinds(render(chart, {"kv": {"enabled": True}}))
+    values = {"kv": {"enabled": True, "replicas": 3}, "config": {"events": {"streamEnabled": True}}}
+    stream = only(render(chart, values), "Stream")
+    assert stream["apiVersion"] == "jetstream.nats.io/v1beta2"
+    assert stream["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert stream["spec"] == {
+        "name": "EMAIL_EVENTS",
+        "subjects": ["lfx.email-service.events.>"],
+        "storage": "file",
+        "discard": "old",
+        "replicas": 3,
+        "maxAge": "720h",
+        "maxBytes": 1024**3,
+        "duplicateWindow": "2m",
+    }
+
+
+def test_events_stream_limits_match_the_relays_defaults(chart: helm_python.Chart) -> None:
+    values = {"kv": {"enabled": True}, "config": {"events": {"streamEnabled": True}}}
+    spec = only(render(chart, values), "Stream")["spec"]
+    defaults = Settings()
+    assert spec["maxBytes"] == defaults.events_max_bytes
+    assert (spec["maxAge"], spec["duplicateWindow"]) == ("720h", "2m")
+    assert (defaults.events_max_age, defaults.events_duplicate_window) == (720 * 3600, 120)
+
+
 def test_kv_bucket_replicas_default_to_kv_replicas_config(chart: helm_python.Chart) -> None:
     values = {"kv": {"enabled": True}, "config": {"nats": {"kvReplicas": 5}}}
     buckets = [obj for obj in render(chart, values) if obj["kind"] == "KeyValue"]
@@ -745,6 +784,19 @@ def test_nats_permissions_publish_only_to_the_relays_buckets_and_reply_by_respon
     for subject in permissions["publish"]["allow"]:
         assert any(bucket in subject for bucket in buckets), subject
     assert "_INBOX.>" not in permissions["publish"]["allow"]
+
+
+def test_nats_permissions_grant_the_events_stream_only_when_enabled(
+    chart: helm_python.Chart,
+) -> None:
+    events = {
+        "lfx.email-service.events.>",
+        "$JS.API.STREAM.INFO.EMAIL_EVENTS",
+        "$JS.API.STREAM.CREATE.EMAIL_EVENTS",
+    }
+    assert events.isdisjoint(nats_permissions(chart, {})["publish"]["allow"])
+    enabled = nats_permissions(chart, {"config": {"events": {"streamEnabled": True}}})
+    assert events <= set(enabled["publish"]["allow"])
 
 
 def test_nats_permissions_extra_subjects_are_appended(chart: helm_python.Chart) -> None:

@@ -331,6 +331,7 @@ def test_every_command_is_there() -> None:
         "emailrelay suppression add",
         "emailrelay suppression remove",
         "emailrelay erase",
+        "emailrelay events",
     }
 
 

@@ -512,3 +512,21 @@ def test_erasure_deletes_the_recipients_captured_messages(shared_stack: DevStack
     assert json.loads(erased.stdout)["erased_records"] == 1
     assert addressed_to(target) == []
     assert all(path.exists() for path in kept)
+
+
+def test_dev_stack_publishes_events_to_the_stream(shared_stack: DevStack) -> None:
+    server = ("--server", shared_stack.nats_url)
+    email_id = send_first_email(shared_stack)
+    consumer = ("--consumer", f"dev-test-{uuid.uuid4().hex[:8]}")
+    seen: list[str] = []
+
+    def sent_and_delivered() -> bool:
+        done = cli(shared_stack, "events", *server, *consumer, "--json")
+        seen.extend(
+            event["type"]
+            for event in map(json.loads, done.stdout.splitlines())
+            if event["email_id"] == email_id
+        )
+        return sorted(seen) == ["delivered", "sent"]
+
+    wait_until(sent_and_delivered, timeout=30, message=f"events seen: {seen}")

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from emailrelay import api
+from tests.support.event_stream import wait_for_event
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
@@ -164,3 +165,34 @@ def test_without_kv_auto_create_the_relay_may_not_create_streams() -> None:
     values = {"config": {"nats": {"kvAutoCreate": False}}}
     publish = json.loads(chart_permissions(values)["emailrelay-permissions.json"])["publish"]
     assert [s for s in publish["allow"] if ".CREATE." in s] == []
+
+
+EVENTS_ON = {"config": {"events": {"streamEnabled": True}}}
+
+
+@pytest.fixture(scope="module")
+def events_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A server enforcing the chart's list for a release with the events stream on."""
+    snippet = chart_permissions(EVENTS_ON)["emailrelay-permissions.conf"]
+    config = server_config(tmp_path_factory.mktemp("nats-permissions-events"), snippet)
+    with NatsServer(extra_args=("--config", str(config))) as server:
+        yield server
+
+
+def test_events_stream_works_with_only_the_chart_permissions(
+    events_nats: NatsServer, smtp_server: SmtpServer
+) -> None:
+    env = {
+        **relay_defaults(events_nats, smtp_server),
+        "NATS_URL": url_for(events_nats, RELAY_USER, RELAY_PASSWORD),
+        "EVENTS_STREAM_ENABLED": "true",
+    }
+    with (
+        RelayProcess(env) as relay,
+        SyncNats(url_for(events_nats, CALLER_USER, CALLER_PASSWORD)) as caller,
+    ):
+        relay.wait_ready()  # the stream looked up and created under the list
+        sent = caller.request_json(api.SEND_EMAIL_SUBJECT, send_request())
+        event = wait_for_event(caller, sent["email_id"], "sent")
+    assert event["event_id"] == f"sent:{sent['email_id']}"
+    assert violations(events_nats) == []

@@ -24,10 +24,13 @@ class Scenario:
     concurrency: int
     processes: int = 1
     pool: int = 0
+    events: bool = False
+    """EVENTS_STREAM_ENABLED=true: each send also publishes its ``sent`` event."""
 
     def label(self, default_pool: int) -> str:
         pool = f"{self.pool}" if self.pool else f"{default_pool} (default)"
-        return f"{self.latency_ms} ms  C={self.concurrency}  P={self.processes}  pool={pool}"
+        label = f"{self.latency_ms} ms  C={self.concurrency}  P={self.processes}  pool={pool}"
+        return label + ("  events" if self.events else "")
 
 
 @dataclass

@@ -147,3 +147,33 @@ async def collect(
     finally:
         await nc.drain()
     return check_deliveries(success_ids, sink_values, records, index, total)
+
+
+EVENTS_STREAM = "EMAIL_EVENTS"
+SENT_SUBJECT = "lfx.email-service.events.sent"
+
+
+async def sent_events(url: str, email_ids: Sequence[str]) -> Counter[str]:
+    """How many ``sent`` events the EMAIL_EVENTS stream holds for each of
+    ``email_ids`` (a run with EVENTS_STREAM_ENABLED=true: one each)."""
+    wanted = set(email_ids)
+    counts: Counter[str] = Counter()
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        subscription = await js.pull_subscribe(SENT_SUBJECT, durable=None, stream=EVENTS_STREAM)
+        try:
+            while True:
+                try:
+                    messages = await subscription.fetch(500, timeout=2)
+                except TimeoutError:  # nats-py raises its own or asyncio's
+                    return counts
+                for msg in messages:
+                    email_id = json.loads(msg.data).get("email_id")
+                    if email_id in wanted:
+                        counts[email_id] += 1
+                    await msg.ack()
+        finally:
+            await subscription.unsubscribe()
+    finally:
+        await nc.close()

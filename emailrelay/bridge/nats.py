@@ -32,9 +32,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSubscription
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue as _NatsKeyValue
 
+from emailrelay import api
 from emailrelay.store.kv import (
     MAX_BATCH_KEYS,
     BucketMissing,
@@ -440,6 +441,59 @@ class NatsConnection:
             raise StoreError(f"creating bucket {bucket} failed: {exc!r}") from exc
         return JetStreamKeyValue(kv, self._client)
 
+    async def stream_exists(self, name: str) -> bool:
+        """Whether the JetStream stream ``name`` exists; :class:`StoreError`
+        when JetStream cannot say."""
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                await aio(self._jetstream().stream_info)(name)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                return False
+            raise StoreError(f"stream info failed: {exc!r}") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"JetStream unavailable: {exc!r}") from exc
+        return True
+
+    async def create_stream(self, spec: StreamSpec) -> None:
+        """Create the stream (file storage, discard old); :class:`StoreError`
+        when that fails (another replica's create racing this one included:
+        the caller looks again)."""
+        config = StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            storage=StorageType.FILE,
+            num_replicas=spec.replicas,
+            max_age=spec.max_age,  # seconds; nats-py sends nanoseconds
+            max_bytes=spec.max_bytes,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=spec.duplicate_window,
+        )
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                await aio(self._jetstream().add_stream)(config)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"creating stream {spec.name} failed: {exc!r}") from exc
+
+    async def publish_to_stream(self, subject: str, data: bytes, msg_id: str) -> bool:
+        """Publish to JetStream with ``Nats-Msg-Id: msg_id`` and wait for the
+        stream's acknowledgement (5 s at most; a caller may bound it tighter);
+        ``True`` when the stream dropped it as a copy of a message it already
+        holds (same id within its duplicate window). :class:`NoStreamAnswered`
+        when nobody answered, :class:`StoreError` for any other failure (no
+        acknowledgement in time, a JetStream error): the caller keeps the
+        event to publish again (a message that did land then arrives as a
+        duplicate and is dropped)."""
+        headers = {api.MSG_ID_HEADER: msg_id}
+        try:
+            with anyio.fail_after(_KV_TIMEOUT):
+                ack = await aio(self._jetstream().publish)(subject, data, headers=headers)
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise NoStreamAnswered(f"publish to {subject}: no stream answered") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StoreError(f"publish to {subject} failed: {exc!r}") from exc
+        return bool(ack.duplicate)
+
     def _jetstream(self) -> JetStreamContext:
         # timeout=None: no per-request timer in nats-py; every call through
         # this context is bounded by a trio-side scope (_KV_TIMEOUT) instead.
@@ -464,6 +518,25 @@ class NatsConnection:
             await aio(self._client.close)()
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             log.info("nats: closed", extra={"error": repr(exc)})
+
+
+class NoStreamAnswered(StoreError):
+    """A JetStream publish nobody answered: no stream holds the subject (it
+    was deleted, or never made), or JetStream is away for a moment."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream as the relay creates it (file storage, discard old)."""
+
+    name: str
+    subjects: tuple[str, ...]
+    replicas: int
+    max_age: float
+    """Seconds a message is kept."""
+    max_bytes: int
+    duplicate_window: float
+    """Seconds within which a second message with the same ``Nats-Msg-Id`` is dropped."""
 
 
 _KV_TIMEOUT = 5.0

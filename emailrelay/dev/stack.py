@@ -225,6 +225,7 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
 DEV_DEFAULTS: dict[str, str] = {
     "LOG_FORMAT": "text",
     "SUPPRESSION_ENABLED": "true",
+    "EVENTS_STREAM_ENABLED": "true",
 }
 """Settings ``emailrelay dev`` turns on unless the environment sets them (an
 empty value counts as unset): a laptop shows what production can do. One row

@@ -3,18 +3,21 @@
 through the store's revision-checked update, and name the outcome, which
 decides whether the poller (:mod:`.poller`) deletes the message. With the
 suppression list on, the recipients a Permanent bounce or a complaint names
-(pure, :mod:`.suppression`) are added first."""
+(pure, :mod:`.suppression`) are added first. With the events stream on, the
+applied event is then published to ``EMAIL_EVENTS`` (:mod:`.stream`), and a
+publish that fails keeps the message for redelivery, as a failed update does."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
 from emailrelay.addresses import redact
-from emailrelay.api import TrackingRecord
+from emailrelay.api import EmailEvent, TrackingRecord
 from emailrelay.engagement.events import EngagementEvent, Skipped, apply_event, parse_message
+from emailrelay.engagement.outcomes import ses_outcome
 from emailrelay.engagement.suppression import suppressions_from_message
 from emailrelay.metrics import SQS_EVENT_LAG_SECONDS, SUPPRESSIONS_ADDED
 from emailrelay.sqs import SqsMessage
@@ -36,6 +39,13 @@ class SuppressionAdder(Protocol):
     """The part of :class:`emailrelay.store.suppressions.SuppressionStore` the poller uses."""
 
     async def add(self, suppression: Suppression) -> bool: ...
+
+
+class StreamPublisher(Protocol):
+    """:class:`emailrelay.engagement.stream.EventPublisher`: raises
+    :class:`StoreError` for an event the stream did not store."""
+
+    async def publish(self, event: EmailEvent) -> None: ...
 
 
 class Outcome:
@@ -61,8 +71,10 @@ class EventHandler:
         max_receives: int,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         suppressions: SuppressionAdder | None = None,
+        events: StreamPublisher | None = None,
     ) -> None:
         self._store = store
+        self._events = events
         self._max_receives = max_receives
         self._now = now
         self._suppressions = suppressions
@@ -159,4 +171,32 @@ class EventHandler:
                 extra=context,
             )
             return Outcome.DELETED
+        if not await self._publish(stored, event, now, context):
+            return Outcome.RETRY
         return Outcome.APPLIED if changed else Outcome.DUPLICATE
+
+    async def _publish(
+        self,
+        record: TrackingRecord,
+        event: EngagementEvent,
+        now: datetime,
+        context: Mapping[str, object],
+    ) -> bool:
+        """Publish the event to the stream (events stream on); ``False`` when
+        that failed and the message must come back. Published whether or not
+        the record changed: an earlier delivery may have updated the record
+        and then failed to publish; the stream drops the copy when it did not."""
+        if self._events is None:
+            return True
+        published = ses_outcome(record, event, now)
+        if published is None:
+            return True
+        try:
+            await self._events.publish(published)
+        except StoreError as exc:
+            log.warning(
+                "event left for redelivery: the events stream did not store it",
+                extra={**context, "error": repr(exc)},
+            )
+            return False
+        return True

@@ -13,6 +13,11 @@ after ``max_receives`` receives). Anything else (a store error, a record that
 does not exist yet) stays in the queue and comes back after its visibility
 timeout; applying an event twice changes nothing, so redelivery is safe.
 
+With the events stream on (``EVENTS_STREAM_ENABLED=true``), an applied event
+is also published to ``EMAIL_EVENTS`` before its message is deleted; a publish
+that fails keeps the message too (the stream drops the copy a redelivery
+publishes again, emailrelay.engagement.stream).
+
 With the suppression list on (``SUPPRESSION_ENABLED=true``), a Permanent
 bounce or a complaint first adds the recipients it names
 (emailrelay.engagement.suppression), whether or not the message carries a
@@ -45,6 +50,7 @@ from emailrelay.engagement.handler import (
     EventHandler,
     Outcome,
     RecordUpdater,
+    StreamPublisher,
     SuppressionAdder,
 )
 from emailrelay.metrics import SQS_EVENTS, SQS_RECEIVE_ERRORS
@@ -111,11 +117,13 @@ async def poll_engagement_events(
     backoff: Backoff | None = None,
     suppressions: SuppressionAdder | None = None,
     source: str = "SQS",
+    events: StreamPublisher | None = None,
 ) -> None:
     """Run until cancelled; raise :class:`PollerAborted` after
     ``failures_before_abort`` consecutive receive failures. ``source``: what
-    the start-up log line says is polled."""
-    handler = EventHandler(store, settings.max_receives, suppressions=suppressions)
+    the start-up log line says is polled; ``events``: the ``EMAIL_EVENTS``
+    publisher (``EVENTS_STREAM_ENABLED=true``)."""
+    handler = EventHandler(store, settings.max_receives, suppressions=suppressions, events=events)
     summary = _Summary()
     if backoff is None:
         backoff = Backoff(settings.backoff_initial, settings.backoff_max)

@@ -83,6 +83,7 @@ __all__ = [
     "SendEmailHandler",
     "SendRules",
     "Sender",
+    "SentEvents",
     "SuppressionList",
     "TrackingNotOpenYet",
     "TrackingOnceOpen",
@@ -137,6 +138,14 @@ class PendingTracking(Protocol):
         self, record: api.TrackingRecord, writer: TrackingWriter, *, record_stored: bool
     ) -> bool:
         """Finish these tracking writes later; ``False`` when they cannot be kept."""
+        ...
+
+
+class SentEvents(Protocol):
+    """:class:`emailrelay.engagement.stream.SentEvents` (``EVENTS_STREAM_ENABLED=true``)."""
+
+    async def sent(self, record: api.TrackingRecord, deadline: Deadline) -> None:
+        """Publish the ``sent`` event, or leave it for later; never raises."""
         ...
 
 
@@ -250,6 +259,7 @@ class SendEmailHandler:
         on_expired: Callable[[], None] = lambda: None,
         reservations: Reservations | None = None,
         suppressions: SuppressionList | None = None,
+        sent_events: SentEvents | None = None,
     ) -> None:
         self._rules = rules
         self._sender = sender
@@ -262,6 +272,7 @@ class SendEmailHandler:
         self._on_expired = on_expired
         self._reservations: Reservations = reservations or NoReservations()
         self._suppressions = suppressions
+        self._sent_events = sent_events
 
     def start_reservations(self, reservations: Reservations) -> None:
         """Serve idempotency keys from now on (the bucket became available after start)."""
@@ -437,6 +448,8 @@ class SendEmailHandler:
         # deadline passing inside the retry loop would count a no-op as lost).
         if not isinstance(self._tracking, NoTracking):
             await self._write_tracking(self._tracking, decision.record, deadline)
+        if self._sent_events is not None:
+            await self._sent_events.sent(decision.record, deadline)
         return reply
 
     async def _settle(

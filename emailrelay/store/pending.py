@@ -9,6 +9,11 @@ remembers how far it got, and both steps are idempotent (a retried ``create``
 that conflicts means an earlier attempt landed; an append skips an id already
 in the index), so a write interrupted half-way is simply tried again.
 
+Beside them wait the ``sent`` events of the ``EMAIL_EVENTS`` stream that
+could not be published (:meth:`PendingTrackingWrites.add_publish`): the same
+loop publishes them once the stream answers (their ``Nats-Msg-Id`` lets the
+stream drop a copy, should an earlier attempt have landed after all).
+
 The queue lives in memory: a process killed with SIGKILL loses it (those
 emails were sent but stay unrecorded). A clean shutdown gives it a bounded
 last try and logs the email ids it could not store.
@@ -17,13 +22,18 @@ last try and logs the email ids it could not store.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
 
 from emailrelay.api import TrackingRecord
-from emailrelay.metrics import TRACKING_PENDING, TRACKING_PENDING_DROPPED
+from emailrelay.metrics import (
+    STREAM_EVENTS_PENDING,
+    TRACKING_PENDING,
+    TRACKING_PENDING_DROPPED,
+)
 from emailrelay.supervision import Backoff
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,15 @@ class _Write:
     record_stored: bool
 
 
+@dataclass(eq=False)
+class _Publish:
+    """A stream event waiting to be published (``publish`` raises until it is)."""
+
+    key: str
+    publish: Callable[[], Awaitable[None]]
+    size: int
+
+
 class PendingTrackingWrites:
     """Tracking writes of sent emails, waiting for the store to come back."""
 
@@ -66,12 +85,13 @@ class PendingTrackingWrites:
         self._backoff_max = backoff_max
         self._concurrency = concurrency
         self._writes: dict[str, _Write] = {}  # by email id, oldest first
+        self._publishes: dict[str, _Publish] = {}  # by event id, oldest first
         self._bytes = 0
         self._added = anyio.Event()
         self._last_error = ""
 
     def __len__(self) -> int:
-        return len(self._writes)
+        return len(self._writes) + len(self._publishes)
 
     @property
     def email_ids(self) -> list[str]:
@@ -95,15 +115,30 @@ class PendingTrackingWrites:
         self._added.set()
         return True
 
+    def add_publish(self, key: str, publish: Callable[[], Awaitable[None]], size: int) -> bool:
+        """Keep ``publish`` (a stream event of ``size`` bytes, ``key`` its
+        event id) until it succeeds; ``False`` when the queue is full and it is
+        dropped (counted)."""
+        if key in self._publishes:
+            return True
+        if len(self) >= self._max_writes or self._bytes + size > self._max_bytes:
+            TRACKING_PENDING_DROPPED.inc()
+            return False
+        self._publishes[key] = _Publish(key, publish, size)
+        self._bytes += size
+        STREAM_EVENTS_PENDING.inc()
+        self._added.set()
+        return True
+
     async def write_when_possible(self) -> None:
         """Run until cancelled: store what is pending whenever the store answers."""
         failed_passes = 0
         while True:
-            if not self._writes:
+            if not self:
                 self._added = anyio.Event()
                 await self._added.wait()
                 continue
-            count = len(self._writes)
+            count = len(self)
             if await self._write_pass():
                 if failed_passes:
                     log.info("pending tracking writes stored", extra={"count": count})
@@ -122,9 +157,14 @@ class PendingTrackingWrites:
         the email ids still not stored (ids only) and return them."""
         with anyio.move_on_after(within):
             failed_passes = 0
-            while self._writes and not await self._write_pass():
+            while self and not await self._write_pass():
                 failed_passes += 1
                 await self._back_off(failed_passes)
+        if self._publishes:
+            log.error(
+                "stream events lost at shutdown: these emails were sent, EMAIL_EVENTS never heard",
+                extra={"count": len(self._publishes), "event_ids": list(self._publishes)[:100]},
+            )
         left = self.email_ids
         for start in range(0, len(left), _IDS_PER_LOG_LINE):
             log.error(
@@ -138,13 +178,13 @@ class PendingTrackingWrites:
         the store is down one failed attempt per pass is enough. The rest then
         go concurrently, and stop starting at the first failure. ``False``
         when anything failed."""
-        writes = list(self._writes.values())
+        writes: list[_Write | _Publish] = [*self._writes.values(), *self._publishes.values()]
         if not await self._write(writes[0]):
             return False
         failed = False
         limiter = anyio.CapacityLimiter(self._concurrency)
 
-        async def write(pending: _Write) -> None:
+        async def write(pending: _Write | _Publish) -> None:
             nonlocal failed
             async with limiter:
                 if not failed and not await self._write(pending):
@@ -155,7 +195,9 @@ class PendingTrackingWrites:
                 tg.start_soon(write, pending)
         return not failed
 
-    async def _write(self, pending: _Write) -> bool:
+    async def _write(self, pending: _Write | _Publish) -> bool:
+        if isinstance(pending, _Publish):
+            return await self._publish(pending)
         record = pending.record
         try:
             if not pending.record_stored:
@@ -172,6 +214,18 @@ class PendingTrackingWrites:
             )
             return False
         self._remove(pending)
+        return True
+
+    async def _publish(self, pending: _Publish) -> bool:
+        try:
+            await pending.publish()
+        except Exception as exc:
+            self._last_error = repr(exc)
+            log.debug("pending stream event failed", extra={"event_id": pending.key})
+            return False
+        if self._publishes.pop(pending.key, None) is pending:
+            self._bytes -= pending.size
+            STREAM_EVENTS_PENDING.dec()
         return True
 
     def _remove(self, pending: _Write) -> None:

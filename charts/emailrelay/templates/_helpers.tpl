@@ -132,6 +132,7 @@ pairs. A null (or removed) value is left out; "" is kept.
 {{- $smtp := $c.smtp | default dict }}
 {{- $ses := $c.ses | default dict }}
 {{- $limits := $c.limits | default dict }}
+{{- $events := $c.events | default dict }}
 {{- $log := $c.log | default dict }}
 {{- $aws := $c.aws | default dict }}
 {{- $pairs := list
@@ -159,6 +160,10 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "SES_EVENTING_ENABLED" $ses.eventingEnabled)
   (list "SES_ENGAGEMENT_SQS_QUEUE_URL" $ses.engagementSqsQueueUrl)
   (list "SES_EVENT_MAX_RECEIVES" $ses.eventMaxReceives)
+  (list "EVENTS_STREAM_ENABLED" $events.streamEnabled)
+  (list "EVENTS_MAX_AGE" $events.maxAge)
+  (list "EVENTS_MAX_BYTES" $events.maxBytes)
+  (list "EVENTS_DUPLICATE_WINDOW" $events.duplicateWindow)
   (list "MAX_IN_FLIGHT" $limits.maxInFlight)
   (list "MAX_BACKLOG" $limits.maxBacklog)
   (list "MAX_READS_IN_FLIGHT" $limits.maxReadsInFlight)
@@ -258,6 +263,13 @@ Proven by tests/test_nats_permissions.py against a server enforcing it.
 {{- $publish = append $publish (printf "$JS.API.STREAM.CREATE.%s" $stream) }}
 {{- end }}
 {{- $publish = concat $publish (list (printf "$JS.API.DIRECT.GET.%s" $stream) (printf "$JS.API.DIRECT.GET.%s.>" $stream) (printf "$JS.API.STREAM.MSG.GET.%s" $stream) (printf "$KV.%s.>" $bucket)) }}
+{{- end }}
+{{- /* EMAIL_EVENTS (EVENTS_STREAM_ENABLED): publish events (JetStream acknowledges on _INBOX), look the stream up, create it */}}
+{{- if (.Values.config.events | default dict).streamEnabled }}
+{{- $publish = concat $publish (list "lfx.email-service.events.>" "$JS.API.STREAM.INFO.EMAIL_EVENTS") }}
+{{- if $autoCreate }}
+{{- $publish = append $publish "$JS.API.STREAM.CREATE.EMAIL_EVENTS" }}
+{{- end }}
 {{- end }}
 {{- $perms := .Values.natsPermissions }}
 {{- $publish = concat $publish ($perms.extraPublish | default list) }}
