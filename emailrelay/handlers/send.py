@@ -80,10 +80,13 @@ log = logging.getLogger(__name__)
 
 
 class Sender(Protocol):
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline
+    ) -> str | None:
         """Deliver or raise :class:`~emailrelay.mail.errors.SendFailure`;
         start nothing after ``deadline`` (raise
-        :class:`~emailrelay.deadline.DeadlinePassed`)."""
+        :class:`~emailrelay.deadline.DeadlinePassed`). Returns the provider's
+        message id when it named one (the record keeps it as ``ses_message_id``)."""
         ...
 
 
@@ -144,7 +147,9 @@ class NoSender:
     """EMAIL_ENABLED=false: the decision skips every request before a send,
     so this is never asked; if it were, the caller hears "not sent"."""
 
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline
+    ) -> str | None:
         raise SendFailure("sending is disabled (EMAIL_ENABLED=false)")
 
 
@@ -329,7 +334,7 @@ class SendEmailHandler:
     ) -> Reply:
         email = decision.email
         try:
-            await self._sender.send(
+            message_id = await self._sender.send(
                 email.sender.address, email.recipient.address, build_message(email), deadline
             )
         except AmbiguousFailure as exc:
@@ -356,7 +361,10 @@ class SendEmailHandler:
         # Without a store there is nothing to write and nothing to retry (a
         # deadline passing inside the retry loop would count a no-op as lost).
         if not isinstance(self._tracking, NoTracking):
-            await self._write_tracking(self._tracking, decision.record, deadline)
+            record = decision.record
+            if message_id is not None:
+                record = record.model_copy(update={"ses_message_id": message_id})
+            await self._write_tracking(self._tracking, record, deadline)
         return reply
 
     async def _settle(
