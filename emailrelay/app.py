@@ -28,6 +28,7 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import anyio
 import trio
@@ -38,7 +39,7 @@ from emailrelay.bridge.nats import NatsConnection, NatsUnavailable, drained_on_e
 from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.command import EXIT_FAILURE, EXIT_OK
-from emailrelay.config import Settings
+from emailrelay.config import EmailTransport, Settings
 from emailrelay.discovery import ServiceStats, serve_discovery
 from emailrelay.engagement.poller import PollerSettings, poll_engagement_events
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
@@ -53,6 +54,7 @@ from emailrelay.handlers.suppression import (
 from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.mail.rate import AdaptiveRate, TokenBucket
+from emailrelay.mail.ses import SesApi, SesUnavailable
 from emailrelay.metrics import REQUESTS_EXPIRED, SMTP_SEND_RATE, TRACKING_WRITE_FAILURES
 from emailrelay.server import Handler, RequestServer, bounded_by_deadline
 from emailrelay.sqs import SqsClient, SqsError
@@ -172,7 +174,19 @@ async def serve(
         except SqsError as exc:
             log.error("SES_EVENTING_ENABLED is true but SQS cannot be used: %s; exiting", exc)
             return EXIT_FAILURE
-    pool = build_smtp_pool(settings) if settings.email_enabled else None
+    pool: SmtpPool | None = None
+    ses: SesApi | None = None
+    if settings.email_enabled and settings.email_transport is EmailTransport.SES:
+        try:
+            ses = await open_ses_api(settings)
+        except SesUnavailable as exc:
+            log.error("EMAIL_TRANSPORT is ses but the SES API cannot be used: %s; exiting", exc)
+            if sqs is not None:
+                await sqs.aclose()
+            return EXIT_FAILURE
+        pool = build_ses_pool(settings, ses)
+    elif settings.email_enabled:
+        pool = build_smtp_pool(settings)
     pending = PendingTrackingWrites()
     send_handler = SendEmailHandler(
         rules=send_rules(settings),
@@ -252,6 +266,8 @@ async def serve(
             await pending.last_try(PENDING_LAST_TRY_SECONDS)
             if pool is not None:
                 await pool.aclose()
+            if ses is not None:
+                await ses.aclose()
             if sqs is not None:
                 await sqs.aclose()
     if lifecycle.failure is not None:
@@ -384,6 +400,32 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
     async def connect() -> Connection:
         return await SmtpConnection.open(endpoint)
 
+    return _sender_pool(settings, connect, "smtp")
+
+
+async def open_ses_api(settings: Settings) -> SesApi:
+    """The SES v2 API client (EMAIL_TRANSPORT=ses), configured from the AWS
+    environment; :class:`SesUnavailable` when no region or no credentials."""
+    return await SesApi.from_environment(
+        configuration_set=settings.ses_configuration_set,
+        max_connections=settings.smtp_pool_size,
+        request_timeout=min(settings.send_timeout, 30.0),
+    )
+
+
+def build_ses_pool(settings: Settings, ses: SesApi) -> SmtpPool:
+    """The SMTP pool's slots, pacing and retries, each slot an SES API sender:
+    SMTP_POOL_SIZE and SMTP_MAX_SEND_RATE apply to the SES transport too."""
+
+    async def connect() -> Connection:
+        return ses.connection()
+
+    return _sender_pool(settings, connect, "ses")
+
+
+def _sender_pool(
+    settings: Settings, connect: Callable[[], Awaitable[Connection]], transport: str
+) -> SmtpPool:
     # SMTP_MAX_SEND_RATE: a token bucket in front of every attempt, its rate
     # moved by the provider's throttling replies (emailrelay.mail.rate).
     pacer: TokenBucket | None = None
@@ -400,6 +442,7 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
         send_timeout=settings.send_timeout,
         pacer=pacer,
         rate=rate,
+        transport=transport,
     )
 
 
