@@ -82,6 +82,8 @@ def test_daily_quota_exceeded_fails_fast_with_its_own_log_line_and_metric(
     reply = caller.request_json(api.SEND_EMAIL_SUBJECT, bodies(1)[0])
     assert reply == {"error": api.ERR_DELIVERY_FAILED}
     assert len(smtp.mail_times) == 1  # not retried
-    assert relay.metric("emailrelay_smtp_daily_quota_exceeded_total", transport="smtp") == before + 1
+    assert (
+        relay.metric("emailrelay_smtp_daily_quota_exceeded_total", transport="smtp") == before + 1
+    )
     lines = [json.loads(line) for line in relay.stderr().splitlines() if line.startswith("{")]
     assert any("daily message quota" in str(entry.get("msg", "")) for entry in lines)
