@@ -19,9 +19,10 @@ import pytest
 from emailrelay import api
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess
+from tests.support.servers.relay import EnvOverrides, RelayProcess
 from tests.support.servers.smtp import SmtpServer
 from tests.support.servers.sqs import SqsServer
+from tests.support.transports import Outbox, on_both_transports
 from tests.support.waiting import wait_until
 from tests.test_engagement_e2e import eventing_env
 from tests.test_engagement_events import SES_EXAMPLES, sns_body
@@ -39,6 +40,7 @@ def relay(
     sqs_server: SqsServer,
     events_queue: str,
     tmp_path_factory: pytest.TempPathFactory,
+    transport_relay_env: EnvOverrides,
 ) -> Iterator[RelayProcess]:
     env = eventing_env(
         module_nats_server.url,
@@ -47,7 +49,8 @@ def relay(
         sqs_server.endpoint_url,
         tmp_path_factory.mktemp("aws"),
     )
-    with RelayProcess({**env, "SUPPRESSION_ENABLED": "true"}) as process:
+    env = {**env, **transport_relay_env, "SUPPRESSION_ENABLED": "true"}
+    with RelayProcess(env) as process:
         process.wait_ready()
         yield process
 
@@ -125,15 +128,16 @@ def test_a_transient_bounce_does_not_suppress(
     assert get(caller, address) == {"error": api.ERR_NOT_FOUND}
 
 
+@on_both_transports
 def test_send_to_a_suppressed_address_is_refused_without_smtp_or_record(
-    caller: SyncNats, smtp: SmtpServer
+    caller: SyncNats, outbox: Outbox
 ) -> None:
     address = new_address()
     add(caller, address)
     group = f"g-{uuid.uuid4()}"
     reply = send_to(caller, address.upper(), group_id=group)  # case-insensitive
     assert reply == {"error": api.ERR_RECIPIENT_SUPPRESSED}
-    assert smtp.connections == 0
+    assert outbox.contacts() == 0
     assert caller.kv_get(api.GROUP_INDEX_BUCKET, group) is None
 
 
@@ -153,18 +157,21 @@ def test_contract_errors_come_before_the_suppression_check(caller: SyncNats) -> 
     assert reply == {"error": api.ERR_FROM_DOMAIN_NOT_ALLOWED}
 
 
-def test_send_to_an_address_not_suppressed_goes_out(caller: SyncNats, smtp: SmtpServer) -> None:
+@on_both_transports
+def test_send_to_an_address_not_suppressed_goes_out(caller: SyncNats, outbox: Outbox) -> None:
     assert "email_id" in send_to(caller, new_address())
-    assert len(smtp.wait_for_messages(1)) == 1
+    assert len(outbox.wait_for_messages(1)) == 1
 
 
-def test_removed_address_can_be_sent_to_again(caller: SyncNats, smtp: SmtpServer) -> None:
+@on_both_transports
+def test_removed_address_can_be_sent_to_again(caller: SyncNats, outbox: Outbox) -> None:
     address = new_address()
     add(caller, address)
     removed = caller.request_json(api.SUPPRESSION_REMOVE_SUBJECT, {"address": address.upper()})
     assert removed == {"address": address, "changed": True}
     assert get(caller, address) == {"error": api.ERR_NOT_FOUND}
     assert "email_id" in send_to(caller, address)
+    assert len(outbox.wait_for_messages(1)) == 1
 
 
 def test_add_twice_keeps_the_first_entry(caller: SyncNats) -> None:

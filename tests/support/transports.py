@@ -106,6 +106,9 @@ class Outbox(Protocol):
     def reset(self) -> None: ...
     def messages(self) -> list[bytes]: ...
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[bytes]: ...
+    def contacts(self) -> int:
+        """Connections (SMTP) or accepted SendEmail calls (moto counts no others)."""
+        ...
 
 
 class SmtpOutbox:
@@ -120,6 +123,9 @@ class SmtpOutbox:
 
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[bytes]:
         return [message.raw for message in self.smtp.wait_for_messages(count, timeout=timeout)]
+
+    def contacts(self) -> int:
+        return self.smtp.connections
 
 
 class SesOutbox:
@@ -138,6 +144,9 @@ class SesOutbox:
     def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[bytes]:
         wait_until(lambda: len(self.messages()) >= count, timeout=timeout)
         return self.messages()
+
+    def contacts(self) -> int:
+        return len(self.messages())
 
 
 def outbox_for(transport: str, smtp: SmtpServer, moto_ses: MotoSes | None) -> Outbox:
