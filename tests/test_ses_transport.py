@@ -5,8 +5,12 @@ requests (tests/support/servers/ses.py): what each SES answer turns into."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -16,7 +20,13 @@ from botocore.credentials import Credentials  # type: ignore[import-untyped]
 from prometheus_client import REGISTRY
 
 from emailrelay.api import TRACKING_HEADER
-from emailrelay.bridge.smtp import provider_message_id
+from emailrelay.bridge.loop import asyncio_loop as open_asyncio_loop
+from emailrelay.bridge.smtp import SmtpConnection, SmtpEndpoint, provider_message_id
+from emailrelay.config import SmtpTlsMode
+from emailrelay.handlers.replies import encode_reply
+from emailrelay.handlers.send import NoTracking, SendEmailHandler
+from emailrelay.handlers.send_decision import NewIds
+from emailrelay.mail import message as message_module
 from emailrelay.mail.errors import (
     AmbiguousFailure,
     DailyQuotaFailure,
@@ -33,6 +43,7 @@ from emailrelay.mail.ses import (
     error_name,
     tag_value,
 )
+from tests.support.send_requests import RULES, send_request
 from tests.support.servers.ses import (
     DAILY_QUOTA,
     PAUSED,
@@ -43,6 +54,7 @@ from tests.support.servers.ses import (
     THROTTLED,
     ScriptedSes,
 )
+from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import LOOPBACK, free_port
 
 SENDER = "noreply@lfx.linuxfoundation.org"
@@ -393,3 +405,64 @@ def test_ses_smtp_reply_names_the_message_id() -> None:
 @pytest.mark.parametrize("reply", ["OK", "Ok", "2.0.0 Ok: queued as 4ABC123", "Ok id with spaces"])
 def test_other_smtp_replies_name_no_message_id(reply: str) -> None:
     assert provider_message_id(reply) is None
+
+
+# --- the same bytes on both transports ------------------------------------------
+
+
+@pytest.fixture
+async def asyncio_loop() -> AsyncIterator[None]:
+    """The trio-asyncio loop aiosmtplib needs, as ``emailrelay serve`` opens it."""
+    async with open_asyncio_loop():
+        yield
+
+
+FIXED_NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+FIXED_IDS = NewIds("11111111-2222-4333-8444-555555555555", "66666666-7777-4888-8999-aaaaaaaaaaaa")
+
+
+async def send_through(sender: Any) -> None:
+    handler = SendEmailHandler(
+        rules=replace(RULES, configuration_set="lfx-events"),
+        sender=sender,
+        tracking=NoTracking(),
+        new_ids=lambda: FIXED_IDS,
+        now=lambda: FIXED_NOW,
+    )
+    request = send_request(subject="Ünïcödé " + "long " * 40, text="é" * 2000, html="<p>x</p>")
+    reply = json.loads(encode_reply(await handler(json.dumps(request).encode())))
+    assert reply["email_id"] == FIXED_IDS.email_id
+
+
+async def test_both_transports_are_handed_the_same_bytes_for_the_same_request(
+    asyncio_loop: None,
+    smtp: SmtpServer,
+    ses: ScriptedSes,
+    api: SesApi,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a fixed clock and fixed ids leave random: the Message-ID and the boundary.
+    monkeypatch.setattr(message_module, "make_msgid", lambda domain: f"<fixed@{domain}>")
+    monkeypatch.setattr(message_module.secrets, "token_hex", lambda n: "ab" * n)
+    smtp_endpoint = SmtpEndpoint(
+        host=smtp.host,
+        port=smtp.port,
+        tls_mode=SmtpTlsMode.NONE,
+        credentials=None,
+        tls_context=ssl.create_default_context(),
+        local_hostname="relay.test",
+        timeout=5.0,
+    )
+
+    async def connect_smtp() -> Connection:
+        return await SmtpConnection.open(smtp_endpoint)
+
+    smtp_pool = SmtpPool(connect_smtp, size=1, max_messages=10, max_age=60, send_timeout=5)
+    await send_through(smtp_pool)
+    await smtp_pool.aclose()
+    await send_through(make_pool(api))
+
+    (over_smtp,) = smtp.messages
+    (over_ses,) = ses.requests
+    assert over_ses.raw == over_smtp.raw
+    assert b"Date: Wed, 04 Mar 2026 05:06:07 +0000" in over_ses.raw

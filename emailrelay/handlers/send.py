@@ -334,8 +334,10 @@ class SendEmailHandler:
     ) -> Reply:
         email = decision.email
         try:
+            # Built once, whatever the transport; dated as the record is.
+            message = build_message(email, decision.record.sent_at)
             message_id = await self._sender.send(
-                email.sender.address, email.recipient.address, build_message(email), deadline
+                email.sender.address, email.recipient.address, message, deadline
             )
         except AmbiguousFailure as exc:
             log.warning("email delivery outcome unknown", extra={**context, "reason": exc.reason})
