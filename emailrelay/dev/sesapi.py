@@ -18,6 +18,7 @@ import base64
 import binascii
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -181,3 +182,41 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self.end_headers()
         self.wfile.write(data)
+
+
+DEV_REGION = "us-east-1"
+
+
+def dev_ses_environment(endpoint_url: str) -> dict[str, str]:
+    """What ``emailrelay dev --transport ses`` gives the relay: the local
+    endpoint, a region and dummy keys (botocore reads them from the process
+    environment), and no instance-metadata look-ups: nothing reaches AWS."""
+    return {
+        "EMAIL_TRANSPORT": "ses",
+        "AWS_ENDPOINT_URL_SESV2": endpoint_url,
+        "AWS_REGION": DEV_REGION,
+        "AWS_ACCESS_KEY_ID": "AKIDLOCALDEVONLY",
+        "AWS_SECRET_ACCESS_KEY": "local-dev-not-a-secret",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def use_local_ses(endpoint_url: str) -> dict[str, str]:
+    """Point this process's AWS configuration at the local endpoint (see
+    :func:`dev_ses_environment`); the variables, for the relay's settings."""
+    environment = dev_ses_environment(endpoint_url)
+    for name in ("AWS_SESSION_TOKEN", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_PROFILE"):
+        os.environ.pop(name, None)
+    os.environ.update(environment)
+    return environment
+
+
+def capturing_ses(keep: Callable[[bytes, str, tuple[str, ...]], None]) -> LocalSesApi:
+    """A local endpoint that files every accepted message with ``keep``
+    (the SMTP capture's), envelope from the request."""
+
+    def on_message(request: SentRequest, message_id: str) -> None:
+        recipients = request.body.get("Destination", {}).get("ToAddresses", [])
+        keep(request.raw, str(request.body.get("FromEmailAddress", "")), tuple(recipients))
+
+    return LocalSesApi(on_message=on_message)
