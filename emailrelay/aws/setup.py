@@ -57,8 +57,13 @@ async def load_aws_setup(environ: Mapping[str, str]) -> AwsSetup:
 
 async def current_credentials(source: CredentialSource) -> FrozenCredentials:
     """The keys to sign with now. Refreshing temporary credentials is blocking
-    network I/O (STS, metadata), so it runs in a worker thread; any failure
+    network I/O (STS, metadata), so it runs in a worker thread; static keys,
+    and temporary ones not yet due for refresh, are read at once (a thread
+    hop per signed request would cost more than the signing). Any failure
     propagates as it is, for the client to word."""
+    refresh_needed = getattr(source, "refresh_needed", None)
+    if refresh_needed is None or not refresh_needed():
+        return source.get_frozen_credentials()
     return await anyio.to_thread.run_sync(source.get_frozen_credentials, abandon_on_cancel=True)
 
 
