@@ -179,6 +179,21 @@ async def test_sends_share_kept_alive_connections(ses: ScriptedSes, api: SesApi)
     assert len({request.client_port for request in ses.requests}) == 1
 
 
+async def test_a_proxy_in_the_environment_is_used(
+    ses: ScriptedSes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTPS_PROXY for https:// endpoints; this endpoint is plain http, on loopback.
+    monkeypatch.setenv("HTTP_PROXY", ses.endpoint_url)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    api = ses_api(f"http://127.0.0.2:{free_port()}")  # nothing listens there
+
+    await make_pool(api).send(SENDER, RECIPIENT, MESSAGE)
+    await api.aclose()
+
+    assert ses.request_count == 1
+
+
 # --- tags -----------------------------------------------------------------------
 
 

@@ -24,10 +24,13 @@ class Scenario:
     concurrency: int
     processes: int = 1
     pool: int = 0
+    transport: str = "smtp"
+    """EMAIL_TRANSPORT: ``smtp`` (the SMTP sink) or ``ses`` (a local SES v2 endpoint)."""
 
     def label(self, default_pool: int) -> str:
         pool = f"{self.pool}" if self.pool else f"{default_pool} (default)"
-        return f"{self.latency_ms} ms  C={self.concurrency}  P={self.processes}  pool={pool}"
+        label = f"{self.latency_ms} ms  C={self.concurrency}  P={self.processes}  pool={pool}"
+        return label if self.transport == "smtp" else f"{label}  {self.transport}"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 from emailrelay.dev import LOOPBACK
 from emailrelay.mail.ses import SEND_EMAIL_PATH
@@ -141,7 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         data = self.rfile.read(length)
-        if self.path.split("?")[0] != SEND_EMAIL_PATH:
+        # An absolute URI when the request came through a forward proxy.
+        if urlsplit(self.path).path != SEND_EMAIL_PATH:
             self._send(
                 404, {"message": f"no such operation: POST {self.path}"}, "NotFoundException"
             )
