@@ -22,6 +22,7 @@ from emailrelay import api
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, run_relay_once
+from tests.support.servers.ses import PAUSED, SILENCE, THROTTLED, ScriptedSes
 from tests.support.servers.smtp import SmtpServer
 from tests.support.transports import MotoSes, SesOutbox, tracking_ids
 
@@ -77,6 +78,7 @@ def smtp(smtp_server: SmtpServer) -> SmtpServer:
 
 
 def send(caller: SyncNats, **changes: str) -> Any:
+    """The module's request, with ``changes``; a sync request with a 10 s timeout."""
     return caller.request_json(api.SEND_EMAIL_SUBJECT, {**REQUEST, **changes}, timeout=10)
 
 
@@ -197,3 +199,103 @@ def test_ses_without_a_region_exits_1_with_one_line(
     assert len(lines) == 1, lines
     assert "EMAIL_TRANSPORT is ses" in lines[0]
     assert "AWS_REGION" in lines[0]
+
+
+def test_ses_without_credentials_exits_1_with_one_line(
+    module_nats_server: NatsServer, smtp_server: SmtpServer, moto_ses: MotoSes
+) -> None:
+    env = {
+        **relay_env(module_nats_server, smtp_server),
+        **moto_ses.relay_env(),
+        "AWS_ACCESS_KEY_ID": None,
+        "AWS_SECRET_ACCESS_KEY": None,
+        "LOG_LEVEL": "error",
+    }
+
+    code, stdout, stderr = run_relay_once(env, timeout=30)
+
+    assert code == 1, stderr
+    lines = (stdout + stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "no AWS credentials found" in lines[0]
+
+
+# --- against the scripted endpoint: SES's error format, requests counted --------
+
+
+@pytest.fixture(scope="module")
+def scripted_ses() -> Iterator[ScriptedSes]:
+    with ScriptedSes() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def scripted_relay(
+    module_nats_server: NatsServer,
+    smtp_server: SmtpServer,
+    moto_ses: MotoSes,
+    scripted_ses: ScriptedSes,
+) -> Iterator[tuple[RelayProcess, SyncNats]]:
+    """A relay of its own (on a nats-server of its own) sending to ``scripted_ses``."""
+    env = {
+        **relay_env(module_nats_server, smtp_server),
+        **moto_ses.relay_env(),
+        "AWS_ENDPOINT_URL_SESV2": scripted_ses.endpoint_url,
+        "SEND_TIMEOUT": "2s",
+    }
+    with NatsServer() as nats_server, RelayProcess({**env, "NATS_URL": nats_server.url}) as relay:
+        relay.wait_ready()
+        with SyncNats(nats_server.url) as client:
+            yield relay, client
+
+
+@pytest.fixture
+def scripted(
+    scripted_ses: ScriptedSes, scripted_relay: tuple[RelayProcess, SyncNats]
+) -> Iterator[tuple[ScriptedSes, RelayProcess, SyncNats]]:
+    scripted_ses.requests.clear()
+    yield scripted_ses, *scripted_relay
+    scripted_ses.otherwise = None
+
+
+def test_no_answer_after_the_request_holds_the_key_as_outcome_unknown(
+    scripted: tuple[ScriptedSes, RelayProcess, SyncNats],
+) -> None:
+    ses, _, caller = scripted
+    ses.reply_next(SILENCE)
+    key = f"order-{uuid.uuid4()}"
+
+    first = send(caller, idempotency_key=key)
+    again = send(caller, idempotency_key=key)
+
+    assert first == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN}
+    assert again == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN}
+    assert ses.request_count == 1
+
+
+def test_a_paused_account_fails_every_send_at_once_and_is_counted(
+    scripted: tuple[ScriptedSes, RelayProcess, SyncNats],
+) -> None:
+    ses, relay, caller = scripted
+    ses.otherwise = PAUSED
+    before = relay.metric("emailrelay_ses_sending_paused_total", error="SendingPausedException")
+
+    replies = [send(caller) for _ in range(3)]
+
+    assert replies == [{"error": api.ERR_DELIVERY_FAILED}] * 3
+    assert ses.request_count == 3
+    after = relay.metric("emailrelay_ses_sending_paused_total", error="SendingPausedException")
+    assert after == before + 3
+
+
+def test_throttling_is_retried_until_ses_accepts(
+    scripted: tuple[ScriptedSes, RelayProcess, SyncNats],
+) -> None:
+    ses, relay, caller = scripted
+    ses.reply_next(THROTTLED, times=2)
+
+    reply = send(caller)
+
+    assert "email_id" in reply
+    assert ses.request_count == 3
+    assert relay.metric("emailrelay_smtp_throttled_total", transport="ses") >= 2
