@@ -8,6 +8,10 @@ process (plain nats-py on asyncio: N requests, C in flight, one group per
 run). The relay is touched only through its public surface: NATS requests,
 environment variables, ``/readyz`` and ``/metrics``.
 
+The ``ses`` rows run the relay with ``EMAIL_TRANSPORT=ses`` against a local
+SES v2 endpoint in a process of its own (``sendbench/ses_sink.py``, the same
+latencies), so the two transports' CPU per send sit side by side.
+
 After each run it checks that every success reached the SMTP server (by
 ``X-LFX-TRACKING-ID``), has its record and is in its group's index exactly
 once. CPU per send comes from ``/proc/<pid>/stat`` deltas over the measured
