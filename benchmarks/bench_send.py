@@ -8,6 +8,10 @@ process (plain nats-py on asyncio: N requests, C in flight, one group per
 run). The relay is touched only through its public surface: NATS requests,
 environment variables, ``/readyz`` and ``/metrics``.
 
+The ``ses`` rows run the relay with ``EMAIL_TRANSPORT=ses`` against a local
+SES v2 endpoint in a process of its own (``sendbench/ses_sink.py``, the same
+latencies), so the two transports' CPU per send sit side by side.
+
 After each run it checks that every success reached the SMTP server (by
 ``X-LFX-TRACKING-ID``), has its record and is in its group's index exactly
 once. CPU per send comes from ``/proc/<pid>/stat`` deltas over the measured
@@ -71,6 +75,7 @@ from benchmarks.sendbench.report import (
     format_results,
     percentile,
 )
+from emailrelay.dev.sesapi import dev_ses_environment
 
 SEND_SUBJECT = "lfx.email-service.send_email"
 
@@ -88,6 +93,10 @@ MATRIX = (
     Scenario(50, 256, pool=256),
     Scenario(50, 256, processes=3),
     Scenario(50, 256, processes=3, pool=256),
+    # EMAIL_TRANSPORT=ses against a local SES v2 endpoint (same latencies).
+    Scenario(0, 64, transport="ses"),
+    Scenario(50, 64, transport="ses"),
+    Scenario(50, 256, pool=256, transport="ses"),
 )
 QUICK = (Scenario(0, 8),)
 
@@ -123,14 +132,15 @@ def relay_default_pool_size() -> int:
 
 
 class Sink:
-    """The SMTP sink process and the file it logs each message's tracking id to."""
+    """The sink process (SMTP, or a local SES v2 endpoint for ``transport``
+    ses) and the file it logs each message's tracking id to."""
 
-    def __init__(self, latency_ms: int, directory: Path) -> None:
+    def __init__(self, latency_ms: int, directory: Path, transport: str = "smtp") -> None:
         self.port = free_port()
-        self.ids_path = directory / f"sink-{latency_ms}ms.ids"
+        self.ids_path = directory / f"sink-{transport}-{latency_ms}ms.ids"
         self.ids_path.touch()
         self.child = Child.module(
-            "sink",
+            "sink" if transport == "smtp" else "ses_sink",
             "--port",
             str(self.port),
             "--latency",
@@ -164,7 +174,7 @@ class Bench:
     default_pool: int
     ceilings_on: bool
     py_spy: Path | None
-    sinks: dict[int, Sink] = field(default_factory=dict)
+    sinks: dict[tuple[int, str], Sink] = field(default_factory=dict)
     ceilings: dict[tuple[object, ...], Ceiling] = field(default_factory=dict)
     failed_ceilings: dict[tuple[object, ...], str] = field(default_factory=dict)
 
@@ -174,10 +184,10 @@ class Bench:
     def warmup_for(self, concurrency: int) -> int:
         return min(max(2 * concurrency, 10), self.warmup_cap)
 
-    def sink(self, latency_ms: int) -> Sink:
-        if latency_ms not in self.sinks:
-            self.sinks[latency_ms] = Sink(latency_ms, self.work_dir)
-        return self.sinks[latency_ms]
+    def sink(self, latency_ms: int, transport: str = "smtp") -> Sink:
+        if (latency_ms, transport) not in self.sinks:
+            self.sinks[latency_ms, transport] = Sink(latency_ms, self.work_dir, transport)
+        return self.sinks[latency_ms, transport]
 
     def close(self) -> None:
         for sink in self.sinks.values():
@@ -191,12 +201,13 @@ class Bench:
         c, pool = scenario.concurrency, scenario.pool or self.default_pool
         found = {
             "responder": self._ceiling(("responder", c), lambda: self._responder(c)),
-            "smtp": self._ceiling(
-                ("smtp", scenario.latency_ms, c, pool),
-                lambda: self._smtp(scenario.latency_ms, c, pool),
-            ),
             "kv": self._ceiling(("kv", c), lambda: self._kv(c)),
         }
+        if scenario.transport == "smtp":  # the SMTP pool alone; no SES counterpart
+            found["smtp"] = self._ceiling(
+                ("smtp", scenario.latency_ms, c, pool),
+                lambda: self._smtp(scenario.latency_ms, c, pool),
+            )
         return {kind: ceiling.rate for kind, ceiling in found.items() if ceiling is not None}
 
     def _ceiling(self, key: tuple[object, ...], measure: Callable[[], Ceiling]) -> Ceiling | None:
@@ -305,7 +316,7 @@ class Bench:
 
     def run(self, scenario: Scenario) -> Result:
         ceilings = self.ceilings_for(scenario)
-        sink = self.sink(scenario.latency_ms)
+        sink = self.sink(scenario.latency_ms, scenario.transport)
         env = {
             "NATS_URL": self.nats.url,
             "EMAIL_ENABLED": "true",
@@ -313,6 +324,8 @@ class Bench:
             "SMTP_PORT": str(sink.port),
             "SMTP_TLS_MODE": "none",
         }
+        if scenario.transport == "ses":
+            env.update(dev_ses_environment(f"http://127.0.0.1:{sink.port}"))
         if scenario.pool:
             env["SMTP_POOL_SIZE"] = str(scenario.pool)
         if scenario.events:
@@ -321,6 +334,8 @@ class Bench:
         group = f"bench-{uuid.uuid4()}"
         pool = scenario.pool or "default"
         label = f"{scenario.latency_ms}ms-c{c}-p{scenario.processes}-pool{pool}"
+        if scenario.transport != "smtp":
+            label += f"-{scenario.transport}"
         relays: list[Relay] = []
         try:
             # One after another, so each start-to-ready time is one process's own.
@@ -470,6 +485,7 @@ def select(args: argparse.Namespace) -> list[Scenario]:
         and wanted(s.concurrency, args.concurrency)
         and wanted(s.processes, args.processes)
         and (pools is None or ("default" if not s.pool else "large") in pools)
+        and (args.transport is None or s.transport in args.transport.split(","))
     ]
     return chosen
 
@@ -485,6 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", help="requests in flight to run, e.g. 1,64,256")
     parser.add_argument("--processes", help="relay process counts to run, e.g. 1,3")
     parser.add_argument("--pool", help="default, large (SMTP_POOL_SIZE = C), or both")
+    parser.add_argument("--transport", help="smtp, ses (a local SES v2 endpoint), or both")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the ceilings")
     parser.add_argument(
         "--py-spy",

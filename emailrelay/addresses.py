@@ -140,3 +140,13 @@ def redact(address: str) -> str:
         # Only unparseable values get here with a long "domain"; keep log lines short.
         domain = domain[:_REDACTED_DOMAIN] + "…"
     return f"{local[:2]}***@{domain}"
+
+
+_ADDRESS_IN_TEXT = re.compile(r"[^\s<>()\[\]:;,\"']+@[^\s<>()\[\]:;,\"']+")
+
+
+def redact_addresses_in(text: str) -> str:
+    """``text`` with every address in it redacted: providers (SES among them)
+    name the refused address in their replies, and failure reasons end up in
+    logs, which never hold a full address."""
+    return _ADDRESS_IN_TEXT.sub(lambda match: redact(match.group(0)), text)

@@ -31,6 +31,7 @@ import logging
 import signal
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -43,7 +44,7 @@ from emailrelay.bridge.nats import DRAIN_TIMEOUT, NatsConnection, NatsUnavailabl
 from emailrelay.bridge.smtp import DATA_REPLY_WAIT, SmtpConnection, SmtpEndpoint
 from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.command import EXIT_FAILURE, EXIT_OK, command_name
-from emailrelay.config import Settings
+from emailrelay.config import EmailTransport, Settings
 from emailrelay.discovery import ServiceStats, instance_metadata, serve_discovery
 from emailrelay.engagement.poller import MessageQueue, PollerSettings, poll_engagement_events
 from emailrelay.engagement.stream import (
@@ -72,6 +73,7 @@ from emailrelay.handlers.suppression import (
 from emailrelay.health import bind_http_socket, serve_health, why_unbindable
 from emailrelay.mail.pool import Connection, SmtpPool
 from emailrelay.mail.rate import AdaptiveRate, TokenBucket
+from emailrelay.mail.ses import SesApi, SesUnavailable
 from emailrelay.metrics import REQUESTS_EXPIRED, SMTP_SEND_RATE, TRACKING_WRITE_FAILURES
 from emailrelay.server import CUT_OFF_SECONDS, Handler, RequestServer, bounded_by_deadline
 from emailrelay.sqs import SqsClient, SqsError
@@ -230,7 +232,19 @@ async def serve(
         publisher = await open_events_publisher(nats, settings)
         if publisher is None:
             return EXIT_FAILURE
-    pool = build_smtp_pool(settings) if settings.email_enabled else None
+    pool: SmtpPool | None = None
+    ses: SesApi | None = None
+    if settings.email_enabled and settings.email_transport is EmailTransport.SES:
+        try:
+            ses = await open_ses_api(settings)
+        except SesUnavailable as exc:
+            log.error("EMAIL_TRANSPORT is ses but the SES API cannot be used: %s; exiting", exc)
+            if sqs is not None:
+                await sqs.aclose()
+            return EXIT_FAILURE
+        pool = build_ses_pool(settings, ses)
+    elif settings.email_enabled:
+        pool = build_smtp_pool(settings)
     pending = PendingTrackingWrites()
     # Started before the KV store could be opened (a cluster still electing
     # its JetStream leader): sends are tracked all the same, their writes
@@ -320,6 +334,8 @@ async def serve(
             await pending.last_try(PENDING_LAST_TRY_SECONDS)
             if pool is not None:
                 await pool.aclose()
+            if ses is not None:
+                await ses.aclose()
             if sqs is not None:
                 await sqs.aclose()
     if lifecycle.failure is not None:
@@ -502,6 +518,32 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
     async def connect() -> Connection:
         return await SmtpConnection.open(endpoint)
 
+    return _sender_pool(settings, connect, "smtp")
+
+
+async def open_ses_api(settings: Settings) -> SesApi:
+    """The SES v2 API client (EMAIL_TRANSPORT=ses), configured from the AWS
+    environment; :class:`SesUnavailable` when no region or no credentials."""
+    return await SesApi.from_environment(
+        configuration_set=settings.ses_configuration_set,
+        max_connections=settings.smtp_pool_size,
+        request_timeout=min(settings.send_timeout, 30.0),
+    )
+
+
+def build_ses_pool(settings: Settings, ses: SesApi) -> SmtpPool:
+    """The SMTP pool's slots, pacing and retries, each slot an SES API sender:
+    SMTP_POOL_SIZE and SMTP_MAX_SEND_RATE apply to the SES transport too."""
+
+    async def connect() -> Connection:
+        return ses.connection()
+
+    return _sender_pool(settings, connect, "ses")
+
+
+def _sender_pool(
+    settings: Settings, connect: Callable[[], Awaitable[Connection]], transport: str
+) -> SmtpPool:
     # SMTP_MAX_SEND_RATE: a token bucket in front of every attempt, its rate
     # moved by the provider's throttling replies (emailrelay.mail.rate).
     pacer: TokenBucket | None = None
@@ -518,6 +560,7 @@ def build_smtp_pool(settings: Settings) -> SmtpPool:
         send_timeout=settings.send_timeout,
         pacer=pacer,
         rate=rate,
+        transport=transport,
     )
 
 

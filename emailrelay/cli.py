@@ -79,6 +79,7 @@ def _dev(args: argparse.Namespace) -> int:
             http_port=args.port,
             state_dir=args.state_dir,
             nats_monitoring_port=args.nats_monitoring_port,
+            transport=args.transport,
         )
     )
 
@@ -136,6 +137,13 @@ def _add_dev_command(commands: Any) -> None:
         type=Path,
         default=DEFAULT_STATE_DIR,
         help="where JetStream data and captured mail live (default ./.emailrelay-dev)",
+    )
+    dev.add_argument(
+        "--transport",
+        choices=("smtp", "ses"),
+        default="smtp",
+        help="how the relay sends: smtp (default) or ses, the SES v2 API of a local "
+        "endpoint; either way every message is captured",
     )
     dev.set_defaults(run=_dev)
     actions = dev.add_subparsers(

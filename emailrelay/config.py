@@ -52,6 +52,13 @@ class SmtpTlsMode(enum.StrEnum):
     """Plain text, credentials included: only for a trusted local relay."""
 
 
+class EmailTransport(enum.StrEnum):
+    SMTP = "smtp"
+    """SMTP_HOST:SMTP_PORT, through the pool of persistent SMTP connections."""
+    SES = "ses"
+    """The Amazon SES v2 API (one SendEmail call per email, emailrelay.mail.ses)."""
+
+
 class LogFormat(enum.StrEnum):
     JSON = "json"
     TEXT = "text"
@@ -159,6 +166,7 @@ class Settings(BaseModel):
 
     # Sending
     email_enabled: Bool = Field(default=False, alias="EMAIL_ENABLED")
+    email_transport: EmailTransport = Field(default=EmailTransport.SMTP, alias="EMAIL_TRANSPORT")
     smtp_host: str = Field(default="localhost", alias="SMTP_HOST")
     smtp_port: RemotePort = Field(default=587, alias="SMTP_PORT")
     smtp_username: str | None = Field(default=None, alias="SMTP_USERNAME")

@@ -24,16 +24,24 @@ REQUESTS_IN_FLIGHT = Gauge("emailrelay_requests_in_flight", "Requests being hand
 
 SMTP_SEND_SECONDS = Histogram(
     "emailrelay_smtp_send_seconds",
-    "One SMTP transaction (MAIL, RCPT, DATA) on a pooled connection.",
+    "One send attempt on a pooled connection, by transport: an SMTP transaction "
+    "(MAIL, RCPT, DATA), or one SES SendEmail call.",
+    ["transport"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 SMTP_REPLIES = Counter(
     "emailrelay_smtp_replies",
-    "Outcomes of SMTP transactions by class: ok, transient (4xx or connection), "
-    "permanent (5xx), ambiguous (no final reply after hand-over).",
-    ["result"],
+    "Outcomes of send attempts by class and transport (smtp, ses): ok, transient (4xx, "
+    "SES 5xx or connection), permanent (5xx, SES 4xx), ambiguous (no final reply after "
+    "hand-over).",
+    ["result", "transport"],
 )
-SMTP_CONNECTIONS = Gauge("emailrelay_smtp_connections", "Open SMTP connections in the pool.")
+SMTP_CONNECTIONS = Gauge(
+    "emailrelay_smtp_connections",
+    "Open connections in the sender pool, by transport (for ses: senders holding a slot of "
+    "the shared HTTPS pool).",
+    ["transport"],
+)
 
 TRACKING_WRITE_FAILURES = Counter(
     "emailrelay_tracking_write_failures",
@@ -102,12 +110,15 @@ REQUESTS_EXPIRED = Counter(
 SMTP_THROTTLED = Counter(
     "emailrelay_smtp_throttled",
     "Throttling replies from the provider (454 Maximum sending rate exceeded and "
-    "the like): retried within the deadline, and the send rate lowered.",
+    "the like; SES TooManyRequestsException), by transport: retried within the deadline, "
+    "and the send rate lowered.",
+    ["transport"],
 )
 SMTP_DAILY_QUOTA_EXCEEDED = Counter(
     "emailrelay_smtp_daily_quota_exceeded",
     "Sends refused because the provider's daily message quota is used up "
-    "(answered email delivery failed at once, not retried).",
+    "(answered email delivery failed at once, not retried), by transport.",
+    ["transport"],
 )
 SMTP_SEND_RATE = Gauge(
     "emailrelay_smtp_send_rate",
@@ -159,4 +170,11 @@ STREAM_EVENT_PUBLISH_FAILURES = Counter(
 STREAM_EVENTS_PENDING = Gauge(
     "emailrelay_stream_events_pending",
     "Sent events not yet published to EMAIL_EVENTS, waiting for the stream to answer.",
+)
+SES_SENDING_PAUSED = Counter(
+    "emailrelay_ses_sending_paused",
+    "Sends refused because SES sending is paused for the account or configuration set "
+    "(SendingPausedException) or the account is suspended (AccountSuspendedException), "
+    "by error: every send fails until an operator acts.",
+    ["error"],
 )

@@ -123,9 +123,11 @@ class _TracedSender:
     def __init__(self, sender: Sender) -> None:
         self._sender = sender
 
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline
+    ) -> str | None:
         with span("smtp send", {"emailrelay.smtp.bytes": str(len(message))}):
-            await self._sender.send(sender, recipient, message, deadline)
+            return await self._sender.send(sender, recipient, message, deadline)
 
 
 class _TracedTracking:

@@ -20,6 +20,7 @@ from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import EnvOverrides, RelayProcess, relay_defaults, running_relay
 from tests.support.servers.smtp import SmtpServer
 from tests.support.servers.sqs import SqsServer
+from tests.support.transports import MotoSes, Outbox, outbox_for, transport_env
 
 TLS_SMTP_USERNAME = "relay"
 TLS_SMTP_PASSWORD = "s3cret"
@@ -154,3 +155,33 @@ def relay_factory(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[
     yield start
     for relay in started:
         relay.close()
+
+
+@pytest.fixture(scope="session")
+def moto_ses() -> Iterator[MotoSes]:
+    """moto's SES v2 API over HTTP on loopback, the relay's sender domains verified."""
+    with SqsServer(region="us-east-1") as server:
+        yield MotoSes(server)
+
+
+@pytest.fixture(scope="module")
+def transport(request: pytest.FixtureRequest) -> str:
+    """The module relay's EMAIL_TRANSPORT: smtp, unless a test is marked
+    ``on_both_transports`` (tests/support/transports.py)."""
+    return str(getattr(request, "param", "smtp"))
+
+
+@pytest.fixture(scope="module")
+def transport_relay_env(request: pytest.FixtureRequest, transport: str) -> EnvOverrides:
+    """What the module relay's environment adds for ``transport`` (moto only when ses)."""
+    if transport == "ses":
+        return transport_env(transport, request.getfixturevalue("moto_ses"))
+    return {}
+
+
+@pytest.fixture
+def outbox(request: pytest.FixtureRequest, transport: str, smtp_server: SmtpServer) -> Outbox:
+    """What ``transport``'s server received in this test: aiosmtpd's or moto's messages."""
+    if transport == "ses":
+        return outbox_for(transport, smtp_server, request.getfixturevalue("moto_ses"))
+    return outbox_for(transport, smtp_server, None)

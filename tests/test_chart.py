@@ -63,6 +63,7 @@ CONTRACT_DEFAULTS = {
     "LOG_LEVEL": "info",
     "LOG_FORMAT": "json",
     "LOG_ADD_SOURCE": "false",
+    "EMAIL_TRANSPORT": "smtp",
 }
 
 # Values that switch on every optional object.
@@ -375,7 +376,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
             "kvAutoCreate": False,
         },
         "http": {"port": 8081, "host": "127.0.0.1"},
-        "email": {"enabled": True, "suppressionEnabled": True},
+        "email": {"enabled": True, "suppressionEnabled": True, "transport": "ses"},
         "smtp": {
             "maxSendRate": 12.5,
             "host": "email-smtp.us-west-2.amazonaws.com",
@@ -412,7 +413,11 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         },
         "shutdownGraceSeconds": 40,
         "log": {"level": "debug", "format": "text", "addSource": True},
-        "aws": {"region": "us-west-2", "endpointUrlSqs": "http://localhost:5000"},
+        "aws": {
+            "region": "us-west-2",
+            "endpointUrlSqs": "http://localhost:5000",
+            "endpointUrlSesv2": "http://localhost:5001",
+        },
     }
     env = plain_env(render(chart, {"config": config}))
     assert env == {
@@ -423,6 +428,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "PORT": "8081",
         "HTTP_HOST": "127.0.0.1",
         "EMAIL_ENABLED": "true",
+        "EMAIL_TRANSPORT": "ses",
         "SUPPRESSION_ENABLED": "true",
         "SMTP_MAX_SEND_RATE": "12.5",
         "IDEMPOTENCY_TTL": "2h",
@@ -456,6 +462,7 @@ def test_every_config_key_reaches_its_env_variable(chart: helm_python.Chart) -> 
         "LOG_ADD_SOURCE": "true",
         "AWS_REGION": "us-west-2",
         "AWS_ENDPOINT_URL_SQS": "http://localhost:5000",
+        "AWS_ENDPOINT_URL_SESV2": "http://localhost:5001",
     }
 
 
@@ -817,6 +824,7 @@ ALERTS = {
     "EmailRelayReplicasNotReady": "kube_deployment_status_replicas_ready",
     "EmailRelayNoReplicaReady": "kube_deployment_status_replicas_ready",
     "EmailRelayRequestsExpired": "emailrelay_requests_expired_total",
+    "EmailRelaySesSendingPaused": "emailrelay_ses_sending_paused_total",
 }
 DEPLOYMENT_DOC = CHART_DIR.parent.parent / "docs" / "deployment.md"
 

@@ -55,7 +55,13 @@ class DevStack:
 
     ``nats_port=0`` lets the stack pick; its URL is then read from its state dir."""
 
-    def __init__(self, state_dir: Path, log_dir: Path, nats_port: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        log_dir: Path,
+        nats_port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.state_dir = state_dir
         self.stdout_path = log_dir / "dev.stdout"
         self.stderr_path = log_dir / "dev.stderr"
@@ -77,6 +83,7 @@ class DevStack:
                     "0",
                     "--state-dir",
                     str(state_dir),
+                    *extra_args,
                 ],
                 cwd=REPO_ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -199,6 +206,24 @@ def test_dev_stack_sends_captures_tracks_and_stops_cleanly_on_ctrl_c(
     assert dev_stack.interrupt() == 0, dev_stack.logs()
     assert not [pid for pid in children if is_running(pid)], "child processes left behind"
     assert "emailrelay dev: stopped" in dev_stack.stdout()
+
+
+def test_dev_stack_on_the_ses_transport_captures_and_records_the_message_id(
+    tmp_path: Path,
+) -> None:
+    stack = DevStack(tmp_path / "state", tmp_path, extra_args=("--transport", "ses"))
+    try:
+        assert re.search(r"sends through the SES API at http://127\.0\.0\.1:\d+", stack.stdout())
+        email_id = send_first_email(stack)
+
+        capture = stack.state_dir / "capture"
+        wait_until(lambda: list(capture.glob(f"*{email_id}.eml")), message="no .eml captured")
+        status = emailrelay("status", "--server", stack.nats_url, "--email-id", email_id, "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["ses_message_id"]
+        assert stack.interrupt() == 0, stack.logs()
+    finally:
+        stack.kill()
 
 
 def test_dev_stack_keeps_tracking_data_across_restarts(tmp_path: Path) -> None:

@@ -24,8 +24,9 @@ from emailrelay.bridge.smtp import DATA_REPLY_WAIT
 from emailrelay.client import EmailRelayClient
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess, relay_defaults
+from tests.support.servers.relay import EnvOverrides, RelayProcess, relay_defaults
 from tests.support.servers.smtp import SmtpServer, tracked_email_ids
+from tests.support.transports import Outbox, on_both_transports, tracking_ids
 
 REQUEST: dict[str, Any] = {
     "to": "jane.doe@example.com",
@@ -37,10 +38,10 @@ REQUEST: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def replicas(
-    module_nats_server: NatsServer, smtp_server: SmtpServer
+    module_nats_server: NatsServer, smtp_server: SmtpServer, transport_relay_env: EnvOverrides
 ) -> Iterator[list[RelayProcess]]:
-    """Two relays in the queue group, sharing the bucket."""
-    env = relay_defaults(module_nats_server, smtp_server)
+    """Two relays in the queue group, sharing the bucket, on the module's ``transport``."""
+    env: EnvOverrides = {**relay_defaults(module_nats_server, smtp_server), **transport_relay_env}
     relays = [RelayProcess(env), RelayProcess(env)]
     for relay in relays:
         relay.start()
@@ -61,6 +62,12 @@ def caller(module_nats_server: NatsServer) -> Iterator[SyncNats]:
 def smtp(smtp_server: SmtpServer, replicas: list[RelayProcess]) -> SmtpServer:
     smtp_server.reset()
     return smtp_server
+
+
+@pytest.fixture
+def sent(outbox: Outbox, replicas: list[RelayProcess]) -> Outbox:
+    """What the module's transport delivered in this test (SMTP or SES)."""
+    return outbox
 
 
 def new_key() -> str:
@@ -87,15 +94,16 @@ def keyed_requests(relay: RelayProcess) -> float:
     )
 
 
+@on_both_transports
 def test_same_key_and_request_answers_the_first_reply_and_sends_once(
-    smtp: SmtpServer, caller: SyncNats
+    sent: Outbox, caller: SyncNats
 ) -> None:
     key = new_key()
     first = send(caller, key)
     again = send(caller, key)
     assert "email_id" in first
     assert again == first
-    assert tracked_ids(smtp) == [first["email_id"]]
+    assert tracking_ids(sent.messages()) == [first["email_id"]]
 
 
 def test_two_replicas_racing_on_one_key_send_exactly_one_message(
@@ -126,11 +134,12 @@ def test_retry_after_the_first_reply_was_lost_returns_the_same_email_id(
     assert send(caller, key) == retried
 
 
-def test_same_key_with_a_different_request_is_refused(smtp: SmtpServer, caller: SyncNats) -> None:
+@on_both_transports
+def test_same_key_with_a_different_request_is_refused(sent: Outbox, caller: SyncNats) -> None:
     key = new_key()
     send(caller, key)
     assert send(caller, key, subject="Another invoice") == {"error": api.ERR_IDEMPOTENCY_KEY_REUSED}
-    assert len(smtp.messages) == 1
+    assert len(sent.messages()) == 1
 
 
 def test_failed_send_releases_the_key(smtp: SmtpServer, caller: SyncNats) -> None:
@@ -176,14 +185,15 @@ def test_deadline_passing_after_data_began_holds_the_key_as_outcome_unknown(
     assert send(caller, key) == {"error": api.ERR_DELIVERY_OUTCOME_UNKNOWN}
 
 
-def test_the_header_is_the_same_key_as_the_field(smtp: SmtpServer, caller: SyncNats) -> None:
+@on_both_transports
+def test_the_header_is_the_same_key_as_the_field(sent: Outbox, caller: SyncNats) -> None:
     key = new_key()
     first = send(caller, key)
     by_header = caller.request_json(
         api.SEND_EMAIL_SUBJECT, REQUEST, headers={api.IDEMPOTENCY_HEADER: key}
     )
     assert by_header == first
-    assert len(smtp.messages) == 1
+    assert len(sent.messages()) == 1
 
 
 def test_header_and_field_that_differ_are_an_invalid_payload(
@@ -254,20 +264,18 @@ def test_the_entry_holds_no_request_content(caller: SyncNats, smtp: SmtpServer) 
     assert all(json.loads(v)["v"] == 1 for v in stored)
 
 
-async def test_the_client_sends_once_per_key(
-    module_nats_server: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
-) -> None:
+@on_both_transports
+async def test_the_client_sends_once_per_key(module_nats_server: NatsServer, sent: Outbox) -> None:
     key = new_key()
     async with EmailRelayClient.connect(servers=module_nats_server.url) as client:
         first = await client.send(idempotency_key=key, **REQUEST)
         again = await client.send(idempotency_key=key, **REQUEST)
     assert again == first
-    assert tracked_ids(smtp) == [first.email_id]
+    assert tracking_ids(sent.messages()) == [first.email_id]
 
 
-def test_the_cli_sends_once_per_key(
-    module_nats_server: NatsServer, smtp: SmtpServer, replicas: list[RelayProcess]
-) -> None:
+@on_both_transports
+def test_the_cli_sends_once_per_key(module_nats_server: NatsServer, sent: Outbox) -> None:
     key = new_key()
     command = [
         sys.executable,
@@ -287,4 +295,4 @@ def test_the_cli_sends_once_per_key(
         for _ in range(2)
     ]
     assert json.loads(outputs[0]) == json.loads(outputs[1])
-    assert len(smtp.messages) == 1
+    assert len(sent.messages()) == 1

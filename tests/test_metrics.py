@@ -79,9 +79,9 @@ def test_request_and_smtp_counters_move_with_sends(
 
     assert moved("emailrelay_requests_total", subject=subject, outcome="ok") == 3
     assert moved("emailrelay_request_seconds_count", subject=subject) == 3
-    assert moved("emailrelay_smtp_replies_total", result="ok") == 3
-    assert moved("emailrelay_smtp_send_seconds_count") == 3
-    assert value(after, "emailrelay_smtp_connections") >= 1
+    assert moved("emailrelay_smtp_replies_total", result="ok", transport="smtp") == 3
+    assert moved("emailrelay_smtp_send_seconds_count", transport="smtp") == 3
+    assert value(after, "emailrelay_smtp_connections", transport="smtp") >= 1
     assert value(after, "emailrelay_requests_in_flight") == 0
 
 
@@ -106,5 +106,5 @@ def test_error_replies_are_counted_by_their_contract_error(
     for outcome in (api.ERR_INVALID_PAYLOAD, api.ERR_SEND_FIELDS_REQUIRED, api.ERR_DELIVERY_FAILED):
         assert moved("emailrelay_requests_total", subject=subject, outcome=outcome) == 1, outcome
     assert moved("emailrelay_requests_total", subject=subject, outcome="ok") == 0
-    assert moved("emailrelay_smtp_replies_total", result="permanent") == 1
-    assert moved("emailrelay_smtp_replies_total", result="ok") == 0
+    assert moved("emailrelay_smtp_replies_total", result="permanent", transport="smtp") == 1
+    assert moved("emailrelay_smtp_replies_total", result="ok", transport="smtp") == 0

@@ -61,20 +61,22 @@ def test_throttling_lowers_the_send_rate(
 ) -> None:
     smtp.max_rate = PROVIDER_RATE
     # The module's relay is shared: the previous test moved the counter already.
-    throttled_before = relay.metric("emailrelay_smtp_throttled_total")
+    throttled_before = relay.metric("emailrelay_smtp_throttled_total", transport="smtp")
     caller.request_many(api.SEND_EMAIL_SUBJECT, bodies(12), concurrency=12)
     assert relay.metric("emailrelay_smtp_send_rate") < RELAY_RATE
-    assert relay.metric("emailrelay_smtp_throttled_total") > throttled_before
+    assert relay.metric("emailrelay_smtp_throttled_total", transport="smtp") > throttled_before
 
 
 def test_daily_quota_exceeded_fails_fast_with_its_own_log_line_and_metric(
     smtp: SmtpServer, caller: SyncNats, relay: RelayProcess
 ) -> None:
     smtp.fail_all("MAIL", 454, text="Throttling failure: Daily message quota exceeded.")
-    before = relay.metric("emailrelay_smtp_daily_quota_exceeded_total")
+    before = relay.metric("emailrelay_smtp_daily_quota_exceeded_total", transport="smtp")
     reply = caller.request_json(api.SEND_EMAIL_SUBJECT, bodies(1)[0])
     assert reply == {"error": api.ERR_DELIVERY_FAILED}
     assert len(smtp.mail_times) == 1  # not retried
-    assert relay.metric("emailrelay_smtp_daily_quota_exceeded_total") == before + 1
+    assert (
+        relay.metric("emailrelay_smtp_daily_quota_exceeded_total", transport="smtp") == before + 1
+    )
     lines = [json.loads(line) for line in relay.stderr().splitlines() if line.startswith("{")]
     assert any("daily message quota" in str(entry.get("msg", "")) for entry in lines)

@@ -20,9 +20,10 @@ from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import MemoryKeyValue
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import RelayProcess, running_relay
+from tests.support.servers.relay import EnvOverrides, RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer
 from tests.support.tracking_calls import put_record, send, status, unique_group
+from tests.support.transports import on_both_transports
 from tests.support.waiting import wait_until
 
 # --- the handler, fast ---------------------------------------------------------
@@ -88,11 +89,14 @@ async def test_paging_fields_out_of_range_are_an_invalid_payload(paging: dict[st
 
 
 @pytest.fixture(scope="module")
-def relay(nats_server: NatsServer, smtp_server: SmtpServer) -> Iterator[RelayProcess]:
-    with running_relay(nats_server, smtp_server) as process:
+def relay(
+    nats_server: NatsServer, smtp_server: SmtpServer, transport_relay_env: EnvOverrides
+) -> Iterator[RelayProcess]:
+    with running_relay(nats_server, smtp_server, transport_relay_env) as process:
         yield process
 
 
+@on_both_transports
 def test_status_by_email_id_is_the_stored_record(
     relay: RelayProcess, nats_client: SyncNats
 ) -> None:
@@ -107,6 +111,7 @@ def test_status_by_email_id_is_the_stored_record(
     assert reply["sent_at"].endswith("Z")
 
 
+@on_both_transports
 def test_status_by_group_id_lists_records_in_index_order(
     relay: RelayProcess, nats_client: SyncNats
 ) -> None:
@@ -214,6 +219,7 @@ AWKWARD_GROUP_IDS = ["batch 42", "ops@example.org", "Grüße 🎉", ".hidden", "
 
 
 @pytest.mark.parametrize("group_id", AWKWARD_GROUP_IDS)
+@on_both_transports
 def test_awkward_group_id_round_trips_through_send_and_status(
     relay: RelayProcess, nats_client: SyncNats, group_id: str
 ) -> None:

@@ -26,10 +26,13 @@ class Scenario:
     pool: int = 0
     events: bool = False
     """EVENTS_STREAM_ENABLED=true: each send also publishes its ``sent`` event."""
+    transport: str = "smtp"
+    """EMAIL_TRANSPORT: ``smtp`` (the SMTP sink) or ``ses`` (a local SES v2 endpoint)."""
 
     def label(self, default_pool: int) -> str:
         pool = f"{self.pool}" if self.pool else f"{default_pool} (default)"
         label = f"{self.latency_ms} ms  C={self.concurrency}  P={self.processes}  pool={pool}"
+        label = label if self.transport == "smtp" else f"{label}  {self.transport}"
         return label + ("  events" if self.events else "")
 
 

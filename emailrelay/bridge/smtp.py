@@ -24,7 +24,7 @@ import aiosmtplib
 import anyio
 import trio_asyncio
 
-from emailrelay.addresses import redact
+from emailrelay.addresses import redact_addresses_in
 from emailrelay.config import SmtpTlsMode
 from emailrelay.mail.errors import (
     AmbiguousFailure,
@@ -65,17 +65,19 @@ class SmtpEndpoint:
         return self.tls_mode is SmtpTlsMode.IMPLICIT
 
 
-_ADDRESS_IN_TEXT = re.compile(r"[^\s<>()\[\]:;,\"']+@[^\s<>()\[\]:;,\"']+")
+_SES_MESSAGE_ID = re.compile(r"^Ok ([0-9A-Za-z][0-9A-Za-z-]{0,127})\s*$")
+"""SES answers an accepted DATA with ``250 Ok <message id>``; other servers
+say something else (``250 OK``, ``250 2.0.0 Ok: queued as ...``)."""
 
 
-def _without_addresses(text: str) -> str:
-    """Servers (SES among them) name the refused address in their reply text,
-    and failure reasons end up in logs, which never hold a full address."""
-    return _ADDRESS_IN_TEXT.sub(lambda match: redact(match.group(0)), text)
+def provider_message_id(reply_text: str) -> str | None:
+    """The provider's message id in the final reply to DATA, where it gives one."""
+    match = _SES_MESSAGE_ID.match(reply_text)
+    return match.group(1) if match else None
 
 
 def _reply_failure(exc: aiosmtplib.SMTPResponseException) -> SendFailure:
-    reason = f"{exc.code} {_without_addresses(exc.message)}"
+    reason = f"{exc.code} {redact_addresses_in(exc.message)}"
     if 400 <= exc.code < 500:
         return TransientFailure(reason, exc.code)
     return PermanentFailure(reason, exc.code)
@@ -99,7 +101,9 @@ class SmtpConnection:
         smtp = await aio(_open)(endpoint)
         return cls(smtp)
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(self, sender: str, recipient: str, message: bytes) -> str | None:
+        """Deliver in one transaction; the provider's message id, where its
+        reply to DATA names one (see :func:`provider_message_id`)."""
         # MAIL, RCPT and DATA run as one asyncio task, started here without a
         # crossing and awaited in one: every crossing costs a task and a trio
         # wake-up, and a send is the relay's hottest path.
@@ -107,7 +111,7 @@ class SmtpConnection:
         loop = trio_asyncio.current_loop.get()
         transaction = loop.create_task(_transaction(self._smtp, sender, recipient, message, phase))
         try:
-            await _outcome(transaction)
+            return await _outcome(transaction)
         except anyio.get_cancelled_exc_class():
             if not phase.data_started:
                 # Still in the envelope: nothing was handed over.
@@ -122,7 +126,8 @@ class SmtpConnection:
             # The provider answered: report what it said (a success stands,
             # and the cancellation is raised again at the caller's next
             # checkpoint, after the caller has taken note).
-            transaction.result()
+            message_id: str | None = transaction.result()
+            return message_id
 
     async def close(self) -> None:
         await aio(_close)(self._smtp)
@@ -209,7 +214,7 @@ class _Phase:
 
 async def _transaction(
     smtp: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes, phase: _Phase
-) -> None:
+) -> str | None:
     # No per-command timeouts: the trio side bounds the whole transaction (the
     # pool's scope ends at SEND_TIMEOUT or the request's deadline, never later
     # than a command timeout of SmtpEndpoint.timeout would), and each of them
@@ -224,7 +229,7 @@ async def _transaction(
         raise TransientFailure(f"connection lost before DATA: {exc.__class__.__name__}") from exc
     phase.data_started = True
     try:
-        await smtp.data(message, timeout=None)
+        reply = await smtp.data(message, timeout=None)
     except aiosmtplib.SMTPResponseException as exc:
         # An explicit reply (to DATA or after the content) means "not accepted".
         raise _reply_failure(exc) from exc
@@ -232,17 +237,19 @@ async def _transaction(
         raise AmbiguousFailure(
             f"no final reply after the message was handed over: {exc.__class__.__name__}"
         ) from exc
+    return provider_message_id(reply.message)
 
 
-def _abandon(task: asyncio.Task[None]) -> None:
+def _abandon(task: asyncio.Task[str | None]) -> None:
     """Cancel ``task`` and consume whatever it ends with: no one awaits it any more."""
     task.cancel()
     task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
-async def _outcome(task: asyncio.Task[None]) -> None:
+async def _outcome(task: asyncio.Task[str | None]) -> str | None:
     """Wait (on the trio side) for ``task``; cancelling the wait leaves the task running."""
-    await trio_asyncio.run_aio_future(asyncio.shield(task))
+    message_id: str | None = await trio_asyncio.run_aio_future(asyncio.shield(task))
+    return message_id
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:

@@ -60,6 +60,10 @@ class _Handler:
         raw = envelope.original_content or b""
         if isinstance(envelope.content, bytes) and not raw:
             raw = envelope.content
+        self.keep(raw, str(envelope.mail_from), tuple(envelope.rcpt_tos))
+        return "250 Message accepted for delivery"
+
+    def keep(self, raw: bytes, mail_from: str, rcpt_tos: tuple[str, ...]) -> None:
         headers = email.message_from_bytes(raw, policy=email.policy.default)
         tracking_id = str(headers.get(TRACKING_HEADER, "") or "")
         email_id = tracking_id.rsplit("/", 1)[-1]
@@ -74,15 +78,14 @@ class _Handler:
         self.on_message(
             CapturedMessage(
                 path=path,
-                mail_from=str(envelope.mail_from),
-                rcpt_tos=tuple(envelope.rcpt_tos),
+                mail_from=mail_from,
+                rcpt_tos=rcpt_tos,
                 from_header=str(headers.get("From", "")),
                 to_header=str(headers.get("To", "")),
                 subject=str(headers.get("Subject", "")),
                 tracking_id=tracking_id,
             )
         )
-        return "250 Message accepted for delivery"
 
 
 def erase_captured(directory: Path, address: str) -> int:
@@ -140,6 +143,11 @@ class CaptureServer:
             self.stop()
             raise
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def keep(self, raw: bytes, mail_from: str, rcpt_tos: tuple[str, ...]) -> None:
+        """File a message that came another way (the dev stack's local SES
+        endpoint) exactly as one received over SMTP."""
+        self._handler.keep(raw, mail_from, rcpt_tos)
 
     async def _listen(self) -> asyncio.base_events.Server:
         def protocol() -> SMTP:

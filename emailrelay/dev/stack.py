@@ -46,6 +46,7 @@ from emailrelay.dev.natsserver import (
     NatsEndpoints,
     NatsServerError,
 )
+from emailrelay.dev.sesapi import LocalSesApi, capturing_ses, use_local_ses
 from emailrelay.dev.state import StackInfo, StateDirInUse, StateDirLock
 from emailrelay.discovery import SERVICE_NAME
 from emailrelay.health import bind_http_socket, why_unbindable
@@ -67,6 +68,8 @@ class DevOptions:
     smtp_port: int = 1025
     http_port: int = 8080
     state_dir: Path = Path(".emailrelay-dev")
+    transport: str = "smtp"
+    """``ses``: the relay sends through a local SES v2 endpoint (see .sesapi)."""
     nats_monitoring_port: int | None = None
     """``None``: 8222 beside the default NATS port 4222, else any free port (a
     stack moved off the default ports does not take 8222 either)."""
@@ -196,6 +199,7 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
         engagement.on_captured(message)
 
     capture = CaptureServer(state_dir / "capture", options.smtp_port, on_captured)
+    local_ses: LocalSesApi | None = None
     try:
         try:
             endpoints = await nats_server.start()
@@ -207,8 +211,17 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
         except OSError as exc:
             _say(f"emailrelay dev: {_unbindable(exc, capture.port, '--smtp-port')}", err=True)
             return EXIT_FAILURE
+        if options.transport == "ses":
+            local_ses = capturing_ses(capture.keep)
+            local_ses.start()
+            _say(f"emailrelay dev: the relay sends through the SES API at {local_ses.endpoint_url}")
         try:
-            settings = relay_settings(endpoints, capture.port, http_socket.getsockname()[1])
+            settings = relay_settings(
+                endpoints,
+                capture.port,
+                http_socket.getsockname()[1],
+                ses_endpoint_url=local_ses.endpoint_url if local_ses else None,
+            )
         except ConfigError as exc:
             _say(f"emailrelay dev: configuration error: {exc}", err=True)
             return EXIT_FAILURE
@@ -218,6 +231,8 @@ async def _run_stack(options: DevOptions, lock: StateDirLock, http_socket: socke
         )
     finally:
         with anyio.CancelScope(shield=True):
+            if local_ses is not None:
+                await anyio.to_thread.run_sync(local_ses.stop)
             await anyio.to_thread.run_sync(capture.stop)
             await nats_server.stop()
 
@@ -232,9 +247,12 @@ empty value counts as unset): a laptop shows what production can do. One row
 per setting."""
 
 
-def relay_settings(endpoints: NatsEndpoints, smtp_port: int, http_port: int) -> Settings:
+def relay_settings(
+    endpoints: NatsEndpoints, smtp_port: int, http_port: int, ses_endpoint_url: str | None = None
+) -> Settings:
     """The developer's environment for everything else, with the stack's wiring
-    forced and :data:`DEV_DEFAULTS` where the environment says nothing."""
+    forced and :data:`DEV_DEFAULTS` where the environment says nothing
+    (``ses_endpoint_url``: send through that local SES endpoint)."""
     env = dict(os.environ)
     for name in ("SMTP_USERNAME", "SMTP_PASSWORD", "NATS_CREDS", "SES_ENGAGEMENT_SQS_QUEUE_URL"):
         env.pop(name, None)  # the capture has no AUTH; there is no SQS here
@@ -255,6 +273,8 @@ def relay_settings(endpoints: NatsEndpoints, smtp_port: int, http_port: int) -> 
             "NATS_CONNECT_TIMEOUT": "10",
         }
     )
+    if ses_endpoint_url is not None:
+        env.update(use_local_ses(ses_endpoint_url))
     return load_settings(env)
 
 

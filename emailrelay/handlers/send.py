@@ -121,10 +121,13 @@ receipt + SEND_TIMEOUT + DATA_REPLY_WAIT + this (9.3 s with the defaults)."""
 
 
 class Sender(Protocol):
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline
+    ) -> str | None:
         """Deliver or raise :class:`~emailrelay.mail.errors.SendFailure`;
         start nothing after ``deadline`` (raise
-        :class:`~emailrelay.deadline.DeadlinePassed`)."""
+        :class:`~emailrelay.deadline.DeadlinePassed`). Returns the provider's
+        message id when it named one (the record keeps it as ``ses_message_id``)."""
         ...
 
 
@@ -193,7 +196,9 @@ class NoSender:
     """EMAIL_ENABLED=false: the decision skips every request before a send,
     so this is never asked; if it were, the caller hears "not sent"."""
 
-    async def send(self, sender: str, recipient: str, message: bytes, deadline: Deadline) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline
+    ) -> str | None:
         raise SendFailure("sending is disabled (EMAIL_ENABLED=false)")
 
 
@@ -418,8 +423,10 @@ class SendEmailHandler:
     ) -> Reply:
         email = decision.email
         try:
-            await self._sender.send(
-                email.sender.address, email.recipient.address, build_message(email), deadline
+            # Built once, whatever the transport; dated as the record is.
+            message = build_message(email, decision.record.sent_at)
+            message_id = await self._sender.send(
+                email.sender.address, email.recipient.address, message, deadline
             )
         except AmbiguousFailure as exc:
             log.warning("email delivery outcome unknown", extra={**context, "reason": exc.reason})
@@ -444,12 +451,15 @@ class SendEmailHandler:
                 lambda r: self._reservations.complete(r, reply), reserved, context, deadline
             )
 
+        record = decision.record
+        if message_id is not None:
+            record = record.model_copy(update={"ses_message_id": message_id})
         # Without a store there is nothing to write and nothing to retry (a
         # deadline passing inside the retry loop would count a no-op as lost).
         if not isinstance(self._tracking, NoTracking):
-            await self._write_tracking(self._tracking, decision.record, deadline)
+            await self._write_tracking(self._tracking, record, deadline)
         if self._sent_events is not None:
-            await self._sent_events.sent(decision.record, deadline)
+            await self._sent_events.sent(record, deadline)
         return reply
 
     async def _settle(

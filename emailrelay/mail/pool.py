@@ -63,7 +63,11 @@ class Connection(Protocol):
         have the message, whatever happened next)."""
         ...
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> None: ...
+    async def send(self, sender: str, recipient: str, message: bytes) -> str | None:
+        """Deliver, or raise :class:`SendFailure`; the provider's message id
+        when it named one."""
+        ...
+
     async def close(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -84,6 +88,7 @@ class _Outcome:
 
     accepted: bool = False
     handed_over: bool = False
+    message_id: str | None = None
 
 
 @dataclass
@@ -106,8 +111,10 @@ class SmtpPool:
         pacer: TokenBucket | None = None,
         rate: RateObserver | None = None,
         last_attempt_reserve: float = 1.0,
+        transport: str = "smtp",
     ) -> None:
         self._connect = connect
+        self._transport = transport
         self._slots = anyio.Semaphore(size)
         self._idle: list[_Pooled] = []
         self._max_messages = max_messages
@@ -126,8 +133,9 @@ class SmtpPool:
 
     async def send(
         self, sender: str, recipient: str, message: bytes, deadline: Deadline | None = None
-    ) -> None:
-        """Deliver one message, or raise :class:`SendFailure`.
+    ) -> str | None:
+        """Deliver one message, or raise :class:`SendFailure`; the provider's
+        message id when it named one.
 
         The whole call, retries included, ends at ``send_timeout`` or at
         ``deadline``, whichever comes first."""
@@ -136,7 +144,7 @@ class SmtpPool:
         with deadline.scope(), anyio.move_on_after(self._send_timeout):
             await self._send_with_retries(sender, recipient, message, outcome)
         if outcome.accepted:
-            return
+            return outcome.message_id
         if outcome.handed_over:
             raise AmbiguousFailure(
                 "no final reply before the deadline or SEND_TIMEOUT, after DATA began"
@@ -160,20 +168,26 @@ class SmtpPool:
             except TransientFailure as exc:
                 verdict = classify_throttle(exc.code or 0, exc.reason)
                 if isinstance(verdict, DailyQuotaExceeded):
-                    raise _daily_quota(exc) from exc
+                    raise self._daily_quota(exc) from exc
                 if isinstance(verdict, Throttled):
-                    SMTP_THROTTLED.inc()
+                    SMTP_THROTTLED.labels(self._transport).inc()
                     if self._rate is not None:
                         self._rate.throttled(anyio.current_time())
                         self._show_rate()
                     log.info(
-                        "smtp: throttled by the provider; retrying", extra={"reason": exc.reason}
+                        "%s: throttled by the provider; retrying",
+                        self._transport,
+                        extra={"reason": exc.reason},
                     )
                 else:
-                    log.info("smtp: transient failure; retrying", extra={"reason": exc.reason})
+                    log.info(
+                        "%s: transient failure; retrying",
+                        self._transport,
+                        extra={"reason": exc.reason},
+                    )
             except PermanentFailure as exc:
                 if isinstance(classify_throttle(exc.code or 0, exc.reason), DailyQuotaExceeded):
-                    raise _daily_quota(exc) from exc
+                    raise self._daily_quota(exc) from exc
                 raise
             else:
                 if self._rate is not None:
@@ -206,15 +220,15 @@ class SmtpPool:
                 raise
             started = time.monotonic()
             try:
-                await pooled.connection.send(sender, recipient, message)
+                outcome.message_id = await pooled.connection.send(sender, recipient, message)
                 outcome.accepted = True
             except AmbiguousFailure as exc:
-                SMTP_REPLIES.labels(_failure_class(exc)).inc()
+                self._count_reply(_failure_class(exc))
                 outcome.handed_over = True
                 await self._discard(pooled)
                 raise
             except SendFailure as exc:
-                SMTP_REPLIES.labels(_failure_class(exc)).inc()
+                self._count_reply(_failure_class(exc))
                 await self._discard(pooled)
                 raise
             except BaseException:
@@ -225,8 +239,8 @@ class SmtpPool:
                 pooled.connection.abort()
                 self._count_closed()
                 raise
-            SMTP_SEND_SECONDS.observe(time.monotonic() - started)
-            SMTP_REPLIES.labels("ok").inc()
+            SMTP_SEND_SECONDS.labels(self._transport).observe(time.monotonic() - started)
+            self._count_reply("ok")
             pooled.messages += 1
             if self._worn_out(pooled):
                 await self._discard(pooled)
@@ -242,18 +256,18 @@ class SmtpPool:
         try:
             connection = await self._connect()
         except SendFailure as exc:
-            SMTP_REPLIES.labels(_failure_class(exc)).inc()
+            self._count_reply(_failure_class(exc))
             if isinstance(exc, MisconfiguredFailure):
                 if self.misconfiguration is None:
                     # Once, not per send: every send fails alike until fixed.
-                    log.error("smtp: %s", exc.reason)
+                    log.error("%s: %s", self._transport, exc.reason)
                 self.misconfiguration = exc.reason
             raise
         if self.misconfiguration is not None:
             log.info("smtp: connected again; the SMTP settings fit the server now")
             self.misconfiguration = None
         self.open_connections += 1
-        SMTP_CONNECTIONS.inc()
+        SMTP_CONNECTIONS.labels(self._transport).inc()
         return _Pooled(connection, opened_at=time.monotonic())
 
     def _worn_out(self, pooled: _Pooled) -> bool:
@@ -262,12 +276,24 @@ class SmtpPool:
 
     def _count_closed(self) -> None:
         self.open_connections -= 1
-        SMTP_CONNECTIONS.dec()
+        SMTP_CONNECTIONS.labels(self._transport).dec()
 
     async def _discard(self, pooled: _Pooled) -> None:
         self._count_closed()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await pooled.connection.close()
+
+    def _count_reply(self, result: str) -> None:
+        SMTP_REPLIES.labels(result=result, transport=self._transport).inc()
+
+    def _daily_quota(self, failure: SendFailure) -> DailyQuotaFailure:
+        SMTP_DAILY_QUOTA_EXCEEDED.labels(self._transport).inc()
+        log.error(
+            "%s: the provider's daily message quota is exceeded; failing sends until it resets",
+            self._transport,
+            extra={"reason": failure.reason},
+        )
+        return DailyQuotaFailure(failure.reason, failure.code)
 
     def _show_rate(self) -> None:
         if self._pacer is not None:
@@ -277,15 +303,6 @@ class SmtpPool:
         idle, self._idle = self._idle, []
         for pooled in idle:
             await self._discard(pooled)
-
-
-def _daily_quota(failure: SendFailure) -> DailyQuotaFailure:
-    SMTP_DAILY_QUOTA_EXCEEDED.inc()
-    log.error(
-        "smtp: the provider's daily message quota is exceeded; failing sends until it resets",
-        extra={"reason": failure.reason},
-    )
-    return DailyQuotaFailure(failure.reason, failure.code)
 
 
 def _failure_class(failure: SendFailure) -> str:

@@ -5,9 +5,10 @@ as sqs:`` then ``await sqs.receive_messages()`` and ``await sqs.delete_messages(
 every failure of a call is an :class:`SqsError`.
 """
 
+from emailrelay.aws.signing import CredentialSource, FrozenCredentials
+
 from .client import SqsClient, SqsError, SqsMessage
 from .endpoints import region_from_queue_url, resolve_endpoint_url, resolve_region
-from .signing import CredentialSource, FrozenCredentials
 
 __all__ = [
     "CredentialSource",

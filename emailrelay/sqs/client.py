@@ -2,7 +2,7 @@
 
 It runs on whatever anyio runs on (trio or asyncio) with no bridge: httpx does
 the I/O, botocore only signs requests and resolves credentials (see
-:mod:`emailrelay.sqs.signing`).
+:mod:`emailrelay.aws.signing`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-import anyio.to_thread
 import httpx
 
+from emailrelay.aws.setup import AwsSetupError, current_credentials, load_aws_setup
+from emailrelay.aws.signing import CredentialSource, FrozenCredentials, sign_request
+
 from .endpoints import resolve_endpoint_url, resolve_region
-from .signing import CredentialSource, FrozenCredentials, load_default_chain, sign_request
 
 __all__ = ["SqsClient", "SqsError", "SqsMessage"]
 
@@ -119,34 +120,22 @@ class SqsClient:
         """
         env = os.environ if environ is None else environ
         try:
-            chain = await anyio.to_thread.run_sync(load_default_chain)
-        except Exception as exc:
-            raise SqsError(
-                f"cannot load the AWS configuration: {type(exc).__name__}: {exc}"
-            ) from exc
-        if chain.credentials is None:
-            raise SqsError(
-                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "AWS_PROFILE, or a web identity (AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE, "
-                "as EKS IRSA does)"
-            )
-        region = resolve_region(queue_url, env, chain.profile_region)
+            setup = await load_aws_setup(env)
+        except AwsSetupError as exc:
+            raise SqsError(str(exc)) from exc
+        region = resolve_region(queue_url, env, setup.profile_region)
         if region is None:
             raise SqsError(
                 "cannot tell which AWS region the queue is in: set AWS_REGION, or use a "
                 "queue URL of the form https://sqs.<region>.amazonaws.com/<account>/<queue>"
             )
-        verify: ssl.SSLContext | bool = True
-        ca_bundle = env.get("AWS_CA_BUNDLE", "").strip()
-        if ca_bundle:
-            verify = await anyio.to_thread.run_sync(_ssl_context_with, ca_bundle)
         return cls(
             queue_url,
             region=region,
             endpoint_url=resolve_endpoint_url(region, env),
-            credentials=chain.credentials,
+            credentials=setup.credentials,
             transport=transport,
-            verify=verify,
+            verify=setup.verify,
         )
 
     async def __aenter__(self) -> Self:
@@ -236,9 +225,7 @@ class SqsClient:
     async def _frozen_credentials(self) -> FrozenCredentials:
         # Refreshing temporary credentials is blocking network I/O (STS, metadata).
         try:
-            return await anyio.to_thread.run_sync(
-                self._credentials.get_frozen_credentials, abandon_on_cancel=True
-            )
+            return await current_credentials(self._credentials)
         except Exception as exc:
             raise SqsError(f"cannot obtain AWS credentials: {type(exc).__name__}: {exc}") from exc
 
@@ -310,7 +297,3 @@ def _parse_message(item: Mapping[str, Any]) -> SqsMessage:
         receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
         sent_at=datetime.fromtimestamp(int(sent) / 1000, UTC) if sent is not None else None,
     )
-
-
-def _ssl_context_with(ca_bundle: str) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=ca_bundle)

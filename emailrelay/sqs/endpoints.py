@@ -10,7 +10,8 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from emailrelay.config import TRUE_WORDS
+from emailrelay.aws.endpoints import resolve_region as _resolve_region
+from emailrelay.aws.endpoints import service_endpoint_url
 
 __all__ = ["region_from_queue_url", "resolve_endpoint_url", "resolve_region"]
 
@@ -18,12 +19,6 @@ __all__ = ["region_from_queue_url", "resolve_endpoint_url", "resolve_region"]
 _QUEUE_HOST = re.compile(
     r"^(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?$"
 )
-
-
-def _env(environ: Mapping[str, str], name: str) -> str | None:
-    """An environment variable, with an empty or blank value read as unset."""
-    value = environ.get(name, "").strip()
-    return value or None
 
 
 def region_from_queue_url(queue_url: str) -> str | None:
@@ -46,12 +41,7 @@ def resolve_region(
     region of the active profile in the shared config file), then the region in
     the queue URL's host. None when nothing names one.
     """
-    return (
-        _env(environ, "AWS_REGION")
-        or _env(environ, "AWS_DEFAULT_REGION")
-        or (configured_region.strip() if configured_region else None)
-        or region_from_queue_url(queue_url)
-    )
+    return _resolve_region(environ, configured_region, region_from_queue_url(queue_url))
 
 
 def resolve_endpoint_url(region: str, environ: Mapping[str, str]) -> str:
@@ -61,10 +51,4 @@ def resolve_endpoint_url(region: str, environ: Mapping[str, str]) -> str:
     ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is true; else the regional endpoint
     ``https://sqs.<region>.amazonaws.com`` (``.amazonaws.com.cn`` in China).
     """
-    ignore = (_env(environ, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or "").lower() in TRUE_WORDS
-    if not ignore:
-        override = _env(environ, "AWS_ENDPOINT_URL_SQS") or _env(environ, "AWS_ENDPOINT_URL")
-        if override is not None:
-            return override
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"https://sqs.{region}.{suffix}"
+    return service_endpoint_url("SQS", "sqs", region, environ)

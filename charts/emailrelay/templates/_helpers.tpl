@@ -143,6 +143,7 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "PORT" $http.port)
   (list "HTTP_HOST" $http.host)
   (list "EMAIL_ENABLED" $email.enabled)
+  (list "EMAIL_TRANSPORT" $email.transport)
   (list "SUPPRESSION_ENABLED" $email.suppressionEnabled)
   (list "SMTP_HOST" $smtp.host)
   (list "SMTP_PORT" $smtp.port)
@@ -178,6 +179,7 @@ pairs. A null (or removed) value is left out; "" is kept.
   (list "LOG_ADD_SOURCE" $log.addSource)
   (list "AWS_REGION" $aws.region)
   (list "AWS_ENDPOINT_URL_SQS" $aws.endpointUrlSqs)
+  (list "AWS_ENDPOINT_URL_SESV2" $aws.endpointUrlSesv2)
 }}
 {{- toJson $pairs }}
 {{- end }}

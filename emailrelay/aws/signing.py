@@ -24,8 +24,6 @@ __all__ = [
     "sign_request",
 ]
 
-SERVICE = "sqs"
-
 
 class FrozenCredentials(Protocol):
     """One consistent set of keys (botocore's ``ReadOnlyCredentials``)."""
@@ -82,8 +80,10 @@ def sign_request(
     url: str,
     headers: Mapping[str, str],
     body: bytes,
+    service: str = "sqs",
 ) -> dict[str, str]:
-    """The headers of a POST of ``body`` to ``url``, signed with SigV4 for SQS.
+    """The headers of a POST of ``body`` to ``url``, signed with SigV4 for
+    ``service`` (the signing name: ``sqs``, ``ses`` for the SES v2 API).
 
     Returns ``headers`` plus ``X-Amz-Date``, ``Authorization`` and, for
     temporary credentials, ``X-Amz-Security-Token``. The body sent must be
@@ -91,5 +91,5 @@ def sign_request(
     HTTP clients derive it (lower case, default port omitted).
     """
     request = AWSRequest(method="POST", url=url, data=body, headers=dict(headers))
-    SigV4Auth(credentials, SERVICE, region).add_auth(request)
+    SigV4Auth(credentials, service, region).add_auth(request)
     return {str(name): str(value) for name, value in request.headers.items()}
