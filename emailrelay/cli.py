@@ -71,6 +71,7 @@ def _dev(args: argparse.Namespace) -> int:
             nats_port=args.nats_port,
             smtp_port=args.smtp_port,
             http_port=args.port,
+            inbox_port=args.inbox_port,
             state_dir=args.state_dir,
         )
     )
@@ -112,6 +113,12 @@ def _add_dev_command(commands: Any) -> None:
         type=_port,
         default=8080,
         help="relay HTTP port: /livez /readyz /metrics (default 8080)",
+    )
+    dev.add_argument(
+        "--inbox-port",
+        type=_port,
+        default=8025,
+        help="the dev inbox, captured mail in a browser (default 8025)",
     )
     dev.add_argument(
         "--state-dir",

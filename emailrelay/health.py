@@ -107,20 +107,33 @@ async def serve_health(
     URLs once listening (port 0 = any).
     ``sock`` (from :func:`bind_http_socket`) is used instead of binding
     ``host:port`` and is closed when serving ends."""
-    config = Config()
     # hypercorn wraps the descriptor and closes it itself: detach ours.
-    config.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{port}"]
+    bind = f"fd://{sock.detach()}" if sock is not None else f"{host}:{port}"
+    async with anyio.create_task_group() as tg:
+        binds: list[str] = await tg.start(
+            serve_asgi, health_app(is_ready, is_alive), bind, stopping.wait
+        )
+        log.info("http listening", extra={"binds": binds})
+        task_status.started(binds)
+
+
+async def serve_asgi(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    bind: str,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    *,
+    task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on hypercorn (``bind`` as hypercorn takes it: ``host:port``
+    or ``fd://N``) until ``shutdown_trigger`` returns or this is cancelled;
+    started with the bound URLs once listening."""
+    config = Config()
+    config.bind = [bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     async with anyio.create_task_group() as tg:
         binds: list[str] = await tg.start(
-            partial(
-                serve,
-                cast("ASGIFramework", health_app(is_ready, is_alive)),
-                config,
-                shutdown_trigger=stopping.wait,
-            )
+            partial(serve, cast("ASGIFramework", app), config, shutdown_trigger=shutdown_trigger)
         )
-        log.info("http listening", extra={"binds": binds})
         task_status.started(binds)

@@ -72,6 +72,8 @@ class DevStack:
                     "0",
                     "--port",
                     "0",
+                    "--inbox-port",
+                    "0",
                     "--state-dir",
                     str(state_dir),
                 ],
@@ -90,6 +92,12 @@ class DevStack:
             url: str = json.loads((self.state_dir / "stack.json").read_text())["nats_url"]
             return url
         return f"nats://{LOOPBACK}:{self.nats_port}"
+
+    @property
+    def inbox_url(self) -> str:
+        """The dev inbox (``--inbox-port 0``: any free port), from ``stack.json``."""
+        url: str = json.loads((self.state_dir / "stack.json").read_text())["inbox_url"]
+        return url
 
     def nats_server_pids(self) -> list[int]:
         return [
@@ -169,6 +177,7 @@ def test_dev_stack_sends_captures_tracks_and_stops_cleanly_on_ctrl_c(
     assert re.search(r"SMTP capture     smtp://127\.0\.0\.1:\d+", out)
     assert re.search(r"relay health     http://127\.0\.0\.1:\d+/livez", out)
     assert re.search(r"relay metrics    http://127\.0\.0\.1:\d+/metrics", out)
+    assert re.search(r"\n  inbox            http://127\.0\.0\.1:\d+/\n", out)
     assert "email-recipients, email-group-index" in out
 
     email_id = send_first_email(dev_stack)
@@ -285,13 +294,14 @@ def test_nats_server_stops_when_the_stack_is_killed_outright(tmp_path: Path) -> 
 # --- Start-up conflicts, one line each ----------------------------------------
 
 
-@pytest.mark.parametrize("flag", ["--nats-port", "--smtp-port", "--port"])
+@pytest.mark.parametrize("flag", ["--nats-port", "--smtp-port", "--port", "--inbox-port"])
 def test_taken_port_is_one_line_naming_the_flag(flag: str, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        ports = {"--nats-port": "0", "--smtp-port": "0", "--port": "0", flag: port}
+        ports = {"--nats-port": "0", "--smtp-port": "0", "--port": "0", "--inbox-port": "0"}
+        ports[flag] = port
         done = emailrelay(
             "dev", *(a for pair in ports.items() for a in pair), "--state-dir", str(tmp_path)
         )
@@ -314,7 +324,7 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]
 
 def test_second_stack_on_one_state_dir_exits_2_naming_the_first(shared_stack: DevStack) -> None:
     done = emailrelay(
-        "dev", "--nats-port", "0", "--smtp-port", "0", "--port", "0",
+        "dev", "--nats-port", "0", "--smtp-port", "0", "--port", "0", "--inbox-port", "0",
         "--state-dir", str(shared_stack.state_dir),
     )  # fmt: skip
     assert done.returncode == 2

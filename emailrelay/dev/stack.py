@@ -6,6 +6,7 @@
     ├── nats-server child (own session; JetStream in <state>/nats)   stopped last
     ├── SMTP capture (aiosmtpd thread; .eml files in <state>/capture)
     ├── the relay itself, in this process (app.serve, EMAIL_ENABLED=true, no TLS)
+    ├── the dev inbox: captured mail in a browser (hypercorn; see .inbox)
     └── engagement events (Delivery per captured message, `emailrelay dev event`),
         through the production poller over an in-memory queue (see .engagement)
 
@@ -64,6 +65,7 @@ class DevOptions:
     nats_port: int = 4222
     smtp_port: int = 1025
     http_port: int = 8080
+    inbox_port: int = 8025
     state_dir: Path = Path(".emailrelay-dev")
 
     @property
@@ -88,8 +90,10 @@ def run_dev(options: DevOptions) -> int:
         _say(f"emailrelay dev: {exc}", err=True)
         return EXIT_STATE_DIR_IN_USE
     with lock:
-        problem = _port_problem(options.nats_port, "--nats-port") or _port_problem(
-            options.smtp_port, "--smtp-port"
+        problem = (
+            _port_problem(options.nats_port, "--nats-port")
+            or _port_problem(options.smtp_port, "--smtp-port")
+            or _port_problem(options.inbox_port, "--inbox-port")
         )
         if problem:
             _say(f"emailrelay dev: {problem}", err=True)
@@ -225,6 +229,8 @@ async def _run_relay(
     lock: StateDirLock,
     http_socket: socket.socket,
 ) -> int:
+    from emailrelay.dev.inbox import DevInbox
+
     async with asyncio_loop():
         try:
             async with connected_to_nats(
@@ -238,11 +244,19 @@ async def _run_relay(
                         "emailrelay dev: JetStream KV is not available; see the log above", err=True
                     )
                     return EXIT_FAILURE
-                info = stack_info(settings, endpoints, capture)
+                try:
+                    inbox_socket = bind_http_socket(LOOPBACK, options.inbox_port)
+                except OSError as exc:
+                    problem = _unbindable(exc, options.inbox_port, "--inbox-port")
+                    _say(f"emailrelay dev: {problem}", err=True)
+                    return EXIT_FAILURE
+                inbox = DevInbox(capture.directory, engagement.queue)
+                info = stack_info(settings, endpoints, capture, inbox_socket.getsockname()[1])
                 _print_urls(info, endpoints, lock.state_dir)
                 async with anyio.create_task_group() as tg:
+                    await tg.start(inbox.serve, tracking, inbox_socket)
                     poller = PollerSettings(max_receives=settings.ses_event_max_receives)
-                    await tg.start(engagement.run, nats, tracking, poller)
+                    await tg.start(engagement.run, nats, inbox.watching(tracking), poller)
                     tg.start_soon(_announce_when_serving, info, lock, options.state_dir_flag)
                     code = await app.serve(
                         settings, nats, http_socket=http_socket, tracking=tracking
@@ -254,7 +268,9 @@ async def _run_relay(
             return EXIT_FAILURE
 
 
-def stack_info(settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer) -> StackInfo:
+def stack_info(
+    settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer, inbox_port: int
+) -> StackInfo:
     from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
 
     return StackInfo(
@@ -264,6 +280,7 @@ def stack_info(settings: Settings, endpoints: NatsEndpoints, capture: CaptureSer
         http_url=f"http://{LOOPBACK}:{settings.port}",
         capture_dir=str(capture.directory),
         events_subject=DEV_EVENTS_SUBJECT,
+        inbox_url=f"http://{LOOPBACK}:{inbox_port}/",
     )
 
 
@@ -306,6 +323,7 @@ def _print_urls(info: StackInfo, endpoints: NatsEndpoints, state_dir: Path) -> N
         f"  SMTP capture     {info.smtp_url}  -> {info.capture_dir}/*.eml\n"
         f"  relay health     {info.http_url}/livez  {info.http_url}/readyz\n"
         f"  relay metrics    {info.http_url}/metrics\n"
+        f"  inbox            {info.inbox_url}\n"
         f"  KV buckets       {api.RECIPIENTS_BUCKET}, {api.GROUP_INDEX_BUCKET}\n"
         f"  SES events       {info.events_subject} (dev only; see `{command_name()} dev event -h`)"
     )
