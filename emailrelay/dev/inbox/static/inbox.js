@@ -157,14 +157,15 @@ const SERIES = [
   ["clicked", "clicks"],
 ];
 
+// Bars side by side in each time bucket: sends, deliveries, opens, clicks.
 function drawChart(svg, times) {
   const NS = "http://www.w3.org/2000/svg";
-  const width = 640, height = 220, left = 36, bottom = 24, top = 10, right = 10, buckets = 24;
+  const width = 640, height = 220, left = 36, bottom = 24, top = 10, right = 10, buckets = 12;
   const all = SERIES.flatMap(([name]) => times[name].map((t) => Date.parse(t)));
   svg.replaceChildren();
   if (all.length === 0) return;
   const start = Math.min(...all);
-  const span = Math.max(Math.max(...all) - start, 60000);
+  const span = Math.max(Math.max(...all) - start + 1, 10000);
   const counts = SERIES.map(([name]) => {
     const bins = new Array(buckets).fill(0);
     for (const t of times[name]) {
@@ -173,34 +174,36 @@ function drawChart(svg, times) {
     return bins;
   });
   const peak = Math.max(1, ...counts.flat());
-  const x = (i) => left + (i * (width - left - right)) / (buckets - 1);
+  const slot = (width - left - right) / buckets;
+  const bar = slot / (SERIES.length + 1);
   const y = (v) => height - bottom - (v * (height - bottom - top)) / peak;
-  const line = (x1, y1, x2, y2, cls) => {
-    const node = document.createElementNS(NS, "line");
-    for (const [k, v] of Object.entries({ x1, y1, x2, y2 })) node.setAttribute(k, v);
-    node.setAttribute("class", cls);
-    svg.append(node);
+  const add = (tag, attributes, text, parent = svg) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attributes)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    parent.append(node);
+    return node;
   };
-  const label = (text, lx, ly, anchor) => {
-    const node = document.createElementNS(NS, "text");
-    node.setAttribute("x", lx);
-    node.setAttribute("y", ly);
-    node.setAttribute("text-anchor", anchor);
-    node.setAttribute("class", "axis-label");
-    node.textContent = text;
-    svg.append(node);
-  };
-  line(left, height - bottom, width - right, height - bottom, "axis");
-  line(left, top, left, height - bottom, "axis");
-  label(String(peak), left - 4, top + 8, "end");
-  label("0", left - 4, height - bottom, "end");
-  label(new Date(start).toLocaleTimeString(), left, height - 6, "start");
-  label(new Date(start + span).toLocaleTimeString(), width - right, height - 6, "end");
+  add("line", { x1: left, y1: height - bottom, x2: width - right, y2: height - bottom, class: "axis" });
+  add("line", { x1: left, y1: top, x2: left, y2: height - bottom, class: "axis" });
+  add("text", { x: left - 4, y: top + 8, "text-anchor": "end", class: "axis-label" }, String(peak));
+  add("text", { x: left - 4, y: height - bottom, "text-anchor": "end", class: "axis-label" }, "0");
+  add("text", { x: left, y: height - 6, "text-anchor": "start", class: "axis-label" },
+    new Date(start).toLocaleTimeString());
+  add("text", { x: width - right, y: height - 6, "text-anchor": "end", class: "axis-label" },
+    new Date(start + span).toLocaleTimeString());
   counts.forEach((bins, n) => {
-    const path = document.createElementNS(NS, "polyline");
-    path.setAttribute("points", bins.map((v, i) => `${x(i)},${y(v)}`).join(" "));
-    path.setAttribute("class", `series series-${SERIES[n][0]}`);
-    svg.append(path);
+    bins.forEach((value, i) => {
+      if (value === 0) return;
+      const rect = add("rect", {
+        x: left + i * slot + (n + 0.5) * bar,
+        y: y(value),
+        width: bar,
+        height: height - bottom - y(value),
+        class: `bar series-${SERIES[n][0]}`,
+      });
+      add("title", {}, `${value} ${SERIES[n][1]}`, rect);
+    });
   });
 }
 
