@@ -17,6 +17,8 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 from prometheus_client import make_asgi_app
 
+from emailrelay.metrics import READY
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -31,8 +33,10 @@ def health_app(
     side completes round trips" (:mod:`emailrelay.bridge.watchdog`), readiness
     is "NATS is connected and the send subscription exists" (a relay cut off
     from NATS, or not yet in the queue group, cannot take requests);
-    ``/metrics`` is every metric of :mod:`emailrelay.metrics`."""
+    ``/metrics`` is every metric of :mod:`emailrelay.metrics`, readiness
+    among them (``emailrelay_ready``, read at each scrape)."""
     metrics_app = make_asgi_app()
+    READY.set_function(lambda: 1.0 if is_ready() else 0.0)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

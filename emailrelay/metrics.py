@@ -130,3 +130,8 @@ SUPPRESSIONS_ADDED = Counter(
     "Recipients added to the suppression list, by reason (bounce, complaint, manual).",
     ["reason"],
 )
+READY = Gauge(
+    "emailrelay_ready",
+    "1 while this replica is ready (/readyz answers 200: NATS connected and in the "
+    "send queue group), else 0; read at each scrape.",
+)
