@@ -303,3 +303,24 @@ def test_a_file_gone_between_listing_and_reading_is_left_out(tmp_path: Path) -> 
     is simply not there (a dangling link is a listed name with nothing to read)."""
     (tmp_path / "20261203T101010.000000Z-0001-gone.eml").symlink_to(tmp_path / "nowhere")
     assert Mailbox(tmp_path).messages() == []
+
+
+def test_stream_says_change_when_an_email_arrives(
+    relay: SyncNats, inbox: httpx.Client, stack: DevStack
+) -> None:
+    with httpx.stream("GET", f"{stack.inbox_url}api/v1/stream", timeout=10) as listening:
+        lines = listening.iter_lines()
+        assert next(lines) == "event: hello"
+        send(relay, subject=token())
+        assert "event: change" in lines  # reads on until it comes (10 s per read)
+
+
+def test_ctrl_c_stops_the_stack_while_a_page_listens_for_changes(tmp_path: Path) -> None:
+    stack = DevStack(tmp_path / "state", tmp_path)
+    try:
+        with httpx.stream("GET", f"{stack.inbox_url}api/v1/stream", timeout=10) as listening:
+            assert next(listening.iter_lines()) == "event: hello"
+            assert stack.interrupt(timeout=30) == 0, stack.logs()
+        assert "emailrelay dev: stopped" in stack.stdout()
+    finally:
+        stack.kill()
