@@ -40,13 +40,7 @@ def health_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
@@ -71,6 +65,17 @@ def health_app(
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """An ASGI lifespan with nothing to start or stop: each step answered as done."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:

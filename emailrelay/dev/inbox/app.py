@@ -59,7 +59,7 @@ from emailrelay.dev.sesevents import DevEvent, ses_event, sns_notification
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.status import TrackingReader
-from emailrelay.health import Receive, Scope, Send
+from emailrelay.health import Receive, Scope, Send, answer_lifespan
 from emailrelay.store.kv import StoreError
 
 log = logging.getLogger(__name__)
@@ -148,14 +148,8 @@ class InboxApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] == "http":
+            await answer_lifespan(receive, send)
+        elif scope["type"] == "http":
             await dispatch(self.routes, scope, receive, send)
 
     # --- the JSON API ------------------------------------------------------

@@ -20,38 +20,17 @@ import pytest
 from emailrelay import api
 from emailrelay.dev.inbox.app import EMAIL_CSP
 from emailrelay.dev.inbox.mailbox import Mailbox
+from tests.inbox.helpers import send
 from tests.support.nats_client import SyncNats
-from tests.support.send_requests import send_request
 from tests.support.servers.relay import RelayProcess
 from tests.support.waiting import wait_until
 from tests.test_dev import DevStack
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    directory = tmp_path_factory.mktemp("inbox-dev")
-    stack = DevStack(directory / "state", directory)
-    try:
-        yield stack
-    finally:
-        stack.kill()
-
-
-@pytest.fixture(scope="module")
-def relay(stack: DevStack) -> Iterator[SyncNats]:
-    with SyncNats(stack.nats_url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def inbox(stack: DevStack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=stack.inbox_url, timeout=10) as client:
         yield client
-
-
-def send(relay: SyncNats, **fields: Any) -> api.SendEmailReply:
-    reply = json.loads(relay.request(api.SEND_EMAIL_SUBJECT, send_request(**fields)))
-    return api.SendEmailReply.model_validate(reply)
 
 
 def listed(inbox: httpx.Client, **params: Any) -> dict[str, Any]:
@@ -75,6 +54,15 @@ def wait_listed(inbox: httpx.Client, query: str, count: int) -> list[dict[str, A
 
 def token() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def arrived(relay: SyncNats, inbox: httpx.Client, **fields: Any) -> tuple[str, str]:
+    """A token and the id of an email sent with it in the subject (and ``fields``),
+    once the inbox lists it."""
+    tag = token()
+    email_id = send(relay, **{"subject": tag, **fields}).email_id
+    wait_listed(inbox, tag, 1)
+    return tag, email_id
 
 
 def test_list_is_newest_first(relay: SyncNats, inbox: httpx.Client) -> None:
@@ -146,9 +134,7 @@ def test_one_message_has_decoded_html_text_and_headers(
 def test_raw_is_the_captured_file_byte_for_byte(
     relay: SyncNats, inbox: httpx.Client, stack: DevStack
 ) -> None:
-    tag = token()
-    email_id = send(relay, subject=tag).email_id
-    wait_listed(inbox, tag, 1)
+    _, email_id = arrived(relay, inbox)
     response = inbox.get(f"/api/v1/messages/{email_id}/raw")
     [captured] = (stack.state_dir / "capture").glob(f"*-{email_id}.eml")
     assert response.status_code == 200
@@ -159,9 +145,7 @@ def test_raw_is_the_captured_file_byte_for_byte(
 def test_event_is_accepted_with_202_and_then_moves_the_record(
     relay: SyncNats, inbox: httpx.Client
 ) -> None:
-    tag = token()
-    email_id = send(relay, subject=tag).email_id
-    wait_listed(inbox, tag, 1)
+    _, email_id = arrived(relay, inbox)
     response = inbox.post(f"/api/v1/messages/{email_id}/events", json={"type": "click"})
     assert response.status_code == 202, response.text
 
@@ -175,9 +159,7 @@ def test_event_is_accepted_with_202_and_then_moves_the_record(
 def test_event_fired_from_the_inbox_shows_in_the_relays_status(
     relay: SyncNats, inbox: httpx.Client, stack: DevStack
 ) -> None:
-    tag = token()
-    email_id = send(relay, subject=tag).email_id
-    wait_listed(inbox, tag, 1)
+    _, email_id = arrived(relay, inbox)
     assert inbox.post(f"/api/v1/messages/{email_id}/events", json={"type": "bounce"}).is_success
 
     def bounced() -> bool:
@@ -213,9 +195,7 @@ def test_unknown_email_id_is_a_json_404(inbox: httpx.Client, method: str, path: 
 def test_event_body_that_is_not_json_or_names_another_type_is_a_json_400(
     relay: SyncNats, inbox: httpx.Client, body: bytes, error: str
 ) -> None:
-    tag = token()
-    email_id = send(relay, subject=tag).email_id
-    wait_listed(inbox, tag, 1)
+    _, email_id = arrived(relay, inbox)
     response = inbox.post(f"/api/v1/messages/{email_id}/events", content=body)
     assert response.status_code == 400
     assert error in response.json()["error"]
@@ -241,9 +221,7 @@ def test_email_whose_file_was_erased_leaves_the_list(
 
 
 def test_delete_clears_the_inbox(relay: SyncNats, inbox: httpx.Client, stack: DevStack) -> None:
-    tag = token()
-    send(relay, subject=tag)
-    wait_listed(inbox, tag, 1)
+    arrived(relay, inbox)
     response = inbox.delete("/api/v1/messages")
     assert response.status_code == 200
     assert response.json()["deleted"] >= 1
@@ -254,9 +232,7 @@ def test_delete_clears_the_inbox(relay: SyncNats, inbox: httpx.Client, stack: De
 def test_email_html_carries_the_content_security_policy(
     relay: SyncNats, inbox: httpx.Client
 ) -> None:
-    tag = token()
-    email_id = send(relay, subject=tag, html='<p><a href="https://example.com/">x</a></p>').email_id
-    wait_listed(inbox, tag, 1)
+    _, email_id = arrived(relay, inbox, html='<p><a href="https://example.com/">x</a></p>')
     response = inbox.get(f"/messages/{email_id}/html")
     assert response.headers["content-security-policy"] == EMAIL_CSP
     assert 'target="_blank" rel="noopener noreferrer"' in response.text

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import tempfile
 import threading
@@ -23,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from emailrelay import api
 from emailrelay.dev.inbox.app import EMAIL_CSP
+from tests.inbox.helpers import send
 from tests.support.nats_client import SyncNats
-from tests.support.send_requests import send_request
 from tests.support.waiting import LOOPBACK, wait_until
 from tests.test_dev import DevStack
 
@@ -92,22 +90,6 @@ class RequestRecorder:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    directory = tmp_path_factory.mktemp("inbox-browser")
-    stack = DevStack(directory / "state", directory)
-    try:
-        yield stack
-    finally:
-        stack.kill()
-
-
-@pytest.fixture(scope="module")
-def relay(stack: DevStack) -> Iterator[SyncNats]:
-    with SyncNats(stack.nats_url) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def recorder() -> Iterator[RequestRecorder]:
     with RequestRecorder() as server:
         yield server
@@ -158,11 +140,6 @@ def page(browser: BrowserContext) -> Iterator[Page]:
         yield page
     finally:
         page.close()
-
-
-def send(relay: SyncNats, **fields: Any) -> api.SendEmailReply:
-    reply = json.loads(relay.request(api.SEND_EMAIL_SUBJECT, send_request(**fields)))
-    return api.SendEmailReply.model_validate(reply)
 
 
 def open_list(page: Page, stack: DevStack) -> None:
@@ -277,14 +254,22 @@ def frame_loaded(page: Page, tag: str) -> None:
     frame.wait_for_load_state("load")
 
 
-def test_hostile_email_makes_no_request_and_runs_no_script(
+def open_hostile_email(
     page: Page, stack: DevStack, relay: SyncNats, recorder: RequestRecorder
-) -> None:
+) -> str:
+    """The hostile email's page, its frame loaded; the email's tag."""
     tag = uuid.uuid4().hex[:8]
     email_id = hostile_email(relay, recorder, tag)
     captured(stack, email_id)
     open_email(page, stack, email_id)
     frame_loaded(page, tag)
+    return tag
+
+
+def test_hostile_email_makes_no_request_and_runs_no_script(
+    page: Page, stack: DevStack, relay: SyncNats, recorder: RequestRecorder
+) -> None:
+    tag = open_hostile_email(page, stack, relay, recorder)
     assert recorder.asked(tag) == []
     body = page.frame_locator("#html-frame").locator("body")
     assert body.get_attribute("data-script-ran") is None
@@ -294,11 +279,7 @@ def test_hostile_email_makes_no_request_and_runs_no_script(
 def test_remote_images_toggle_loads_the_image_and_still_no_script(
     page: Page, stack: DevStack, relay: SyncNats, recorder: RequestRecorder
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
-    email_id = hostile_email(relay, recorder, tag)
-    captured(stack, email_id)
-    open_email(page, stack, email_id)
-    frame_loaded(page, tag)
+    tag = open_hostile_email(page, stack, relay, recorder)
     page.get_by_label("Load remote images").check()
     wait_until(
         lambda: f"/pixel-{tag}.gif" in recorder.asked(tag),
