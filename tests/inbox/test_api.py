@@ -190,6 +190,7 @@ def test_unknown_email_id_is_a_json_404(inbox: httpx.Client, method: str, path: 
         (b"not json", "not JSON"),
         (b'{"type": "delivery"}', "type must be one of open, click, bounce, complaint"),
         (b'["open"]', "type must be one of"),
+        (b'{"type": ["open"]}', "type must be one of"),
     ],
 )
 def test_event_body_that_is_not_json_or_names_another_type_is_a_json_400(

@@ -178,12 +178,10 @@ class InboxApp:
         return json_response(200, {"deleted": deleted})
 
     async def _one(self, request: Request) -> Response:
-        message = self.mailbox.find(request.params["email_id"])
-        if message is None:
+        found = self._captured(request)
+        if found is None:
             return _no_such_message(request)
-        raw = _read(message)
-        if raw is None:
-            return _no_such_message(request)
+        message, raw = found
         record = (await self._records([message])).get(message.email_id)
         contents = read_contents(raw)
         return json_response(
@@ -201,10 +199,10 @@ class InboxApp:
         )
 
     async def _raw(self, request: Request) -> Response:
-        message = self.mailbox.find(request.params["email_id"])
-        raw = None if message is None else _read(message)
-        if message is None or raw is None:
+        found = self._captured(request)
+        if found is None:
             return _no_such_message(request)
+        message, raw = found
         return Response(
             200,
             raw,
@@ -213,24 +211,25 @@ class InboxApp:
         )
 
     async def _event(self, request: Request) -> Response:
-        message = self.mailbox.find(request.params["email_id"])
-        raw = None if message is None else _read(message)
-        if message is None or raw is None:
+        found = self._captured(request)
+        if found is None:
             return _no_such_message(request)
+        _, raw = found
         try:
             body = json.loads(request.body)
         except (UnicodeDecodeError, ValueError):
             return json_error(400, "the body is not JSON")
-        if not isinstance(body, dict) or body.get("type") not in EVENT_TYPES:
+        name = body.get("type") if isinstance(body, dict) else None
+        if not isinstance(name, str) or name not in EVENT_TYPES:
             return json_error(400, f"type must be one of {', '.join(EVENT_TYPES)}")
-        kind = EVENT_TYPES[body["type"]]
+        kind = EVENT_TYPES[name]
         link = body.get("link")
         if isinstance(link, str) and link:
             event = ses_event(kind, raw, link=link)
         else:
             event = ses_event(kind, raw)
         queued = self.events.send(sns_notification(event))
-        return json_response(202, {"queued": queued, "type": request_type(kind)})
+        return json_response(202, {"queued": queued, "type": name})
 
     async def _group(self, request: Request) -> Response:
         group_id = request.params["group_id"]
@@ -255,6 +254,17 @@ class InboxApp:
                 "times": _event_times(records),
             },
         )
+
+    def _captured(self, request: Request) -> tuple[Captured, bytes] | None:
+        """The email the path names and its bytes; ``None`` when it was never
+        captured or its file is gone (erased or cleared since it was listed)."""
+        message = self.mailbox.find(request.params["email_id"])
+        if message is None:
+            return None
+        try:
+            return message, message.path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     async def _records(self, messages: list[Captured]) -> dict[str, api.TrackingRecord]:
         ids = [m.email_id for m in messages if m.tracked]
@@ -309,10 +319,10 @@ class InboxApp:
         return _page("group.html", title=f"group {group_id}", group_id=group_id)
 
     async def _message_page(self, request: Request) -> Response:
-        message = self.mailbox.find(request.params["email_id"])
-        raw = None if message is None else _read(message)
-        if message is None or raw is None:
+        found = self._captured(request)
+        if found is None:
             return _page("missing.html", status=404, title="no such email")
+        message, raw = found
         contents = read_contents(raw)
         record = (await self._records([message])).get(message.email_id)
         headers = "".join(
@@ -341,10 +351,10 @@ class InboxApp:
         )
 
     async def _message_html(self, request: Request) -> Response:
-        message = self.mailbox.find(request.params["email_id"])
-        raw = None if message is None else _read(message)
-        if message is None or raw is None:
+        found = self._captured(request)
+        if found is None:
             return Response(404, b"no such email\n")
+        _, raw = found
         remote = request.query.get("images") == "remote"
         return Response(
             200,
@@ -375,10 +385,6 @@ def links_in_new_tabs(email_html: str) -> str:
     return _LINK_TAG.sub(r'<\1 target="_blank" rel="noopener noreferrer"', email_html)
 
 
-def request_type(kind: DevEvent) -> str:
-    return kind.value.lower()
-
-
 def _summary(message: Captured, record: api.TrackingRecord | None) -> dict[str, Any]:
     return {
         "email_id": message.email_id,
@@ -401,13 +407,6 @@ def _event_times(records: list[api.TrackingRecord]) -> dict[str, list[str]]:
         times["opened"].extend(event.opened_at for event in record.opened_at_list)
         times["clicked"].extend(event.clicked_at for event in record.clicked_links)
     return {name: sorted(api.format_time(t) for t in values) for name, values in times.items()}
-
-
-def _read(message: Captured) -> bytes | None:
-    try:
-        return message.path.read_bytes()
-    except FileNotFoundError:  # erased or cleared since the list was read
-        return None
 
 
 def _no_such_message(request: Request) -> Response:
