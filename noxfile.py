@@ -14,7 +14,12 @@ nox.options.reuse_existing_virtualenvs = True
 def tests(session: nox.Session) -> None:
     """The test suite, against real nats-server, SMTP and SQS servers it starts itself."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-m", "not scale and not faults and not packaging", *session.posargs)
+    session.run(
+        "pytest",
+        "-m",
+        "not scale and not faults and not packaging and not browser",
+        *session.posargs,
+    )
 
 
 @nox.session
@@ -38,6 +43,32 @@ def packaging(session: nox.Session) -> None:
     virtualenv holds the client alone, which works against a real relay."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "packaging", "--durations=5", *session.posargs)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@nox.session
+def browser(session: nox.Session) -> None:
+    """The dev inbox in a real browser: Debian's headless Chromium, driven by Playwright.
+
+    Chromium comes from apt (installed here when missing; CI runs as root), and
+    Playwright only drives it (``executable_path``): it downloads no browser."""
+    if not Path(CHROMIUM).exists():
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", external=True, env=env)
+        session.run(
+            "apt-get", "install", "-y", "chromium",
+            external=True, env=env,
+        )  # fmt: skip
+    session.install("-e", ".[test]", "playwright>=1.40")
+    session.run(
+        "pytest",
+        "-m",
+        "browser",
+        *session.posargs,
+        env={"PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"},
+    )
 
 
 @nox.session

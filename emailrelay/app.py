@@ -46,6 +46,7 @@ from emailrelay.bridge.watchdog import LoopWatchdog
 from emailrelay.command import EXIT_FAILURE, EXIT_OK, command_name
 from emailrelay.config import EmailTransport, Settings
 from emailrelay.discovery import ServiceStats, instance_metadata, serve_discovery
+from emailrelay.engagement.handler import RecordUpdater
 from emailrelay.engagement.poller import MessageQueue, PollerSettings, poll_engagement_events
 from emailrelay.engagement.stream import (
     EventPublisher,
@@ -349,11 +350,14 @@ async def serve(
 class EventSource:
     """Where SES events come from: SQS in production, the dev stack's
     in-memory queue on a laptop. ``part``: the name a fatal failure is logged
-    under; ``name``: what the poller says it polls."""
+    under; ``name``: what the poller says it polls; ``through``: what the
+    poller writes the tracking store through (the dev inbox watches its
+    updates); the store itself by default."""
 
     queue: MessageQueue
     part: str
     name: str
+    through: Callable[[RecordUpdater], RecordUpdater] = lambda store: store
 
 
 def _start_engagement(
@@ -375,7 +379,7 @@ def _start_engagement(
         events.part,
         lambda: poll_engagement_events(
             events.queue,
-            tracking,
+            events.through(tracking),
             poller,
             suppressions=suppressions,
             source=events.name,

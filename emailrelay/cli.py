@@ -77,6 +77,7 @@ def _dev(args: argparse.Namespace) -> int:
             nats_port=args.nats_port,
             smtp_port=args.smtp_port,
             http_port=args.port,
+            inbox_port=args.inbox_port,
             state_dir=args.state_dir,
             nats_monitoring_port=args.nats_monitoring_port,
             transport=args.transport,
@@ -131,6 +132,12 @@ def _add_dev_command(commands: Any) -> None:
         default=None,
         help="nats-server's monitoring port: /varz /jsz /healthz (default 8222 when "
         "--nats-port is 4222, else any free port)",
+    )
+    dev.add_argument(
+        "--inbox-port",
+        type=_port,
+        default=8025,
+        help="the dev inbox, captured mail in a browser (default 8025)",
     )
     dev.add_argument(
         "--state-dir",

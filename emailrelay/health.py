@@ -17,6 +17,8 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 from prometheus_client import make_asgi_app
 
+from emailrelay.metrics import READY
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -31,18 +33,14 @@ def health_app(
     side completes round trips" (:mod:`emailrelay.bridge.watchdog`), readiness
     is "NATS is connected and the send subscription exists" (a relay cut off
     from NATS, or not yet in the queue group, cannot take requests);
-    ``/metrics`` is every metric of :mod:`emailrelay.metrics`."""
+    ``/metrics`` is every metric of :mod:`emailrelay.metrics`, readiness
+    among them (``emailrelay_ready``, read at each scrape)."""
     metrics_app = make_asgi_app()
+    READY.set_function(lambda: 1.0 if is_ready() else 0.0)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
@@ -67,6 +65,17 @@ def health_app(
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """An ASGI lifespan with nothing to start or stop: each step answered as done."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def bind_http_socket(host: str, port: int) -> socket.socket:
@@ -107,20 +116,33 @@ async def serve_health(
     URLs once listening (port 0 = any).
     ``sock`` (from :func:`bind_http_socket`) is used instead of binding
     ``host:port`` and is closed when serving ends."""
-    config = Config()
     # hypercorn wraps the descriptor and closes it itself: detach ours.
-    config.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{port}"]
+    bind = f"fd://{sock.detach()}" if sock is not None else f"{host}:{port}"
+    async with anyio.create_task_group() as tg:
+        binds: list[str] = await tg.start(
+            serve_asgi, health_app(is_ready, is_alive), bind, stopping.wait
+        )
+        log.info("http listening", extra={"binds": binds})
+        task_status.started(binds)
+
+
+async def serve_asgi(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    bind: str,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    *,
+    task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on hypercorn (``bind`` as hypercorn takes it: ``host:port``
+    or ``fd://N``) until ``shutdown_trigger`` returns or this is cancelled;
+    started with the bound URLs once listening."""
+    config = Config()
+    config.bind = [bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     async with anyio.create_task_group() as tg:
         binds: list[str] = await tg.start(
-            partial(
-                serve,
-                cast("ASGIFramework", health_app(is_ready, is_alive)),
-                config,
-                shutdown_trigger=stopping.wait,
-            )
+            partial(serve, cast("ASGIFramework", app), config, shutdown_trigger=shutdown_trigger)
         )
-        log.info("http listening", extra={"binds": binds})
         task_status.started(binds)

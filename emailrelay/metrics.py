@@ -178,3 +178,8 @@ SES_SENDING_PAUSED = Counter(
     "by error: every send fails until an operator acts.",
     ["error"],
 )
+READY = Gauge(
+    "emailrelay_ready",
+    "1 while this replica is ready (/readyz answers 200: NATS connected and in the "
+    "send queue group), else 0; read at each scrape.",
+)

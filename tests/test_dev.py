@@ -81,6 +81,8 @@ class DevStack:
                     "0",
                     "--nats-monitoring-port",
                     "0",
+                    "--inbox-port",
+                    "0",
                     "--state-dir",
                     str(state_dir),
                     *extra_args,
@@ -100,6 +102,12 @@ class DevStack:
             url: str = json.loads((self.state_dir / "stack.json").read_text())["nats_url"]
             return url
         return f"nats://{LOOPBACK}:{self.nats_port}"
+
+    @property
+    def inbox_url(self) -> str:
+        """The dev inbox (``--inbox-port 0``: any free port), from ``stack.json``."""
+        url: str = json.loads((self.state_dir / "stack.json").read_text())["inbox_url"]
+        return url
 
     def nats_server_pids(self) -> list[int]:
         return [
@@ -179,6 +187,7 @@ def test_dev_stack_sends_captures_tracks_and_stops_cleanly_on_ctrl_c(
     assert re.search(r"SMTP capture     smtp://127\.0\.0\.1:\d+", out)
     assert re.search(r"relay health     http://127\.0\.0\.1:\d+/livez", out)
     assert re.search(r"relay metrics    http://127\.0\.0\.1:\d+/metrics", out)
+    assert re.search(r"\n  inbox            http://127\.0\.0\.1:\d+/\n", out)
     assert "email-recipients, email-group-index" in out
 
     email_id = send_first_email(dev_stack)
@@ -313,7 +322,13 @@ def test_nats_server_stops_when_the_stack_is_killed_outright(tmp_path: Path) -> 
 # --- Start-up conflicts, one line each ----------------------------------------
 
 
-ANY_PORTS = {"--nats-port": "0", "--smtp-port": "0", "--port": "0", "--nats-monitoring-port": "0"}
+ANY_PORTS = {
+    "--nats-port": "0",
+    "--smtp-port": "0",
+    "--port": "0",
+    "--nats-monitoring-port": "0",
+    "--inbox-port": "0",
+}
 
 
 @pytest.mark.parametrize("flag", list(ANY_PORTS))

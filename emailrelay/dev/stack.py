@@ -6,6 +6,7 @@
     ├── nats-server child (own session; JetStream in <state>/nats)   stopped last
     ├── SMTP capture (aiosmtpd thread; .eml files in <state>/capture)
     ├── the relay itself, in this process (app.serve, EMAIL_ENABLED=true, no TLS)
+    ├── the dev inbox: captured mail in a browser (hypercorn; see .inbox)
     └── engagement events (Delivery per captured message, `emailrelay dev event`)
         into an in-memory queue that app.serve polls as it polls SQS (see .engagement)
 
@@ -67,6 +68,7 @@ class DevOptions:
     nats_port: int = 4222
     smtp_port: int = 1025
     http_port: int = 8080
+    inbox_port: int = 8025
     state_dir: Path = Path(".emailrelay-dev")
     transport: str = "smtp"
     """``ses``: the relay sends through a local SES v2 endpoint (see .sesapi)."""
@@ -108,6 +110,7 @@ def run_dev(options: DevOptions) -> int:
                 (options.nats_port, "--nats-port"),
                 (options.smtp_port, "--smtp-port"),
                 (options.monitoring_port, "--nats-monitoring-port"),
+                (options.inbox_port, "--inbox-port"),
             )
             if (problem := _port_problem(port, flag))
         ]
@@ -287,6 +290,8 @@ async def _run_relay(
     lock: StateDirLock,
     http_socket: socket.socket,
 ) -> int:
+    from emailrelay.dev.inbox import DevInbox
+
     async with asyncio_loop():
         try:
             async with connected_to_nats(
@@ -307,9 +312,17 @@ async def _run_relay(
                         erase_captured, capture.directory, address
                     )
                 )
-                info = stack_info(settings, endpoints, capture)
+                try:
+                    inbox_socket = bind_http_socket(LOOPBACK, options.inbox_port)
+                except OSError as exc:
+                    problem = _unbindable(exc, options.inbox_port, "--inbox-port")
+                    _say(f"emailrelay dev: {problem}", err=True)
+                    return EXIT_FAILURE
+                inbox = DevInbox(capture.directory, engagement.queue)
+                info = stack_info(settings, endpoints, capture, inbox_socket.getsockname()[1])
                 _print_urls(info, endpoints, lock.state_dir, kv_buckets(settings))
                 async with anyio.create_task_group() as tg:
+                    await tg.start(inbox.serve, tracking, inbox_socket)
                     await tg.start(engagement.run, nats, info)
                     tg.start_soon(_announce_when_serving, info, lock, options.state_dir_flag)
                     tg.start_soon(warn_about_other_relays, nats)
@@ -319,7 +332,10 @@ async def _run_relay(
                         http_socket=http_socket,
                         tracking=tracking,
                         events=app.EventSource(
-                            engagement.queue, "dev event poller", "the dev event queue"
+                            engagement.queue,
+                            "dev event poller",
+                            "the dev event queue",
+                            through=inbox.watching,
                         ),
                     )
                     tg.cancel_scope.cancel()
@@ -378,7 +394,9 @@ async def _relays(nats: NatsConnection) -> list[dict[str, Any]]:
     return found
 
 
-def stack_info(settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer) -> StackInfo:
+def stack_info(
+    settings: Settings, endpoints: NatsEndpoints, capture: CaptureServer, inbox_port: int
+) -> StackInfo:
     from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
 
     return StackInfo(
@@ -388,6 +406,7 @@ def stack_info(settings: Settings, endpoints: NatsEndpoints, capture: CaptureSer
         http_url=f"http://{LOOPBACK}:{settings.port}",
         capture_dir=str(capture.directory),
         events_subject=DEV_EVENTS_SUBJECT,
+        inbox_url=f"http://{LOOPBACK}:{inbox_port}/",
     )
 
 
@@ -440,6 +459,7 @@ def _print_urls(
         f"  SMTP capture     {info.smtp_url}  -> {info.capture_dir}/*.eml\n"
         f"  relay health     {info.http_url}/livez  {info.http_url}/readyz\n"
         f"  relay metrics    {info.http_url}/metrics\n"
+        f"  inbox            {info.inbox_url}\n"
         f"  KV buckets       {', '.join(buckets)}\n"
         f"  SES events       {info.events_subject} (dev only; see `{command_name()} dev event -h`)"
     )

@@ -97,6 +97,7 @@ class StackInfo:
     http_url: str
     capture_dir: str
     events_subject: str
+    inbox_url: str = ""
 
 
 def running_stack(state_dir: Path) -> StackInfo:

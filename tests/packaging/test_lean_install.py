@@ -134,3 +134,16 @@ def test_lean_install_refuses_the_relays_commands_with_one_line(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert f"pip install 'emailrelay[{extra}]'" in result.stderr
+
+
+def test_installed_package_ships_the_dev_inbox_pages(lean_venv: LeanVenv) -> None:
+    """The inbox's HTML, CSS and JavaScript are package data, in the wheel too."""
+    listing = (
+        "import emailrelay, pathlib; "
+        "folder = pathlib.Path(emailrelay.__file__).parent / 'dev' / 'inbox' / 'static'; "
+        "print(' '.join(sorted(p.name for p in folder.iterdir())))"
+    )
+    done = lean_venv.run(lean_venv.python, "-c", listing)
+    assert done.returncode == 0, done.stderr
+    shipped = set(done.stdout.split())
+    assert {"index.html", "message.html", "group.html", "inbox.js", "inbox.css"} <= shipped
