@@ -33,10 +33,10 @@ from tests.support.send_requests import send_request
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, relay_defaults, run_relay_once
 from tests.support.servers.smtp import SmtpServer
-from tests.support.servers.sqs import SqsServer
+from tests.support.servers.sqs import SqsServer, relay_aws_env
 from tests.support.waiting import wait_until
-from tests.test_engagement_e2e import aws_env
-from tests.test_engagement_events import ses_event, sns_body
+
+from tests.support.ses_events import ses_event, sns_body
 
 RECIPIENT = "recipient@example.com"
 TO = f"Pat Example <{RECIPIENT}>"
@@ -87,7 +87,7 @@ def stream_env(
         "EVENTS_STREAM_ENABLED": "true",
         "SES_EVENTING_ENABLED": "true",
         "SES_ENGAGEMENT_SQS_QUEUE_URL": events_queue,
-        **aws_env(sqs_server.endpoint_url, tmp_path_factory.mktemp("aws")),
+        **relay_aws_env(sqs_server.endpoint_url, tmp_path_factory.mktemp("aws")),
     }
 
 
@@ -530,7 +530,7 @@ def test_an_event_the_stream_did_not_take_stays_in_sqs_until_it_does(
         "EVENTS_STREAM_ENABLED": "true",
         "SES_EVENTING_ENABLED": "true",
         "SES_ENGAGEMENT_SQS_QUEUE_URL": queue,
-        **aws_env(sqs_server.endpoint_url, tmp_path),
+        **relay_aws_env(sqs_server.endpoint_url, tmp_path),
     }
     with RelayProcess(env) as creator:  # makes the buckets and the stream
         creator.wait_ready()
