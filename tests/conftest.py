@@ -85,10 +85,13 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 
 @pytest.fixture
-def smtp(smtp_server: SmtpServer) -> SmtpServer:
-    """``smtp_server`` with nothing recorded and default behaviours."""
+def smtp(smtp_server: SmtpServer) -> Iterator[SmtpServer]:
+    """``smtp_server`` with nothing recorded and default behaviours, put back to
+    them afterwards too: modules that share ``smtp_server`` directly must not
+    inherit a failure a test set up."""
     smtp_server.reset()
-    return smtp_server
+    yield smtp_server
+    smtp_server.reset()
 
 
 @pytest.fixture(scope="session")

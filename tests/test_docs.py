@@ -93,7 +93,8 @@ def served_subjects() -> set[str]:
     subjects = set(contract_names("_SUBJECT").values())
     for name, value in vars(api).items():
         if name.endswith("_SUBJECTS"):
-            subjects.update(value)
+            # A tuple of subjects, or one wildcard such as the events stream's.
+            subjects.update([value] if isinstance(value, str) else value)
     return subjects
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ def dev_stack(directory: Path) -> Iterator[DevStack]:
 
 
 def send(relay: SyncNats, **fields: Any) -> api.SendEmailReply:
-    """A send request through the relay (``send_request()`` with ``fields``)."""
+    """A send request through the relay (``send_request()`` with ``fields``), to
+    a recipient of its own unless ``fields`` names one: dev suppresses an address
+    once a test bounces it, and a shared one would refuse the next test's send."""
+    fields.setdefault("to", f"inbox-{uuid.uuid4().hex[:12]}@example.com")
     reply = json.loads(relay.request(api.SEND_EMAIL_SUBJECT, send_request(**fields)))
     return api.SendEmailReply.model_validate(reply)
