@@ -34,9 +34,8 @@ from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess, relay_defaults, run_relay_once
 from tests.support.servers.smtp import SmtpServer
 from tests.support.servers.sqs import SqsServer, relay_aws_env
-from tests.support.waiting import wait_until
-
 from tests.support.ses_events import ses_event, sns_body
+from tests.support.waiting import wait_until
 
 RECIPIENT = "recipient@example.com"
 TO = f"Pat Example <{RECIPIENT}>"
