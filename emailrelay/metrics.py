@@ -180,6 +180,6 @@ SES_SENDING_PAUSED = Counter(
 )
 READY = Gauge(
     "emailrelay_ready",
-    "1 while this replica is ready (/readyz answers 200: NATS connected and in the "
-    "send queue group), else 0; read at each scrape.",
+    "1 while this replica is ready (/readyz answers 200: NATS connected, in the "
+    "send queue group, and the SMTP settings fit the server), else 0; read at each scrape.",
 )
