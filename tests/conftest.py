@@ -85,13 +85,10 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 
 @pytest.fixture
-def smtp(smtp_server: SmtpServer) -> Iterator[SmtpServer]:
-    """``smtp_server`` with nothing recorded and default behaviours, put back to
-    them afterwards too: modules that share ``smtp_server`` directly must not
-    inherit a failure a test set up."""
+def smtp(smtp_server: SmtpServer) -> SmtpServer:
+    """``smtp_server`` with nothing recorded and default behaviours."""
     smtp_server.reset()
-    yield smtp_server
-    smtp_server.reset()
+    return smtp_server
 
 
 @pytest.fixture(scope="session")
