@@ -27,7 +27,8 @@ from emailrelay.handlers.send import (
 from emailrelay.mail.errors import AmbiguousFailure, PermanentFailure
 from emailrelay.store.kv import BucketMissing, StoreError
 from emailrelay.store.pending import PendingTrackingWrites
-from tests.support.fakes import FakeSender
+from emailrelay.store.tracking import TrackingStore
+from tests.support.fakes import FakeSender, MemoryKeyValue
 from tests.support.send_requests import RULES, send_request
 from tests.test_pending_tracking import until_empty
 
@@ -488,6 +489,21 @@ async def test_write_not_stored_in_time_is_handed_to_the_pending_writes() -> Non
     assert [(d.record.email_id, d.record_stored) for d in relay.pending.writes] == [
         (reply["email_id"], False)
     ]
+
+
+async def test_a_tracking_write_failing_as_its_wait_ends_answers_success_and_waits() -> None:
+    """The record's write hangs (an election) and its recipient-index write
+    fails just after TRACKING_WAIT ended: the email is out, so the caller
+    gets its success and the write its place in the pending writes."""
+    records, recipients = MemoryKeyValue(), MemoryKeyValue()
+    records.hanging = True
+    recipients.late_failure = 0.1
+    store = TrackingStore(records, MemoryKeyValue(), recipients=recipients)
+    relay = make_relay(tracking=store, tracking_wait=0.05, pending=FakePending())
+    reply = await relay.send(send_request())
+    assert "error" not in reply
+    assert relay.pending is not None
+    assert [d.record.email_id for d in relay.pending.writes] == [reply["email_id"]]
 
 
 async def test_pending_write_goes_to_the_same_writer() -> None:

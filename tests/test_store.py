@@ -102,6 +102,32 @@ async def test_created_record_reads_back_equal() -> None:
     assert await store.get_record(original.email_id) == original
 
 
+async def test_record_and_recipient_index_are_written_together() -> None:
+    records, groups, recipients = MemoryKeyValue(), MemoryKeyValue(), MemoryKeyValue()
+    store = TrackingStore(records, groups, recipients=recipients)
+    original = record(str(uuid.uuid4()))
+    await store.create_record(original)
+    assert original.email_id in records.entries
+    assert [json.loads(e.value) for e in recipients.entries.values()] == [[original.email_id]]
+
+
+async def test_a_record_write_cut_off_as_its_index_write_fails_raises_only_the_cancellation() -> (
+    None
+):
+    """The record's write is cancelled while its recipient-index write, already
+    on the wire, fails: the caller's cancel scope catches the cancellation,
+    and no ExceptionGroup escapes past it (a send once answered "internal
+    error" that way, after the provider had accepted the email)."""
+    records, recipients = MemoryKeyValue(), MemoryKeyValue()
+    records.hanging = True
+    recipients.late_failure = 0.05
+    store = TrackingStore(records, MemoryKeyValue(), recipients=recipients)
+    with anyio.move_on_after(0.01) as scope:
+        await store.create_record(record(str(uuid.uuid4())))
+    assert scope.cancelled_caught
+    assert recipients.failures == 1  # the index write did fail inside the scope
+
+
 async def test_record_id_that_cannot_be_a_key_is_not_found() -> None:
     store, records, _ = new_store()
     assert await store.get_record("not a key@all") is None
@@ -292,6 +318,24 @@ async def test_failing_append_raises_and_leaves_the_index_as_it_was() -> None:
         await store.append_to_group("g", "e2")
     groups.closed = False
     assert stored_ids(groups, "g") == ["e1"]
+
+
+async def test_appends_sharing_a_failed_batch_each_raise_their_own_error() -> None:
+    store, _, groups = new_store()
+    groups.closed = True
+    errors: list[BaseException] = []
+
+    async def append(email_id: str) -> None:
+        try:
+            await store.append_to_group("g", email_id)
+        except StoreError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for email_id in ("e1", "e2", "e3"):
+            tg.start_soon(append, email_id)
+    assert len(errors) == 3
+    assert len({id(exc) for exc in errors}) == 3  # one object would collect all tracebacks
 
 
 async def test_unreadable_index_raises_instead_of_empty() -> None:

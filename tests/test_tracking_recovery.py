@@ -321,12 +321,6 @@ def test_outage_longer_than_the_pending_retry_bound_loses_no_record(
         assert metric(relay, "emailrelay_tracking_pending") == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (issue 15), since the stop-14 merge: sometimes the tracking writes "
-    "of sends in flight when NATS stops never reach the pending queue (same cause "
-    "suspected as the no-quorum 'internal error' sends)",
-)
 def test_second_outage_right_after_the_first_loses_no_record_and_indexes_each_once(
     own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:

@@ -12,7 +12,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -47,6 +46,7 @@ from emailrelay.store.kv import (
     RevisionConflict,
     StoreError,
     every_entry,
+    one_store_error,
     read_then_write_separately,
 )
 
@@ -158,6 +158,7 @@ class RequestSubscription:
             )
         except nats.errors.ConnectionClosedError as exc:
             raise NatsClosed(str(exc)) from exc
+        await _confirm_subscribed(self._client)
 
     async def pause(self) -> None:
         """Leave the subject; the messages already on their way are still
@@ -178,6 +179,20 @@ async def drain_all(subscriptions: Iterable[RequestSubscription]) -> None:
     answered. Shared by :mod:`emailrelay.server` and :mod:`emailrelay.discovery`."""
     for subscription in subscriptions:
         await subscription.drain()
+
+
+async def _confirm_subscribed(client: Client) -> None:
+    """A PING/PONG round trip after a SUB: once it returns, nats-server has
+    the subscription, so a request sent right after this relay says it serves
+    reaches it instead of answering "no responders". Shielded and bounded as
+    a drain's flush is (see :func:`_drain_subscription`); while disconnected
+    there is nothing to confirm (the reconnect sends every SUB again)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            if client.is_connected:
+                await aio(client.flush)(_SUBSCRIBE_CONFIRM_TIMEOUT)
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("subscription not confirmed by the server", extra={"error": repr(exc)})
 
 
 async def _drain_subscription(client: Client, subscription: _NatsSubscription) -> None:
@@ -539,6 +554,9 @@ class StreamSpec:
     """Seconds within which a second message with the same ``Nats-Msg-Id`` is dropped."""
 
 
+_SUBSCRIBE_CONFIRM_TIMEOUT = 2.0
+"""Seconds to wait for the server to confirm a new subscription (a PONG)."""
+
 _KV_TIMEOUT = 5.0
 """Seconds any one KV call may take, enforced on the trio side around each
 crossing. nats-py's own request timeouts are off (:meth:`NatsConnection._jetstream`):
@@ -619,14 +637,8 @@ class JetStreamKeyValue:
                 for key in keys:
                     tg.start_soon(get_one, key)
         except BaseExceptionGroup as group:
-            # One StoreError for the batch, as the port promises; a missing
-            # bucket wins, since re-opening it is what cures the others.
-            store_errors, other = group.split(StoreError)
-            if other is not None or store_errors is None:
-                raise
-            errors = list(_leaves(store_errors))
-            missing = [e for e in errors if isinstance(e, BucketMissing)]
-            raise (missing or errors)[0] from group
+            # One StoreError for the batch, as the port promises.
+            raise one_store_error(group) from group
         return entries
 
     def _batch_get_available(self) -> bool:
@@ -904,14 +916,6 @@ def _check_key_length(key: str) -> None:
 
 _STREAM_NOT_FOUND = 10059  # JetStream API error code
 _NO_RESPONDERS = "503"
-
-
-def _leaves(group: BaseExceptionGroup[StoreError]) -> Iterator[StoreError]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
 
 
 def _stream_is_missing(exc: nats.js.errors.KeyNotFoundError) -> bool:

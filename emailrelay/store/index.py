@@ -38,6 +38,7 @@ The layout of the index named ``N`` (keys from :mod:`emailrelay.store.keys`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
@@ -208,7 +209,9 @@ class PagedIndex:
             if state.users == 0:
                 del self._in_flight[name]
         if batch.error is not None:
-            raise batch.error
+            # A copy for each appender: one exception object raised by many
+            # tasks would collect every one's traceback.
+            raise copy.copy(batch.error) from batch.error
 
     async def _write_batch(self, name: str, batch: _Batch) -> None:
         try:

@@ -11,9 +11,11 @@ re-creating it cures (:mod:`emailrelay.store.buckets`) and waiting does not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
+
+import anyio
 
 T = TypeVar("T")
 
@@ -36,6 +38,36 @@ class BucketMissing(StoreError):
     """The bucket does not exist (deleted while the relay runs). Raised only
     when JetStream itself said so: a timeout or an unreachable JetStream is a
     plain :class:`StoreError`, whatever it may look like."""
+
+
+def one_store_error(group: BaseExceptionGroup[BaseException]) -> StoreError:
+    """The one :class:`StoreError` that stands for the failures of
+    concurrent reads or writes (a :class:`BucketMissing` first: re-opening
+    the bucket is what cures the others).
+
+    A cancellation among them is raised alone instead, so that the cancel
+    scope it belongs to catches it: left inside the group, the scope would
+    take its ``Cancelled`` out and let the rest escape as an
+    ``ExceptionGroup``, past every ``except StoreError`` of the caller.
+    Anything else (a bug) raises the whole group."""
+    cancelled, rest = group.split(anyio.get_cancelled_exc_class())
+    store_errors, other = (None, None) if rest is None else rest.split(StoreError)
+    if other is not None:
+        raise group
+    if cancelled is not None:
+        raise next(_leaves(cancelled))
+    assert store_errors is not None
+    errors = [exc for exc in _leaves(store_errors) if isinstance(exc, StoreError)]
+    missing = [exc for exc in errors if isinstance(exc, BucketMissing)]
+    return (missing or errors)[0]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 class KeyValue(Protocol):

@@ -34,7 +34,7 @@ from emailrelay.store.index import (
     full_jitter,
 )
 from emailrelay.store.keys import is_valid_key
-from emailrelay.store.kv import Entry, KeyValue, RevisionConflict, StoreError
+from emailrelay.store.kv import Entry, KeyValue, RevisionConflict, StoreError, one_store_error
 from emailrelay.store.suppressions import normalize_address, suppression_key
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class TrackingStore:
                 tg.start_soon(self._create, record)
                 tg.start_soon(index.append, recipient_key(record.to), record.email_id)
         except BaseExceptionGroup as group:
-            raise _first_store_error(group) from group
+            raise one_store_error(group) from group
 
     async def _create(self, record: TrackingRecord) -> None:
         try:
@@ -150,7 +150,7 @@ class TrackingStore:
                 for number in range(len(batches)):
                     tg.start_soon(read_batch, number)
         except BaseExceptionGroup as group:
-            raise _first_store_error(group) from group
+            raise one_store_error(group) from group
 
         records = []
         for batch, entries in zip(batches, found, strict=True):
@@ -253,16 +253,6 @@ class Erasure:
 
     records: int
     index_entries: int
-
-
-def _first_store_error(group: BaseExceptionGroup[BaseException]) -> StoreError:
-    """The one :class:`StoreError` a concurrent read or write raises for its
-    group of failures; anything else (a cancellation, a bug) is re-raised."""
-    store_errors, other = group.split(StoreError)
-    if other is not None or store_errors is None:
-        raise group
-    first = store_errors.exceptions[0]
-    return first if isinstance(first, StoreError) else _first_store_error(first)
 
 
 def _decode_record(value: bytes) -> TrackingRecord:

@@ -401,13 +401,6 @@ NO_QUORUM_SECONDS = 15.0
 so they retry at the cap several times before the store answers."""
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (issue 15): since the stop-14 merge, 2-3 of ~470 sends answer "
-    "'internal error' about 1 s after the provider accepted them while no stream has "
-    "a leader (2 of 3 runs); a send must never answer that. Runs and prints its "
-    "figures meanwhile.",
-)
 def test_no_leader_for_longer_than_the_pending_retry_bound_answers_every_send_in_time(
     fault_smtp: SmtpServer,
 ) -> None:

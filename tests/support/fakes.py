@@ -4,7 +4,10 @@
 same revision rules as JetStream KV (one sequence for the whole bucket,
 ``create`` fails on an existing key, ``update`` fails unless ``last`` is the
 key's current revision). Tests can make it fail like a real store: ``closed``
-makes every call raise StoreError (and clearing it recovers);
+makes every call raise StoreError (and clearing it recovers); ``hanging``
+makes every call wait for ever, as JetStream's do while a stream has no
+leader; ``late_failure`` makes every call take that many seconds, not
+cancellable (a round trip already on the wire), and then raise StoreError;
 ``conflicts_before_success`` makes the next N writes lose a race first (as if
 another replica had written in between); ``missing`` makes every call raise
 BucketMissing, as a deleted bucket does.
@@ -46,6 +49,8 @@ class MemoryKeyValue:
         self.missing = False
         self.conflicts_before_success = 0
         self.failing_keys: set[str] = set()
+        self.hanging = False
+        self.late_failure = 0.0
         self.gets = 0
         self.batch_gets = 0
         self.writes = 0
@@ -56,6 +61,18 @@ class MemoryKeyValue:
         """Calls that raised (closed, missing, a failing key): what a test waits on
         to know the code under test met the failure."""
         self._sequence = 0
+
+    async def _arrive(self, key: str) -> None:
+        """Where every call meets the store: a checkpoint, then its failures."""
+        await anyio.lowlevel.checkpoint()
+        if self.hanging:
+            await anyio.sleep_forever()
+        if self.late_failure:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(self.late_failure)
+            self.failures += 1
+            raise StoreError("store failed late")
+        self._check(key)
 
     def _check(self, key: str) -> None:
         if self.missing or self.closed or key in self.failing_keys:
@@ -68,8 +85,7 @@ class MemoryKeyValue:
             raise StoreError(f"{key}: read failed")
 
     async def get(self, key: str) -> Entry | None:
-        await anyio.lowlevel.checkpoint()
-        self._check(key)
+        await self._arrive(key)
         self.gets += 1
         return self.entries.get(key)
 
@@ -112,23 +128,20 @@ class MemoryKeyValue:
         return list(self.entries)
 
     async def create(self, key: str, value: bytes) -> int:
-        await anyio.lowlevel.checkpoint()
-        self._check(key)
+        await self._arrive(key)
         if key in self.entries or self._lose_race():
             raise RevisionConflict(key)
         return self._store(key, value)
 
     async def update(self, key: str, value: bytes, last: int) -> int:
-        await anyio.lowlevel.checkpoint()
-        self._check(key)
+        await self._arrive(key)
         current = self.entries.get(key)
         if current is None or current.revision != last or self._lose_race():
             raise RevisionConflict(key)
         return self._store(key, value)
 
     async def purge(self, key: str, last: int | None = None) -> None:
-        await anyio.lowlevel.checkpoint()
-        self._check(key)
+        await self._arrive(key)
         current = self.entries.get(key)
         if last is not None and (current is None or current.revision != last):
             raise RevisionConflict(key)
