@@ -20,6 +20,15 @@ from tests.support.waiting import LOOPBACK, free_ports, wait_until
 
 CLUSTER_NAME = "faults"
 
+LAME_DUCK = """
+lame_duck_grace_period: "1s"
+lame_duck_duration: "30s"
+"""
+"""Production's lame duck mode, with a shorter grace (nats-server's default
+is 10 s; 30 s is the shortest duration it takes): a node stopped with
+:meth:`NatsServer.stop_in_lame_duck_mode` closes its clients one a second
+after a 1 s grace."""
+
 
 class NatsCluster:
     def __init__(self, size: int = 3) -> None:
@@ -41,6 +50,7 @@ class NatsCluster:
                     others,
                 ),
                 startup_timeout=30.0,
+                config=LAME_DUCK,
             )
 
     @property

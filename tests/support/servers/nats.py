@@ -8,6 +8,7 @@ finds it through the installed distribution's file list.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -37,7 +38,10 @@ class NatsServer:
         monitor_port: int | None = None,
         startup_timeout: float = 20.0,
         extra_args: tuple[str, ...] = (),
+        config: str = "",
     ) -> None:
+        """``config``: nats-server configuration text (what has no flag, such
+        as the lame duck timings), written next to the log; flags win over it."""
         spare_ports = free_ports(2)
         self.port = port if port is not None else spare_ports[0]
         self.monitor_port = monitor_port if monitor_port is not None else spare_ports[1]
@@ -47,6 +51,10 @@ class NatsServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="nats-server-")
         self.store_dir = store_dir if store_dir is not None else Path(self._tmp.name) / "jetstream"
         self.log_file = Path(self._tmp.name) / "nats-server.log"
+        self.config_file: Path | None = None
+        if config:
+            self.config_file = Path(self._tmp.name) / "nats-server.conf"
+            self.config_file.write_text(config)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,6 +79,8 @@ class NatsServer:
             "--http_port",
             str(self.monitor_port),
         ]
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
         if self.jetstream:
             args += ["--jetstream", "--store_dir", str(self.store_dir)]
         return args + list(self.extra_args)
@@ -112,6 +122,20 @@ class NatsServer:
         if self._proc is None:
             return
         stop_process(self._proc, timeout=timeout)
+        self._proc = None
+        wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
+
+    def stop_in_lame_duck_mode(self, timeout: float = 60.0) -> None:
+        """Stop as Kubernetes stops a node of the NATS Helm chart (its preStop
+        hook runs ``nats-server --signal ldm``): lame duck mode (SIGUSR2) hands
+        the node's JetStream leaderships over, then closes its clients spread
+        over the lame duck duration, so they do not all reconnect at once.
+        Waits until the process exited and the port is closed."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGUSR2)
+        self._proc.wait(timeout=timeout)
         self._proc = None
         wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
 
