@@ -21,6 +21,9 @@ Every load-and-fault test has the same shape::
   cluster: ``relays=[n1.url, n2.url], nats_urls=cluster.urls``, inside the
   test's ``with NatsCluster() as cluster``; the scenario never stops servers
   it did not start, so a test may kill and restart them).
+- ``callers``: the URLs the callers connect to, when not all of them (a
+  cluster node kept out of the fault, say); ``deadline_header=False``: callers
+  of the replaced relay, which send no deadline and wait 10 s.
 - ``relay_env``: settings for every relay (``{"KV_REPLICAS": "3"}``), over
   :func:`~tests.faults.relays.fault_relay_env` (itself over
   :func:`~tests.support.servers.relay.relay_defaults`).
@@ -169,6 +172,8 @@ def fault_scenario(
     *,
     relays: int | Sequence[str] = 1,
     nats_urls: Sequence[str] | None = None,
+    callers: Sequence[str] | None = None,
+    deadline_header: bool = True,
     relay_env: EnvOverrides | None = None,
     latency: float = 0.02,
     ready_timeout: float = 30.0,
@@ -188,7 +193,12 @@ def fault_scenario(
         started = stack.enter_context(
             running_relays(relay_urls, smtp, relay_env, ready_timeout=ready_timeout)
         )
-        target = client_urls[0] if len(client_urls) == 1 else client_urls
-        load = stack.enter_context(LoadGenerator(target))
-        kv = stack.enter_context(SyncNats(target))
+        load = stack.enter_context(
+            LoadGenerator(_one_or_all(callers or client_urls), deadline_header=deadline_header)
+        )
+        kv = stack.enter_context(SyncNats(_one_or_all(client_urls)))
         yield Scenario(new_run(), smtp, started, load, kv, nats)
+
+
+def _one_or_all(urls: Sequence[str]) -> str | list[str]:
+    return urls[0] if len(urls) == 1 else list(urls)

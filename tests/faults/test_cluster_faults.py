@@ -17,19 +17,10 @@ import pytest
 
 from emailrelay import api
 from tests.faults import figures
-from tests.faults.audit import (
-    Delivered,
-    assert_intact,
-    audit_when_tracked,
-    check_callers,
-    delivered,
-    group_index,
-    has_record,
-    record_load_figures,
-)
+from tests.faults.audit import Delivered, delivered, group_index, has_record
 from tests.faults.cluster import NatsCluster
-from tests.faults.load import LoadGenerator, LoadResult, Request, new_run, percentile, sends
-from tests.faults.relays import running_relays
+from tests.faults.load import LoadResult, Request, percentile, sends
+from tests.faults.scenario import Scenario, fault_scenario
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import RelayProcess
@@ -41,17 +32,16 @@ pytestmark = pytest.mark.faults
 RECORDS_STREAM = "KV_email-recipients"
 
 
-def deliveries_since(smtp: SmtpServer, run: str, moment: float) -> int:
-    return sum(d.received_at > moment for d in delivered(smtp, run))
+R3 = {"KV_REPLICAS": "3"}
 
 
-def kill_and_restart(node: NatsServer, smtp: SmtpServer, run: str) -> tuple[float, float]:
+def kill_and_restart(node: NatsServer, scene: Scenario) -> tuple[float, float]:
     """Kill the node, let the load run on until 30 emails went out without it,
     then restart it and wait until it is healthy (caught up). (killed, restarted)."""
     node.kill()
     killed_at = time.time()
     wait_until(
-        lambda: deliveries_since(smtp, run, killed_at) >= 30,
+        lambda: sum(d.received_at > killed_at for d in scene.delivered()) >= 30,
         timeout=60,
         message="the cluster did not carry on sending without the node",
     )
@@ -75,48 +65,39 @@ def record_stall(label: str, result: LoadResult, killed_at: float) -> None:
 def test_cluster_losing_the_stream_leader_and_a_relays_own_node_loses_nothing(
     fault_smtp: SmtpServer,
 ) -> None:
-    run = new_run()
-    fault_smtp.latency = 0.02
     with NatsCluster() as cluster:
         n1, n2, _ = cluster.nodes.values()
-        with (
-            running_relays([n1.url, n2.url], fault_smtp, {"KV_REPLICAS": "3"}) as relays,
-            LoadGenerator(cluster.urls) as load,  # type: ignore[arg-type]
-            SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
-        ):
+        with fault_scenario(
+            fault_smtp, relays=[n1.url, n2.url], nats_urls=cluster.urls, relay_env=R3
+        ) as scene:
             # A fresh cluster may still be electing its JetStream leader when
             # the relays start; their tracking writes then wait in the pending
             # queue until the buckets open. The faults under test come later:
             # start the load once both relays track.
-            wait_until_tracking(relays)
-            running = load.start(sends(run, 900), concurrency=32, rate=30)
-            wait_until(lambda: len(delivered(fault_smtp, run)) >= 60, timeout=30)
+            wait_until_tracking(scene.relays)
+            running = scene.send_load(900, concurrency=32, rate=30, delivered_first=60)
 
-            leader = cluster.stream_leader(kv, RECORDS_STREAM)
-            leader_killed, leader_back = kill_and_restart(cluster.nodes[leader], fault_smtp, run)
+            leader = cluster.stream_leader(scene.kv, RECORDS_STREAM)
+            leader_killed, leader_back = kill_and_restart(cluster.nodes[leader], scene)
             for node in cluster.nodes.values():
                 node.wait_healthy(timeout=60)
-            new_leader = cluster.stream_leader(kv, RECORDS_STREAM)
+            new_leader = cluster.stream_leader(scene.kv, RECORDS_STREAM)
 
-            own_killed, own_back = kill_and_restart(n1, fault_smtp, run)  # relay-0's node
+            own_killed, own_back = kill_and_restart(n1, scene)  # relay-0's node
             for node in cluster.nodes.values():
                 node.wait_healthy(timeout=60)
 
-            result = running.result(timeout=180)
-            load.settle()
-            found = audit_when_tracked(fault_smtp, kv, run)
-
+            result = scene.result(running, timeout=180)
             figures.record("stream leader killed", f"{leader} (new leader {new_leader})")
             record_stall("stream leader", result, leader_killed)
             record_stall("relay-0's own node n1", result, own_killed)
             figures.record("leader node down for", leader_back - leader_killed, "s")
             figures.record("relay-0's node down for", own_back - own_killed, "s")
-            record_load_figures(result, found)
             # No assertion on who leads afterwards: the killed leader is
             # restarted within seconds and may legitimately win the election
             # again (seen once on a loaded machine). What the fault must not
             # do is lose, duplicate or untrack an email.
-            assert_intact(found, check_callers(result, found.delivered))
+            scene.audit(result)
 
 
 # --- callers of the replaced relay through a leader kill -9 and a rolling restart
@@ -213,6 +194,11 @@ def record_phase(
     return requests
 
 
+def requests_sent(result: LoadResult) -> LoadResult:
+    """The requests the load got to send before it was stopped."""
+    return LoadResult([r for r in result.requests if r.sent_at], result.started, time.time())
+
+
 def assert_every_request_succeeded(phase: Phase, requests: list[Request]) -> None:
     assert requests, f"{phase.name}: no request was sent"
     failed = [r for r in requests if r.outcome != "ok"]
@@ -241,26 +227,29 @@ def test_callers_without_a_deadline_get_every_success_in_time_through_a_leader_k
     request a success; leader kill p99 <= 2 s, max <= 3 s; rolling restart
     p99 <= 1 s; every email recorded and indexed once within 30 s of the last
     restart, none delivered twice."""
-    run = new_run()
-    fault_smtp.latency = 0.02
     with NatsCluster() as cluster:
         n1, n2, n3 = cluster.nodes.values()
         with (
-            running_relays([n1.url, n2.url], fault_smtp, {"KV_REPLICAS": "3"}) as relays,
-            LoadGenerator(n3.url, deadline_header=False) as load,
-            SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
-            SyncNats(cluster.urls) as watcher_kv,  # type: ignore[arg-type]
+            fault_scenario(
+                fault_smtp,
+                relays=[n1.url, n2.url],
+                nats_urls=cluster.urls,
+                callers=[n3.url],
+                deadline_header=False,
+                relay_env=R3,
+            ) as scene,
+            SyncNats(cluster.urls) as watcher_kv,
         ):
-            wait_until_tracking(relays)
-            cluster.move_leader_off(kv, RECORDS_STREAM, "n3")
-            watch = TrackingWatch(fault_smtp, watcher_kv, run)
+            wait_until_tracking(scene.relays)
+            cluster.move_leader_off(scene.kv, RECORDS_STREAM, "n3")
+            watch = TrackingWatch(fault_smtp, watcher_kv, scene.run)
             with watch.running():
-                running = load.start(sends(run, int(RATE * 300)), concurrency=64, rate=RATE)
+                running = scene.send_load(int(RATE * 300), concurrency=64, rate=RATE)
                 steady_from = time.time()
                 wait_until(lambda: time.time() - steady_from >= STEADY_SECONDS, timeout=60)
                 steady = Phase("steady", steady_from, time.time())
 
-                leader = cluster.stream_leader(kv, RECORDS_STREAM)
+                leader = cluster.stream_leader(scene.kv, RECORDS_STREAM)
                 kill_from = time.time()
                 cluster.nodes[leader].kill()
                 wait_until(
@@ -286,26 +275,18 @@ def test_callers_without_a_deadline_get_every_success_in_time_through_a_leader_k
                 wait_until(lambda: time.time() - last_restart >= AFTER_RESTART_SECONDS, timeout=60)
                 rolling = Phase("rolling restart", rolling_from, time.time())
 
-                load.stop()
-                result = running.result(timeout=120)
-                load.settle()
-                found = audit_when_tracked(
-                    fault_smtp, kv, run, timeout=30 - (time.time() - last_restart)
-                )
-            sent_only = [r for r in result.requests if r.sent_at]
-            sent = LoadResult(sent_only, result.started, time.time())
+                scene.load.stop()
+                sent = requests_sent(scene.result(running))
+                found = scene.audit(sent, timeout=30 - (time.time() - last_restart))
             phases = [steady, leader_kill, rolling]
             per_phase = {
                 p.name: record_phase(p, sent, found.delivered, watch.tracked_at) for p in phases
             }
-            record_load_figures(sent, found)
-
             for phase in phases:
                 assert_every_request_succeeded(phase, per_phase[phase.name])
             assert latency_percentile(per_phase[leader_kill.name], 0.99) <= 2.0
             assert latency_percentile(per_phase[leader_kill.name], 1.0) <= 3.0
             assert latency_percentile(per_phase[rolling.name], 0.99) <= 1.0
-            assert_intact(found, check_callers(sent, found.delivered))
 
 
 # --- keyed sends while the idempotency stream elects ----------------------------------
@@ -321,15 +302,17 @@ def test_keyed_sends_during_an_election_answer_within_the_reservation_bound_and_
     failed`` within RESERVATION_WAIT (2 s) plus a margin for a 2-core host,
     or succeeds; the same keys retried after the election send each email
     once."""
-    run = new_run()
     with NatsCluster() as cluster:
         n1, n2, n3 = cluster.nodes.values()
-        with (
-            running_relays([n1.url, n2.url], fault_smtp, {"KV_REPLICAS": "3"}) as relays,
-            SyncNats(n3.url) as caller,
-            SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
-        ):
-            wait_until_tracking(relays)
+        with fault_scenario(
+            fault_smtp,
+            relays=[n1.url, n2.url],
+            nats_urls=cluster.urls,
+            callers=[n3.url],
+            relay_env=R3,
+        ) as scene:
+            run, caller, kv = scene.run, scene.load, scene.kv
+            wait_until_tracking(scene.relays)
             leader = cluster.move_leader_off(kv, IDEMPOTENCY_STREAM, "n3")
             cluster.nodes[leader].kill()
             killed_at = time.time()
@@ -390,18 +373,20 @@ def test_no_leader_for_longer_than_the_pending_retry_bound_answers_every_send_in
     while the relay's own node and its callers stay up. Every send answers
     its success within TRACKING_WAIT plus a margin, and every email is
     recorded and indexed once the quorum is back."""
-    run = new_run()
-    fault_smtp.latency = 0.02
     with NatsCluster() as cluster:
         n1, n2, n3 = cluster.nodes.values()
-        with (
-            running_relays([n1.url], fault_smtp, {"KV_REPLICAS": "3"}) as relays,
-            LoadGenerator(n1.url, deadline_header=False) as load,
-            SyncNats(cluster.urls) as kv,  # type: ignore[arg-type]
-        ):
-            wait_until_tracking(relays)
-            running = load.start(sends(run, int(RATE * 120)), concurrency=64, rate=RATE)
-            wait_until(lambda: len(delivered(fault_smtp, run)) >= 25, timeout=30)
+        with fault_scenario(
+            fault_smtp,
+            relays=[n1.url],
+            nats_urls=cluster.urls,
+            callers=[n1.url],
+            deadline_header=False,
+            relay_env=R3,
+        ) as scene:
+            wait_until_tracking(scene.relays)
+            running = scene.send_load(
+                int(RATE * 120), concurrency=64, rate=RATE, delivered_first=25
+            )
             n2.kill()
             n3.kill()
             killed_at = time.time()
@@ -412,17 +397,10 @@ def test_no_leader_for_longer_than_the_pending_retry_bound_answers_every_send_in
                 node.wait_healthy(timeout=60)
             back = time.time()
             wait_until(lambda: time.time() - back >= AFTER_RESTART_SECONDS, timeout=60)
-            load.stop()
-            result = running.result(timeout=60)
-            load.settle()
-            found = audit_when_tracked(fault_smtp, kv, run, timeout=30 - (time.time() - back))
-            sent = LoadResult(
-                [r for r in result.requests if r.sent_at], result.started, time.time()
-            )
+            scene.load.stop()
+            sent = requests_sent(scene.result(running, timeout=60))
+            found = scene.audit(sent, timeout=30 - (time.time() - back))
             outage = Phase("no quorum", killed_at, back)
             during = record_phase(outage, sent, found.delivered)
-            record_load_figures(sent, found)
-
             assert_every_request_succeeded(outage, during)
             assert latency_percentile(during, 1.0) <= 3.0
-            assert_intact(found, check_callers(sent, found.delivered))
