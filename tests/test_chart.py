@@ -9,28 +9,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+import helm_python
 import pytest
-import yaml
 
 from emailrelay import app
 from emailrelay.config import Settings
 from emailrelay.store.buckets import IDEMPOTENCY_MAX_VALUE, SUPPRESSIONS
-
-try:
-    import helm_python
-except ImportError as exc:  # a declared test dependency: never skip
-    raise ImportError(
-        "helm-python-sdk is a test dependency of emailrelay (pip install -e '.[test]'); "
-        "the chart tests cannot run without it"
-    ) from exc
-
-CHART_DIR = Path(__file__).resolve().parent.parent / "charts" / "emailrelay"
-RELEASE = "mail"
-NAMESPACE = "lfx"
-FULLNAME = "mail-emailrelay"
+from tests.support.chart import (
+    CHART_DIR,
+    FULLNAME,
+    NAMESPACE,
+    RELEASE,
+    lint_problems,
+    only,
+    render,
+)
 
 # Every contract variable the chart renders by default, with its default.
 CONTRACT_DEFAULTS = {
@@ -105,25 +100,8 @@ def chart() -> Iterator[helm_python.Chart]:
         yield loaded
 
 
-def render(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """All Kubernetes objects the chart renders (NOTES.txt excluded)."""
-    manifests = chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE)
-    objects: list[dict[str, Any]] = []
-    for path, text in sorted(manifests.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
-
-
 def kinds(objects: list[dict[str, Any]]) -> list[str]:
     return sorted(obj["kind"] for obj in objects)
-
-
-def only(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [obj for obj in objects if obj["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
 
 
 def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,11 +121,6 @@ def env_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def plain_env(objects: list[dict[str, Any]]) -> dict[str, str]:
     return {name: e["value"] for name, e in env_of(objects).items() if "value" in e}
-
-
-def lint_problems(report: dict[str, Any]) -> list[Any]:
-    """Errors and warnings of a lint report (info findings such as 'icon is recommended' pass)."""
-    return report["errors"] + [m for m in report["messages"] if m["severity"] >= 2]
 
 
 # --- lint -------------------------------------------------------------------

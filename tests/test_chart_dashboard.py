@@ -16,8 +16,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emailrelay.health import health_app
+from tests.support.chart import CHART_DIR, FULLNAME, NAMESPACE, lint_problems, only, render
 from tests.support.servers.relay import RelayProcess
-from tests.test_chart import CHART_DIR, FULLNAME, NAMESPACE, lint_problems, only, render
 
 PANEL_TITLES = [
     "Sends per second by outcome (and transport)",

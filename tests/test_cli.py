@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,9 +24,10 @@ import trio
 from emailrelay import api
 from emailrelay.cli import build_parser, command_name, unreachable
 from emailrelay.dev.engagement import DEV_EVENTS_SUBJECT
+from tests.support.cli import cli_env, emailrelay
 from tests.support.nats_client import SyncNats, silent_subscriber
 from tests.support.servers.nats import NatsServer
-from tests.support.servers.relay import REPO_ROOT, RelayProcess, running_relay
+from tests.support.servers.relay import RelayProcess, running_relay
 from tests.support.servers.smtp import SmtpServer, tracked_email_ids
 from tests.support.waiting import LOOPBACK, free_port
 
@@ -46,28 +46,6 @@ def empty_nats() -> Iterator[NatsServer]:
     """A NATS server no relay is connected to."""
     with NatsServer(jetstream=False) as server:
         yield server
-
-
-def cli_env(nats_url: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
-    if nats_url is not None:
-        env["NATS_URL"] = nats_url
-    return env
-
-
-def emailrelay(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "emailrelay", *args],
-        env=cli_env() if env is None else env,
-        cwd=REPO_ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def send(server: str, *flags: str) -> subprocess.CompletedProcess[str]:

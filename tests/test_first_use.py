@@ -22,12 +22,12 @@ import pytest
 from emailrelay import api
 from emailrelay.cli import _show_analytics, _show_status
 from emailrelay.handlers.replies import error_reply, reply_headers
+from tests.support.cli import emailrelay
 from tests.support.nats_client import SyncNats
 from tests.support.servers.nats import NatsServer
 from tests.support.servers.relay import REPO_ROOT, RelayProcess, run_relay_once, running_relay
 from tests.support.servers.smtp import SmtpServer
 from tests.support.waiting import LOOPBACK, free_port
-from tests.test_cli import emailrelay
 
 SEND_FLAGS = ["--subject", "First week", "--text", "hi", "--html", "<p>hi</p>"]
 

@@ -30,7 +30,7 @@ from emailrelay.store.pending import PendingTrackingWrites
 from emailrelay.store.tracking import TrackingStore
 from tests.support.fakes import FakeSender, MemoryKeyValue
 from tests.support.send_requests import RULES, send_request
-from tests.test_pending_tracking import until_empty
+from tests.support.waiting import wait_for
 
 
 @dataclass
@@ -629,7 +629,7 @@ async def test_writes_kept_before_the_store_opened_land_once_it_opens() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(pending.write_when_possible)
         once_open.open(store)
-        await until_empty(pending)
+        await wait_for(lambda: len(pending) == 0, message="pending writes left")
         tg.cancel_scope.cancel()
     assert [r.email_id for r in store.records] == [reply["email_id"]]
     assert store.groups == {"g": [reply["email_id"]]}

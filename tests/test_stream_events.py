@@ -28,8 +28,8 @@ from emailrelay.engagement.stream import (
 )
 from emailrelay.store.kv import StoreError
 from emailrelay.store.pending import PendingTrackingWrites
-from tests.test_engagement_events import SES_EXAMPLES, ses_event, sns_body
-from tests.test_engagement_poller import EMAIL_ID, FakeStore, message
+from tests.support.fakes import FakeStore, message
+from tests.support.ses_events import EMAIL_ID, SES_EXAMPLES, ses_event, sns_body
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.inbox.helpers import dev_stack
 from tests.support.nats_client import SyncNats
-from tests.test_dev import DevStack
+from tests.support.servers.dev import DevStack
 
 
 @pytest.fixture(scope="module")

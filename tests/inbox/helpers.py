@@ -12,7 +12,7 @@ from typing import Any
 from emailrelay import api
 from tests.support.nats_client import SyncNats
 from tests.support.send_requests import send_request
-from tests.test_dev import DevStack
+from tests.support.servers.dev import DevStack
 
 
 @contextlib.contextmanager

@@ -22,9 +22,9 @@ from emailrelay.dev.inbox.app import EMAIL_CSP
 from emailrelay.dev.inbox.mailbox import Mailbox
 from tests.inbox.helpers import send
 from tests.support.nats_client import SyncNats
+from tests.support.servers.dev import DevStack
 from tests.support.servers.relay import RelayProcess
 from tests.support.waiting import wait_until
-from tests.test_dev import DevStack
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ import pytest
 from emailrelay.dev.inbox.app import EMAIL_CSP
 from tests.inbox.helpers import send
 from tests.support.nats_client import SyncNats
+from tests.support.servers.dev import DevStack
 from tests.support.waiting import LOOPBACK, wait_until
-from tests.test_dev import DevStack
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
