@@ -197,20 +197,9 @@ def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
     smtp.latency = 3.0  # the sends are still with the provider when NATS goes
     group_id = unique_group("outage")
     with running_relay(server, smtp) as relay:
-        for _ in range(count):
-            client.publish(api.SEND_EMAIL_SUBJECT, send_request(group_id=group_id))
-        wait_until(
-            lambda: metric(relay, "emailrelay_requests_in_flight") == count,
-            message="the sends did not start",
-        )
-        server.stop()
         # Down until every tracking write has given up its in-request wait
         # (TRACKING_WAIT, 1 s) and gone to the pending queue.
-        wait_until(
-            lambda: metric(relay, "emailrelay_tracking_pending") == count,
-            timeout=30,
-            message=f"the tracking writes were not handed to the pending queue\n{relay.logs()}",
-        )
+        stop_with_sends_in_flight(server, client, relay, group_id, count)
         server.start()
         restarted = time.perf_counter()
         sent = tracking_ids(smtp)
@@ -238,19 +227,8 @@ def test_pending_writes_left_at_shutdown_are_logged_with_their_ids(
     own_nats_server: NatsServer, client: SyncNats, smtp: SmtpServer
 ) -> None:
     smtp.latency = 2.0
-    request = send_request()
     with running_relay(own_nats_server, smtp) as relay:
-        client.publish(api.SEND_EMAIL_SUBJECT, request)
-        wait_until(
-            lambda: metric(relay, "emailrelay_requests_in_flight") == 1,
-            message="the send did not start",
-        )
-        own_nats_server.stop()
-        wait_until(
-            lambda: metric(relay, "emailrelay_tracking_pending") == 1,
-            timeout=30,
-            message=f"the tracking write was not handed to the pending queue\n{relay.logs()}",
-        )
+        stop_with_sends_in_flight(own_nats_server, client, relay, unique_group("lost"), 1)
         relay.terminate()
         relay.wait(timeout=30)
         [(_, email_id)] = tracking_ids(smtp)
@@ -260,7 +238,7 @@ def test_pending_writes_left_at_shutdown_are_logged_with_their_ids(
             if "tracking writes lost at shutdown" in line
         ]
         assert [entry["email_ids"] for entry in lost] == [[email_id]]
-        assert request["to"] not in json.dumps(lost)
+        assert send_request()["to"] not in json.dumps(lost)
 
 
 def stop_with_sends_in_flight(
