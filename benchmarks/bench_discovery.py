@@ -38,6 +38,7 @@ from nats.micro.request import Request  # noqa: E402
 
 from emailrelay.bridge.nats import NatsConnection  # noqa: E402
 from emailrelay.discovery import ServiceStats, serve_discovery  # noqa: E402
+from emailrelay.handlers.replies import EncodedRecords  # noqa: E402
 from emailrelay.server import serve_requests  # noqa: E402
 from tests.support.servers.nats import NatsServer  # noqa: E402
 
@@ -53,8 +54,10 @@ def load(url: str, requests: int, concurrency: int, service: str) -> tuple[float
         capture_output=True,
         text=True,
         timeout=170,
-        check=True,
+        check=False,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load client failed:\n{done.stderr}")
     result = json.loads(done.stdout)
     return float(result["seconds"]), int(result["counted"])
 
@@ -95,9 +98,9 @@ async def run_micro(url: str, requests: int, concurrency: int, latency: float) -
 async def run_emailrelay(
     url: str, requests: int, concurrency: int, latency: float
 ) -> tuple[float, int]:
-    async def slow(data: bytes, deadline: object) -> bytes:
+    async def slow(data: bytes, deadline: object, headers: object) -> EncodedRecords:
         await trio.sleep(latency)
-        return b"{}"
+        return EncodedRecords([])
 
     routes = {SUBJECT: slow}
     async with trio_asyncio.open_loop():

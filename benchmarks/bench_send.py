@@ -356,6 +356,10 @@ class Bench:
                 profile_name=label,
             )
             sink_messages = sink.count() - sink_before
+            # A reply waits for tracking at most TRACKING_WAIT; what was not
+            # stored by then follows it from the pending writes. Check once
+            # they are empty, and say how long that took.
+            pending_drained = wait_pending_drained(relays)
             rss = [peak_rss_mb(relay.pid) for relay in relays]
             metrics = [relay.metrics() for relay in relays]
             ids = outcome.ids
@@ -394,7 +398,32 @@ class Bench:
         result.notes.append(_metrics_note(metrics))
         if any(code != 0 for code in exits):
             result.notes.append(f"relay exit codes {exits}")
+        if pending_drained is None:
+            result.notes.append(f"tracking writes still pending after {PENDING_DRAIN_WAIT:.0f} s")
+        elif pending_drained > 0:
+            result.notes.append(
+                f"pending tracking writes stored {pending_drained:.1f} s after the load"
+            )
         return result
+
+
+PENDING_DRAIN_WAIT = 60.0
+
+
+def wait_pending_drained(relays: Sequence[Relay]) -> float | None:
+    """Seconds until no relay holds a pending tracking write (0.0: none was
+    pending); ``None`` when some still are after :data:`PENDING_DRAIN_WAIT`."""
+    started = time.monotonic()
+    while True:
+        pending = sum(
+            metric_total(relay.metrics(), "emailrelay_tracking_pending") for relay in relays
+        )
+        waited = time.monotonic() - started
+        if pending == 0:
+            return waited if waited >= 0.05 else 0.0
+        if waited >= PENDING_DRAIN_WAIT:
+            return None
+        time.sleep(0.1)
 
 
 def _events_ok(events: Counter[str] | None, ids: Sequence[str]) -> bool:

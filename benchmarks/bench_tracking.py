@@ -34,6 +34,7 @@ import trio_asyncio
 from emailrelay import api
 from emailrelay.addresses import parse_mailbox
 from emailrelay.bridge.nats import JetStreamKeyValue, NatsConnection
+from emailrelay.deadline import Deadline
 from emailrelay.handlers.analytics import GetEngagementAnalyticsHandler
 from emailrelay.handlers.replies import encode_reply
 from emailrelay.handlers.send import SendEmailHandler, SendRules
@@ -102,8 +103,11 @@ async def sequential_page(store: TrackingStore, records: JetStreamKeyValue, grou
 
 
 class NoopSender:
-    async def send(self, sender: str, recipient: str, message: bytes) -> None:
+    async def send(
+        self, sender: str, recipient: str, message: bytes, deadline: Deadline
+    ) -> str | None:
         await anyio.lowlevel.checkpoint()
+        return None
 
 
 async def send_rate(store: TrackingStore, group_for: Callable[[int], str]) -> float:
@@ -139,7 +143,9 @@ async def main(url: str) -> None:
         nats = await NatsConnection.connect([url], None, give_up_after=10)
         records = await nats.create_key_value(api.RECIPIENTS_BUCKET, 64 * 1024, 1)
         groups = await nats.create_key_value(api.GROUP_INDEX_BUCKET, 1024 * 1024, 1)
-        store = TrackingStore(records, groups)
+        recipients = await nats.create_key_value(api.RECIPIENT_INDEX_BUCKET, 1024 * 1024, 1)
+        # As the relay writes: the record, its recipient's index, the group's index.
+        store = TrackingStore(records, groups, recipients=recipients)
         analytics = GetEngagementAnalyticsHandler(store)
         status = GetEmailStatusHandler(store, lambda: nats.max_payload)
 

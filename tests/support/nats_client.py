@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -138,7 +138,7 @@ class SyncNats:
     def request_many(
         self,
         subject: str,
-        payloads: list[Payload],
+        payloads: Sequence[Payload],
         concurrency: int = 64,
         timeout: float = 30.0,
     ) -> list[Any]:
