@@ -274,8 +274,9 @@ async def serve(
     )
     lifecycle.hurry = requests.cut_off
     watchdog = LoopWatchdog()
-    # Ready once the relay is in the send queue group: before that, a request
-    # routed here by a balancer that trusts /readyz would find no responder.
+    # Ready once the relay is in the queue group of every subject it can
+    # answer at start: before that, a request from a caller that trusts
+    # /readyz could find no responder.
     subscribed = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
@@ -309,13 +310,14 @@ async def serve(
                 _start_engagement(
                     tg, lifecycle, events, tracking, settings, suppressions, publisher
                 )
-            if await _add_routes(requests, service, {api.SEND_EMAIL_SUBJECT: send_handler}):
-                subscribed.set()
+            routes: dict[str, Handler] = {api.SEND_EMAIL_SUBJECT: send_handler}
             if tracking is not None:
-                await _add_routes(requests, service, query_routes(tracking, nats, suppressions))
+                routes |= query_routes(tracking, nats, suppressions)
                 if suppressions is not None:
-                    await _add_routes(requests, service, suppression_routes(suppressions))
-            else:
+                    routes |= suppression_routes(suppressions)
+            if await _add_routes(requests, service, routes):
+                subscribed.set()
+            if tracking is None:
                 tg.start_soon(
                     lifecycle.supervise,
                     "tracking",

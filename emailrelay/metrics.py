@@ -181,5 +181,5 @@ SES_SENDING_PAUSED = Counter(
 READY = Gauge(
     "emailrelay_ready",
     "1 while this replica is ready (/readyz answers 200: NATS connected, in the "
-    "send queue group, and the SMTP settings fit the server), else 0; read at each scrape.",
+    "queue groups it serves, and the SMTP settings fit the server), else 0; read at each scrape.",
 )

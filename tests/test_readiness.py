@@ -1,13 +1,16 @@
 """Readiness that tells the truth: ``/readyz`` answers 200 only once the relay
-is in the send queue group, so nothing routed on its word finds no responder.
+is in the queue group of every subject it answers at start (sends, and with
+tracking on the status and analytics queries), so nothing routed on its word
+finds no responder.
 
-The relay is served in process against a real nats-server, with its send
+The relay is served in process against a real nats-server, with one
 subscription held back until the test lets it through."""
 
 from __future__ import annotations
 
 import anyio
 import httpx
+import pytest
 import trio
 
 from emailrelay import api, app
@@ -21,16 +24,17 @@ from tests.support.waiting import LOOPBACK, free_port
 POLL_SECONDS = 0.02
 
 
-class SendSubscriptionHeld(NatsConnection):
-    """A real connection whose send subscription waits for :attr:`release`."""
+class SubscriptionHeld(NatsConnection):
+    """A real connection whose subscription to :attr:`held` waits for :attr:`release`."""
 
+    held: str
     asked: anyio.Event
     release: anyio.Event
 
     async def queue_subscribe(
         self, subject: str, queue: str, deliver: Deliver
     ) -> RequestSubscription:
-        if subject == api.SEND_EMAIL_SUBJECT:
+        if subject == self.held:
             self.asked.set()
             await self.release.wait()
         return await super().queue_subscribe(subject, queue, deliver)
@@ -52,8 +56,11 @@ async def _until_readyz(http: httpx.AsyncClient, url: str, status: int) -> None:
         await anyio.sleep(POLL_SECONDS)
 
 
-async def test_readyz_answers_503_until_the_send_subscription_exists(
-    nats_server: NatsServer,
+@pytest.mark.parametrize(
+    "held", [api.SEND_EMAIL_SUBJECT, api.GET_EMAIL_STATUS_SUBJECT], ids=["send", "status"]
+)
+async def test_readyz_answers_503_until_each_subscription_exists(
+    nats_server: NatsServer, held: str
 ) -> None:
     port = free_port()
     settings = load_settings(
@@ -62,8 +69,8 @@ async def test_readyz_answers_503_until_the_send_subscription_exists(
     url = f"http://{LOOPBACK}:{port}/readyz"
     lifecycle = Lifecycle()
     async with asyncio_loop():
-        nats = await SendSubscriptionHeld.connect(settings.nats_urls, None, give_up_after=10)
-        nats.asked, nats.release = anyio.Event(), anyio.Event()
+        nats = await SubscriptionHeld.connect(settings.nats_urls, None, give_up_after=10)
+        nats.held, nats.asked, nats.release = held, anyio.Event(), anyio.Event()
         async with (
             drained_on_exit(nats),
             httpx.AsyncClient(trust_env=False, timeout=2) as http,
