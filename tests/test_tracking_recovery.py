@@ -32,13 +32,6 @@ def client(own_nats_server: NatsServer) -> Iterator[SyncNats]:
         yield client
 
 
-def metric(relay: RelayProcess, name: str) -> float:
-    for line in relay.get("/metrics").text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def group_index(client: SyncNats, group_id: str) -> list[str]:
     value = client.kv_get(api.GROUP_INDEX_BUCKET, group_id)
     return [] if value is None else list(json.loads(value))
@@ -178,7 +171,7 @@ def test_without_auto_create_sends_stay_fast_and_are_indexed_once_the_bucket_is_
         latencies = timed_sends(client, group_id, 20)
         report("group index deleted, KV_AUTO_CREATE=false", latencies)
         report_throughput("group index deleted, KV_AUTO_CREATE=false", client, group_id)
-        assert metric(relay, "emailrelay_tracking_pending") == 20 + THROUGHPUT_SENDS
+        assert relay.metric("emailrelay_tracking_pending") == 20 + THROUGHPUT_SENDS
         client.create_bucket(api.GROUP_INDEX_BUCKET, direct=True)
         wait_until(
             lambda: len(group_index(client, group_id)) == 20 + THROUGHPUT_SENDS,
@@ -219,7 +212,7 @@ def test_nats_outage_longer_than_the_tracking_wait_loses_no_record(
             assert sorted(r["email_id"] for r in status(after, group_id=group_id)) == sorted(
                 email_id for _, email_id in sent
             )
-        assert metric(relay, "emailrelay_tracking_pending") == 0
+        assert relay.metric("emailrelay_tracking_pending") == 0
         assert "KV bucket was missing" not in relay.stderr()  # an outage is not a deletion
 
 
@@ -249,12 +242,12 @@ def stop_with_sends_in_flight(
     for _ in range(count):
         client.publish(api.SEND_EMAIL_SUBJECT, send_request(group_id=group_id))
     wait_until(
-        lambda: metric(relay, "emailrelay_requests_in_flight") == count,
+        lambda: relay.metric("emailrelay_requests_in_flight") == count,
         message="the sends did not start",
     )
     server.stop()
     wait_until(
-        lambda: metric(relay, "emailrelay_tracking_pending") == count,
+        lambda: relay.metric("emailrelay_tracking_pending") == count,
         timeout=30,
         message=f"the tracking writes were not handed to the pending queue\n{relay.logs()}",
     )
@@ -296,7 +289,7 @@ def test_outage_longer_than_the_pending_retry_bound_loses_no_record(
         )
         server.start()
         all_tracked_once(server, smtp, group_id)
-        assert metric(relay, "emailrelay_tracking_pending") == 0
+        assert relay.metric("emailrelay_tracking_pending") == 0
 
 
 def test_second_outage_right_after_the_first_loses_no_record_and_indexes_each_once(
@@ -312,7 +305,7 @@ def test_second_outage_right_after_the_first_loses_no_record_and_indexes_each_on
         server.stop()  # while the queue drains, or before its next pass
         server.start()
         all_tracked_once(server, smtp, group_id)
-        assert metric(relay, "emailrelay_tracking_pending") == 0
+        assert relay.metric("emailrelay_tracking_pending") == 0
 
 
 def test_sigterm_while_pending_writes_hold_entries_stores_them_in_the_last_try(
@@ -342,7 +335,7 @@ def test_relay_started_before_the_buckets_open_tracks_its_sends_once_they_do(
     with running_relay(own_nats_server, smtp, {"KV_AUTO_CREATE": "false"}) as relay:
         for _ in range(count):
             send(client, group_id=group_id)
-        assert metric(relay, "emailrelay_tracking_pending") == count
+        assert relay.metric("emailrelay_tracking_pending") == count
         declare_buckets(client)
         wait_until(
             lambda: len(group_index(client, group_id)) == count,
@@ -351,4 +344,4 @@ def test_relay_started_before_the_buckets_open_tracks_its_sends_once_they_do(
         )
         for _, email_id in tracking_ids(smtp):
             assert client.kv_get(api.RECIPIENTS_BUCKET, email_id) is not None
-        assert metric(relay, "emailrelay_tracking_write_failures_total") == 0
+        assert relay.metric("emailrelay_tracking_write_failures_total") == 0

@@ -131,20 +131,17 @@ class NatsServer:
         the node's JetStream leaderships over, then closes its clients spread
         over the lame duck duration, so they do not all reconnect at once.
         Waits until the process exited and the port is closed."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGUSR2)
-        self._proc.wait(timeout=timeout)
-        self._proc = None
-        wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
+        self._signal_and_wait(signal.SIGUSR2, timeout)
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL (``kill -9``: no shutdown, no flush) and wait until the port is closed."""
+        self._signal_and_wait(signal.SIGKILL, timeout)
+
+    def _signal_and_wait(self, signum: int, timeout: float) -> None:
         if self._proc is None:
             return
         if self._proc.poll() is None:
-            self._proc.kill()
+            self._proc.send_signal(signum)
         self._proc.wait(timeout=timeout)
         self._proc = None
         wait_for_port_closed(LOOPBACK, self.port, timeout=timeout)
